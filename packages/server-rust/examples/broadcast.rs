@@ -1,0 +1,58 @@
+//! A chat-style fan-out: every binary message a client sends is broadcast to all connected
+//! clients, and a ticker broadcasts the connection count every second.
+//!
+//! ```sh
+//! cargo run -p topgun-server --example broadcast -- 127.0.0.1:8080
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use topgun_server::network::{
+    ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler, NetworkConfig, NetworkModule,
+};
+
+/// Relays each message to every client through the shared registry.
+struct Relay {
+    registry: Arc<ConnectionRegistry>,
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for Relay {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        // One allocation shared by all recipients; full queues skip the message, never block.
+        let outcome = self.registry.broadcast(payload, ConnectionKind::Client);
+        if outcome.dropped > 0 {
+            tracing::info!(from = %conn.id, dropped = outcome.dropped, "slow clients missed a message");
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt::init();
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
+    let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
+    let module = NetworkModule::new(config);
+    let registry = module.registry();
+    let mut module = module.with_handler(Relay { registry: Arc::clone(&registry) });
+    let port = module.start().await?;
+    println!("broadcast server on ws://{host}:{port}/ws");
+
+    let ticker = tokio::spawn(async move {
+        let mut every_second = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every_second.tick().await;
+            let count = u64::try_from(registry.count()).unwrap_or(u64::MAX);
+            // MsgPack map {"type": "CLIENTS", "count": n}, as a TopGun client would decode it.
+            let message = rmp_serde::to_vec_named(&serde_json::json!({ "type": "CLIENTS", "count": count }))
+                .expect("a JSON value always encodes");
+            registry.broadcast(message, ConnectionKind::Client);
+        }
+    });
+    let result = module.serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() }).await;
+    ticker.abort();
+    result
+}

@@ -1,0 +1,164 @@
+//! The `topgun-server` binary: the network module with the stub handler, configured from flags
+//! and `TOPGUN_*` environment variables.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use topgun_server::network::{NetworkConfig, NetworkModule, ShutdownConfig, TlsConfig};
+use tracing_subscriber::EnvFilter;
+
+/// TopGun server: HTTP + WebSocket transport for TopGun clients and cluster peers.
+#[derive(Debug, Parser)]
+#[command(name = "topgun-server", version, about)]
+struct Args {
+    /// Interface to listen on.
+    #[arg(long, env = "TOPGUN_HOST", default_value = "0.0.0.0")]
+    host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "TOPGUN_PORT", default_value_t = 8080)]
+    port: u16,
+    /// PEM certificate chain; serving HTTPS/WSS needs it with --tls-key.
+    #[arg(long, env = "TOPGUN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "TOPGUN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle; requires clients to present a certificate it signed (mutual TLS).
+    #[arg(long, env = "TOPGUN_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Comma-separated origins allowed by CORS; `*` allows any.
+    #[arg(long, env = "TOPGUN_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    cors_origins: Vec<String>,
+    /// Time limit per HTTP request, e.g. `30s` or `500ms`.
+    #[arg(long, env = "TOPGUN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    request_timeout: Duration,
+    /// Time spent reporting `draining` before the listener closes on shutdown.
+    #[arg(long, env = "TOPGUN_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "0s")]
+    shutdown_grace: Duration,
+    /// Longest wait for connections and in-flight work once the listener has closed.
+    #[arg(long, env = "TOPGUN_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    drain_timeout: Duration,
+    /// Log line format; filter with `RUST_LOG` (default `info`).
+    #[arg(long, env = "TOPGUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl Args {
+    fn network_config(&self) -> NetworkConfig {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert_path: cert.clone(),
+                key_path: key.clone(),
+                ca_cert_path: self.tls_ca.clone(),
+            }),
+            _ => None,
+        };
+        NetworkConfig {
+            host: self.host.clone(),
+            port: self.port,
+            tls,
+            cors_origins: self.cors_origins.clone(),
+            request_timeout: self.request_timeout,
+            shutdown: ShutdownConfig {
+                grace_period: self.shutdown_grace,
+                drain_timeout: self.drain_timeout,
+            },
+            ..NetworkConfig::default()
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let mut module = NetworkModule::new(args.network_config());
+    module.start().await.context("cannot start topgun-server")?;
+    if let Some(addr) = module.local_addr() {
+        tracing::info!(%addr, tls = args.tls_cert.is_some(), "topgun-server listening");
+    }
+    if let Some(reloader) = module.tls_reloader() {
+        tokio::spawn(reload_tls_on_sighup(reloader));
+    }
+    module.serve(shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+/// Reloads the TLS certificate and key from disk on every SIGHUP.
+#[cfg(unix)]
+async fn reload_tls_on_sighup(reloader: topgun_server::network::TlsReloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::error!(%err, "cannot listen for SIGHUP; TLS reload by signal is off");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        if let Err(err) = reloader.reload() {
+            tracing::error!("TLS reload failed, keeping the current certificate: {err}");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_tls_on_sighup(_reloader: topgun_server::network::TlsReloader) {}

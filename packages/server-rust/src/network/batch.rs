@@ -1,0 +1,149 @@
+//! TopGun's `BATCH` envelope: several binary messages carried in one WebSocket frame.
+//!
+//! A batch frame is a MsgPack map `{ "type": "BATCH", "count": n, "data": <bin> }`. `data` holds
+//! a u32 little-endian message count, then for each message a u32 little-endian length followed
+//! by the message bytes. TopGun's TypeScript client unpacks this shape; a frame that is not a
+//! batch is a single message.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use topgun_server::network::{decode_frame, encode_batch};
+//!
+//! let messages = [Bytes::from_static(b"\x81\xa1a\x01"), Bytes::from_static(b"\xc0")];
+//! let frame = encode_batch(&messages);
+//! assert_eq!(decode_frame(&frame).unwrap(), messages);
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The `type` value that marks a batch frame.
+pub const BATCH_TYPE: &str = "BATCH";
+
+/// A frame announced itself as a batch but its contents do not add up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed BATCH frame: {0}")]
+pub struct BatchDecodeError(&'static str);
+
+/// Writes into a growable buffer cannot fail.
+const IN_MEMORY: &str = "writing to memory cannot fail";
+
+/// Encodes `messages` into one `BATCH` frame.
+///
+/// # Panics
+///
+/// If there are more than `u32::MAX` messages or one is longer than `u32::MAX` bytes; the
+/// outbound writer bounds batches far below that.
+#[must_use]
+pub fn encode_batch(messages: &[Bytes]) -> Bytes {
+    let count = u32::try_from(messages.len()).expect("batch message count fits in u32");
+    let data_len = 4 + messages.iter().map(|m| 4 + m.len()).sum::<usize>();
+    let data_len_u32 = u32::try_from(data_len).expect("batch payload fits in u32");
+    // fixmap(3) + "type" + "BATCH" + "count" + u32 + "data" + bin32 header, at most 32 bytes.
+    let mut frame = BytesMut::with_capacity(32 + data_len).writer();
+    rmp::encode::write_map_len(&mut frame, 3).expect(IN_MEMORY);
+    rmp::encode::write_str(&mut frame, "type").expect(IN_MEMORY);
+    rmp::encode::write_str(&mut frame, BATCH_TYPE).expect(IN_MEMORY);
+    rmp::encode::write_str(&mut frame, "count").expect(IN_MEMORY);
+    rmp::encode::write_uint(&mut frame, u64::from(count)).expect(IN_MEMORY);
+    rmp::encode::write_str(&mut frame, "data").expect(IN_MEMORY);
+    rmp::encode::write_bin_len(&mut frame, data_len_u32).expect(IN_MEMORY);
+    let mut frame = frame.into_inner();
+    frame.put_u32_le(count);
+    for message in messages {
+        frame.put_u32_le(u32::try_from(message.len()).expect("message length fits in u32"));
+        frame.put_slice(message);
+    }
+    frame.freeze()
+}
+
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(borrow)]
+    data: &'a serde_bytes::Bytes,
+}
+
+/// Splits a received frame into its messages: the contents of a `BATCH` frame, or the frame
+/// itself when it is not one.
+///
+/// # Errors
+///
+/// [`BatchDecodeError`] when a frame typed `BATCH` has a truncated or inconsistent payload.
+pub fn decode_frame(frame: &[u8]) -> Result<Vec<Bytes>, BatchDecodeError> {
+    let envelope = match rmp_serde::from_slice::<Envelope<'_>>(frame) {
+        Ok(envelope) if envelope.kind == BATCH_TYPE => envelope,
+        _ => return Ok(vec![Bytes::copy_from_slice(frame)]),
+    };
+    let mut rest: &[u8] = envelope.data;
+    let count = take_u32(&mut rest).ok_or(BatchDecodeError("missing message count"))?;
+    let mut messages = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(rest.len() / 4));
+    for _ in 0..count {
+        let len = take_u32(&mut rest).ok_or(BatchDecodeError("missing message length"))?;
+        let len = usize::try_from(len).map_err(|_| BatchDecodeError("message length overflows"))?;
+        if rest.len() < len {
+            return Err(BatchDecodeError("message runs past the end of the batch"));
+        }
+        let (message, tail) = rest.split_at(len);
+        messages.push(Bytes::copy_from_slice(message));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(BatchDecodeError("trailing bytes after the last message"));
+    }
+    Ok(messages)
+}
+
+fn take_u32(buf: &mut &[u8]) -> Option<u32> {
+    let (head, tail) = buf.split_first_chunk::<4>()?;
+    *buf = tail;
+    Some(u32::from_le_bytes(*head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, serde::Serialize, Debug, PartialEq)]
+    struct Header {
+        #[serde(rename = "type")]
+        kind: String,
+        count: u32,
+    }
+
+    #[test]
+    fn batch_is_a_msgpack_map_with_type_count_and_data() {
+        let frame = encode_batch(&[Bytes::from_static(b"ab"), Bytes::from_static(b"c")]);
+        let header: Header = rmp_serde::from_slice(&frame).unwrap();
+        assert_eq!(header, Header { kind: "BATCH".into(), count: 2 });
+        // data = count (2 LE) + len 2 + "ab" + len 1 + "c"
+        let expected_data = [2, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 1, 0, 0, 0, b'c'];
+        assert!(frame.ends_with(&expected_data));
+    }
+
+    #[test]
+    fn a_frame_that_is_not_a_batch_is_one_message() {
+        let single = rmp_serde::to_vec_named(&Header { kind: "OP".into(), count: 1 }).unwrap();
+        assert_eq!(decode_frame(&single).unwrap(), vec![Bytes::from(single)]);
+        assert_eq!(decode_frame(b"\x01\x02").unwrap(), vec![Bytes::from_static(b"\x01\x02")]);
+    }
+
+    #[test]
+    fn truncated_batches_are_reported() {
+        let frame = encode_batch(&[Bytes::from_static(b"hello")]);
+        let mut broken = frame.to_vec();
+        // Claim a longer message than the payload holds.
+        let len_at = broken.len() - 5 - 4;
+        broken[len_at] = 50;
+        assert_eq!(
+            decode_frame(&broken).unwrap_err(),
+            BatchDecodeError("message runs past the end of the batch")
+        );
+    }
+
+    #[test]
+    fn empty_and_large_messages_round_trip() {
+        let messages = vec![Bytes::new(), Bytes::from(vec![0xAB; 70_000]), Bytes::from_static(b"z")];
+        assert_eq!(decode_frame(&encode_batch(&messages)).unwrap(), messages);
+    }
+}

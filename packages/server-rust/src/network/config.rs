@@ -1,0 +1,238 @@
+//! Configuration for the HTTP/WebSocket transport.
+//!
+//! Every struct implements [`Default`] with production-sensible values, so callers override only
+//! what they need:
+//!
+//! ```
+//! use std::time::Duration;
+//! use topgun_server::network::{ConnectionConfig, NetworkConfig};
+//!
+//! let config = NetworkConfig {
+//!     port: 8080,
+//!     request_timeout: Duration::from_secs(10),
+//!     connection: ConnectionConfig { outbound_channel_capacity: 1024, ..Default::default() },
+//!     ..Default::default()
+//! };
+//! config.validate().expect("valid configuration");
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A configuration value that cannot work; returned by [`NetworkConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid network configuration: {0}")]
+pub struct ConfigError(String);
+
+/// Top-level transport configuration.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    /// Interface to bind. Default: `"0.0.0.0"` (all IPv4 interfaces).
+    pub host: String,
+    /// Port to bind. Default: `0`, which lets the OS pick a free port; read the bound port from
+    /// [`NetworkModule::start`](crate::network::NetworkModule::start).
+    pub port: u16,
+    /// Serve HTTPS/WSS instead of plain HTTP/WS. Default: `None`.
+    pub tls: Option<TlsConfig>,
+    /// Per-connection WebSocket settings.
+    pub connection: ConnectionConfig,
+    /// Origins allowed by CORS. `"*"` allows any origin. Default: `["*"]`.
+    pub cors_origins: Vec<String>,
+    /// Time limit for one HTTP request; a slower request is answered `408`. Default: 30 s.
+    pub request_timeout: Duration,
+    /// How the server stops.
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".to_owned(),
+            port: 0,
+            tls: None,
+            connection: ConnectionConfig::default(),
+            cors_origins: vec!["*".to_owned()],
+            request_timeout: Duration::from_secs(30),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// Checks the settings that would otherwise fail later, inside a connection.
+    ///
+    /// [`NetworkModule::start`](crate::network::NetworkModule::start) calls this, so a bad value
+    /// is reported before the port is bound rather than as a failed WebSocket upgrade.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`ConfigError`] naming the first setting that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.connection;
+        if c.outbound_channel_capacity == 0 {
+            return Err(ConfigError("connection.outbound_channel_capacity must be at least 1".into()));
+        }
+        if c.ws_max_write_buffer_size <= c.ws_write_buffer_size {
+            return Err(ConfigError(format!(
+                "connection.ws_max_write_buffer_size ({}) must be greater than \
+                 connection.ws_write_buffer_size ({})",
+                c.ws_max_write_buffer_size, c.ws_write_buffer_size
+            )));
+        }
+        if c.ws_write_buffer_size.saturating_add(c.max_batch_bytes) > c.ws_max_write_buffer_size {
+            return Err(ConfigError(format!(
+                "connection.ws_write_buffer_size + connection.max_batch_bytes ({}) must not exceed \
+                 connection.ws_max_write_buffer_size ({}), or a full batch could never be written",
+                c.ws_write_buffer_size.saturating_add(c.max_batch_bytes),
+                c.ws_max_write_buffer_size
+            )));
+        }
+        if c.max_batch_messages == 0 {
+            return Err(ConfigError("connection.max_batch_messages must be at least 1".into()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError("request_timeout must be greater than zero".into()));
+        }
+        if self.cors_origins.iter().any(|o| o != "*" && http::HeaderValue::from_str(o).is_err()) {
+            return Err(ConfigError(format!(
+                "cors_origins contains a value that is not a valid origin: {:?}",
+                self.cors_origins
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Certificate files for HTTPS/WSS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate chain, leaf first.
+    pub cert_path: PathBuf,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+    /// PEM file with the CA that signs client certificates. When set, clients must present a
+    /// certificate signed by it (mutual TLS).
+    pub ca_cert_path: Option<PathBuf>,
+}
+
+/// Per-connection WebSocket settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// Messages queued for one connection before [`try_send`] reports it full. This bounds the
+    /// memory a slow client can hold. Default: 256.
+    ///
+    /// [`try_send`]: crate::network::ConnectionHandle::try_send
+    pub outbound_channel_capacity: usize,
+    /// Default wait for queue space in
+    /// [`ConnectionHandle::send_timeout`](crate::network::ConnectionHandle::send_timeout)
+    /// callers. Default: 5 s.
+    pub send_timeout: Duration,
+    /// A connection silent for this long is considered dead. Default: 60 s.
+    pub idle_timeout: Duration,
+    /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
+    pub ws_write_buffer_size: usize,
+    /// Upper bound of the WebSocket write buffer; must exceed `ws_write_buffer_size` by at
+    /// least `max_batch_bytes`. Default: 512 KiB.
+    pub ws_max_write_buffer_size: usize,
+    /// Most messages coalesced into one outbound `BATCH` frame. Default: 256.
+    pub max_batch_messages: usize,
+    /// Most payload bytes coalesced into one outbound `BATCH` frame; a single larger message is
+    /// still sent, alone. Default: 64 KiB.
+    pub max_batch_bytes: usize,
+    /// How long the server waits for the client to answer its Close frame before dropping the
+    /// socket. Default: 5 s.
+    pub close_timeout: Duration,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        Self {
+            outbound_channel_capacity: 256,
+            send_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            ws_write_buffer_size: 131_072,
+            ws_max_write_buffer_size: 524_288,
+            max_batch_messages: 256,
+            max_batch_bytes: 65_536,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How [`NetworkModule::serve`](crate::network::NetworkModule::serve) stops.
+///
+/// The sequence is: health turns `draining` (readiness answers `503`) for `grace_period` while
+/// the listener still accepts, so a load balancer can take the node out of rotation; then the
+/// listener closes and every WebSocket receives what is queued for it followed by Close 1001;
+/// then the server waits up to `drain_timeout` for close acknowledgements, open HTTP requests and
+/// in-flight handler calls before dropping what is left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    /// Time spent `draining` before the listener stops accepting. Default: 0 s.
+    pub grace_period: Duration,
+    /// Longest wait for connections and in-flight work after the listener closes. Default: 30 s.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_period: Duration::ZERO, drain_timeout: Duration::from_secs(30) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ac14_defaults_match_the_specification() {
+        let config = NetworkConfig::default();
+        assert_eq!(config.host, "0.0.0.0");
+        assert_eq!(config.port, 0);
+        assert!(config.tls.is_none());
+        assert_eq!(config.cors_origins, vec!["*".to_owned()]);
+        assert_eq!(config.request_timeout, Duration::from_secs(30));
+        let conn = ConnectionConfig::default();
+        assert_eq!(config.connection, conn);
+        assert_eq!(conn.outbound_channel_capacity, 256);
+        assert_eq!(conn.send_timeout, Duration::from_secs(5));
+        assert_eq!(conn.idle_timeout, Duration::from_secs(60));
+        assert_eq!(conn.ws_write_buffer_size, 131_072);
+        assert_eq!(conn.ws_max_write_buffer_size, 524_288);
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn validate_rejects_a_write_buffer_limit_below_the_buffer() {
+        let config = NetworkConfig {
+            connection: ConnectionConfig {
+                ws_write_buffer_size: 1024,
+                ws_max_write_buffer_size: 1024,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("ws_max_write_buffer_size (1024) must be greater"), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_a_batch_that_cannot_fit_the_write_buffer() {
+        let config = NetworkConfig {
+            connection: ConnectionConfig { max_batch_bytes: 1 << 20, ..Default::default() },
+            ..Default::default()
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("max_batch_bytes"));
+    }
+
+    #[test]
+    fn validate_rejects_zero_capacity_and_bad_origins() {
+        let zero = NetworkConfig {
+            connection: ConnectionConfig { outbound_channel_capacity: 0, ..Default::default() },
+            ..Default::default()
+        };
+        assert!(zero.validate().is_err());
+        let origin = NetworkConfig { cors_origins: vec!["bad\norigin".into()], ..Default::default() };
+        assert!(origin.validate().unwrap_err().to_string().contains("cors_origins"));
+    }
+}

@@ -1,0 +1,443 @@
+//! Connection identity, per-connection state and the registry of live connections.
+//!
+//! Each WebSocket connection owns a bounded outbound queue. Other parts of the server hold an
+//! [`Arc<ConnectionHandle>`] and push [`OutboundMessage`]s into it; the connection's writer task
+//! drains the queue onto the socket. A full queue means the client is not keeping up: callers
+//! choose between dropping ([`ConnectionHandle::try_send`]) and waiting
+//! ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::{Notify, RwLock, mpsc};
+use topgun_core::{Principal, Timestamp};
+
+use super::config::ConnectionConfig;
+
+/// Process-unique identifier of one connection; never reused while the registry lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionKind {
+    /// An application client (browser, TypeScript client, service).
+    Client,
+    /// Another server node of the cluster.
+    ClusterPeer,
+}
+
+impl ConnectionKind {
+    const ALL: [Self; 2] = [Self::Client, Self::ClusterPeer];
+
+    fn index(self) -> usize {
+        match self {
+            Self::Client => 0,
+            Self::ClusterPeer => 1,
+        }
+    }
+}
+
+/// A message queued for delivery to one connection.
+///
+/// `Binary` holds [`Bytes`] rather than the `Vec<u8>` one might expect: a broadcast queues the
+/// same payload on many connections, and cloning `Bytes` only bumps a reference count. Build one
+/// from a `Vec<u8>` with `.into()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundMessage {
+    /// A binary frame (a MsgPack-encoded message). Several queued messages may be coalesced into
+    /// one `BATCH` frame on the wire.
+    Binary(Bytes),
+    /// Close the connection: the client receives Close code 1000 with this reason after every
+    /// message queued before it.
+    Close(Option<String>),
+}
+
+/// Why a message could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The queue stayed full for the whole timeout.
+    #[error("timed out waiting for space in the connection's outbound queue")]
+    Timeout,
+    /// The connection is closed; nothing will read the queue again.
+    #[error("connection is closed")]
+    Disconnected,
+    /// The queue is full right now.
+    #[error("connection's outbound queue is full")]
+    Full,
+}
+
+/// Mutable, application-level state of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionMetadata {
+    /// Whether the connection has authenticated. Starts `false`.
+    pub authenticated: bool,
+    /// The identity the connection authenticated as.
+    pub principal: Option<Principal>,
+    /// Query subscriptions held by the connection.
+    pub subscriptions: HashSet<String>,
+    /// Pub/sub topics the connection listens to.
+    pub topics: HashSet<String>,
+    /// When the connection last showed signs of life.
+    pub last_heartbeat: Instant,
+    /// The newest hybrid-logical-clock timestamp seen from the connection.
+    pub last_hlc: Option<Timestamp>,
+    /// For cluster peers: the remote node's id.
+    pub peer_node_id: Option<String>,
+}
+
+impl Default for ConnectionMetadata {
+    fn default() -> Self {
+        Self {
+            authenticated: false,
+            principal: None,
+            subscriptions: HashSet::new(),
+            topics: HashSet::new(),
+            last_heartbeat: Instant::now(),
+            last_hlc: None,
+            peer_node_id: None,
+        }
+    }
+}
+
+/// A live connection as the rest of the server sees it: an id, an outbound queue and metadata.
+///
+/// ```
+/// use topgun_server::network::{ConnectionConfig, ConnectionKind, ConnectionRegistry, OutboundMessage};
+///
+/// let registry = ConnectionRegistry::new();
+/// let (handle, mut outbound) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+/// assert!(handle.try_send(OutboundMessage::Binary(vec![1, 2, 3].into())));
+/// assert_eq!(outbound.try_recv().unwrap(), OutboundMessage::Binary(vec![1, 2, 3].into()));
+/// ```
+#[derive(Debug)]
+pub struct ConnectionHandle {
+    /// The connection's id.
+    pub id: ConnectionId,
+    /// Sending side of the bounded outbound queue.
+    pub tx: mpsc::Sender<OutboundMessage>,
+    /// Application-level state; an async lock because handlers hold it across awaits.
+    pub metadata: Arc<RwLock<ConnectionMetadata>>,
+    /// When the connection was registered.
+    pub connected_at: Instant,
+    /// Client or cluster peer.
+    pub kind: ConnectionKind,
+}
+
+impl ConnectionHandle {
+    /// Queues `msg` without waiting. Returns `false` if the queue is full or the connection is
+    /// closed; the message is then dropped.
+    pub fn try_send(&self, msg: OutboundMessage) -> bool {
+        self.try_enqueue(msg).is_ok()
+    }
+
+    /// Like [`try_send`](Self::try_send), but says why a message was not queued.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Full`] when the queue is full, [`SendError::Disconnected`] when the
+    /// connection is closed.
+    pub fn try_enqueue(&self, msg: OutboundMessage) -> Result<(), SendError> {
+        self.tx.try_send(msg).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Disconnected,
+        })
+    }
+
+    /// Queues `msg`, waiting up to `timeout` for space.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Timeout`] if the queue stayed full, [`SendError::Disconnected`] if the
+    /// connection closed.
+    pub async fn send_timeout(&self, msg: OutboundMessage, timeout: Duration) -> Result<(), SendError> {
+        match tokio::time::timeout(timeout, self.tx.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendError::Disconnected),
+            Err(_) => Err(SendError::Timeout),
+        }
+    }
+
+    /// Whether the connection's writer is still reading the queue.
+    pub fn is_connected(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+/// What [`ConnectionRegistry::broadcast`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BroadcastOutcome {
+    /// Connections the message was queued on.
+    pub queued: usize,
+    /// Connections whose queue was full or closed; they did not get the message.
+    pub dropped: usize,
+}
+
+/// All live connections, shared by every part of the server.
+///
+/// Lock-sharded ([`DashMap`]) so registering, removing and looking up connections scale across
+/// cores; per-kind counts are kept alongside so [`count_by_kind`](Self::count_by_kind) is O(1).
+#[derive(Debug, Default)]
+pub struct ConnectionRegistry {
+    connections: DashMap<ConnectionId, Arc<ConnectionHandle>>,
+    next_id: AtomicU64,
+    counts_by_kind: [AtomicUsize; ConnectionKind::ALL.len()],
+    emptied: Notify,
+}
+
+impl ConnectionRegistry {
+    /// An empty registry.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a new connection with an outbound queue of
+    /// `config.outbound_channel_capacity` messages and returns both ends of the queue.
+    pub fn register(
+        &self,
+        kind: ConnectionKind,
+        config: &ConnectionConfig,
+    ) -> (Arc<ConnectionHandle>, mpsc::Receiver<OutboundMessage>) {
+        let (tx, rx) = mpsc::channel(config.outbound_channel_capacity.max(1));
+        let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let handle = Arc::new(ConnectionHandle {
+            id,
+            tx,
+            metadata: Arc::new(RwLock::new(ConnectionMetadata::default())),
+            connected_at: Instant::now(),
+            kind,
+        });
+        self.counts_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
+        self.connections.insert(id, Arc::clone(&handle));
+        (handle, rx)
+    }
+
+    /// Removes a connection. Returns its handle the first time, `None` afterwards.
+    pub fn remove(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
+        let (_, handle) = self.connections.remove(&id)?;
+        self.counts_by_kind[handle.kind.index()].fetch_sub(1, Ordering::Relaxed);
+        if self.connections.is_empty() {
+            self.emptied.notify_waiters();
+        }
+        Some(handle)
+    }
+
+    /// Looks up a connection by id.
+    pub fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
+        self.connections.get(&id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// Number of live connections.
+    pub fn count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Number of live connections of one kind, without scanning the registry.
+    pub fn count_by_kind(&self, kind: ConnectionKind) -> usize {
+        self.counts_by_kind[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of all live connections.
+    ///
+    /// The snapshot is taken up front, so the caller may register or remove connections while
+    /// iterating without deadlocking on the registry's internal locks.
+    pub fn iter(&self) -> impl Iterator<Item = Arc<ConnectionHandle>> + use<> {
+        self.connections.iter().map(|entry| Arc::clone(entry.value())).collect::<Vec<_>>().into_iter()
+    }
+
+    /// Queues `msg_bytes` as a binary message on every connection of `kind`, never waiting.
+    ///
+    /// Accepts anything convertible into [`Bytes`] (`Vec<u8>`, `&'static [u8]`, `Bytes`); the
+    /// payload is shared, not copied, across connections. Connections whose queue is full miss
+    /// the message and are counted in [`BroadcastOutcome::dropped`].
+    pub fn broadcast(&self, msg_bytes: impl Into<Bytes>, kind: ConnectionKind) -> BroadcastOutcome {
+        let payload: Bytes = msg_bytes.into();
+        let mut outcome = BroadcastOutcome::default();
+        for entry in &self.connections {
+            let handle = entry.value();
+            if handle.kind != kind {
+                continue;
+            }
+            if handle.try_send(OutboundMessage::Binary(payload.clone())) {
+                outcome.queued += 1;
+            } else {
+                outcome.dropped += 1;
+            }
+        }
+        if outcome.dropped > 0 {
+            tracing::debug!(dropped = outcome.dropped, queued = outcome.queued, "broadcast skipped full queues");
+        }
+        outcome
+    }
+
+    /// Completes once no connection is registered (immediately if none is).
+    pub async fn wait_until_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            // Register interest before checking, so a removal in between still wakes us.
+            emptied.as_mut().enable();
+            if self.connections.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
+    /// Removes and returns every connection, for shutdown.
+    pub fn drain_all(&self) -> Vec<Arc<ConnectionHandle>> {
+        let ids: Vec<ConnectionId> = self.connections.iter().map(|entry| *entry.key()).collect();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_capacity(capacity: usize) -> ConnectionConfig {
+        ConnectionConfig { outbound_channel_capacity: capacity, ..Default::default() }
+    }
+
+    fn binary(byte: u8) -> OutboundMessage {
+        OutboundMessage::Binary(Bytes::from(vec![byte]))
+    }
+
+    #[test]
+    fn ac02_register_creates_a_bounded_channel_of_the_configured_capacity() {
+        let registry = ConnectionRegistry::new();
+        let (handle, _rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        assert_eq!(handle.tx.max_capacity(), 256);
+        let (custom, _rx) = registry.register(ConnectionKind::Client, &config_with_capacity(8));
+        assert_eq!(custom.tx.max_capacity(), 8);
+        assert_ne!(handle.id, custom.id);
+    }
+
+    #[test]
+    fn ac03_ot4_try_send_returns_false_when_the_channel_is_full() {
+        let registry = ConnectionRegistry::new();
+        let (handle, mut rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        for i in 0..256 {
+            assert!(handle.try_send(binary(u8::try_from(i % 251).unwrap())), "message {i} must fit");
+        }
+        assert!(!handle.try_send(binary(0)), "the 257th message must be refused");
+        assert_eq!(handle.try_enqueue(binary(0)), Err(SendError::Full));
+        rx.try_recv().unwrap();
+        assert!(handle.try_send(binary(1)), "space freed by the reader is usable again");
+    }
+
+    #[test]
+    fn try_send_reports_a_closed_connection() {
+        let registry = ConnectionRegistry::new();
+        let (handle, rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        assert!(handle.is_connected());
+        drop(rx);
+        assert!(!handle.is_connected());
+        assert_eq!(handle.try_enqueue(binary(1)), Err(SendError::Disconnected));
+    }
+
+    #[tokio::test]
+    async fn send_timeout_waits_then_times_out_or_reports_disconnect() {
+        let registry = ConnectionRegistry::new();
+        let (handle, mut rx) = registry.register(ConnectionKind::Client, &config_with_capacity(1));
+        handle.send_timeout(binary(1), Duration::from_millis(50)).await.unwrap();
+        let err = handle.send_timeout(binary(2), Duration::from_millis(20)).await.unwrap_err();
+        assert_eq!(err, SendError::Timeout);
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await;
+            drop(rx);
+            first
+        });
+        assert_eq!(reader.await.unwrap(), Some(binary(1)));
+        let err = handle.send_timeout(binary(3), Duration::from_millis(20)).await.unwrap_err();
+        assert_eq!(err, SendError::Disconnected);
+    }
+
+    #[test]
+    fn ac04_count_tracks_register_and_remove() {
+        let registry = ConnectionRegistry::new();
+        let (a, _ra) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let (b, _rb) = registry.register(ConnectionKind::ClusterPeer, &ConnectionConfig::default());
+        let (_c, _rc) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        assert_eq!(registry.count(), 3);
+        assert_eq!(registry.count_by_kind(ConnectionKind::Client), 2);
+        assert_eq!(registry.count_by_kind(ConnectionKind::ClusterPeer), 1);
+        assert_eq!(registry.remove(a.id).map(|h| h.id), Some(a.id));
+        assert!(registry.remove(a.id).is_none(), "a second remove is a no-op");
+        assert_eq!(registry.count(), 2);
+        assert_eq!(registry.count_by_kind(ConnectionKind::Client), 1);
+        assert_eq!(registry.get(b.id).map(|h| h.kind), Some(ConnectionKind::ClusterPeer));
+        assert!(registry.get(a.id).is_none());
+        assert_eq!(registry.iter().count(), 2);
+        let drained = registry.drain_all();
+        assert_eq!(drained.len(), 2);
+        assert_eq!(registry.count(), 0);
+        assert_eq!(registry.count_by_kind(ConnectionKind::Client), 0);
+        assert_eq!(registry.count_by_kind(ConnectionKind::ClusterPeer), 0);
+    }
+
+    #[test]
+    fn ac15_broadcast_reaches_one_kind_and_skips_full_channels_without_blocking() {
+        let registry = ConnectionRegistry::new();
+        let (_c1, mut rx1) = registry.register(ConnectionKind::Client, &config_with_capacity(4));
+        let (full, mut rx_full) = registry.register(ConnectionKind::Client, &config_with_capacity(1));
+        let (_peer, mut rx_peer) = registry.register(ConnectionKind::ClusterPeer, &config_with_capacity(4));
+        assert!(full.try_send(binary(9)));
+
+        let outcome = registry.broadcast(vec![7_u8, 7], ConnectionKind::Client);
+
+        assert_eq!(outcome, BroadcastOutcome { queued: 1, dropped: 1 });
+        assert_eq!(rx1.try_recv().unwrap(), OutboundMessage::Binary(Bytes::from_static(&[7, 7])));
+        assert_eq!(rx_full.try_recv().unwrap(), binary(9), "the full queue keeps its own message");
+        assert!(rx_full.try_recv().is_err());
+        assert!(rx_peer.try_recv().is_err(), "peers are not clients");
+    }
+
+    #[test]
+    fn broadcast_shares_one_payload_allocation() {
+        let registry = ConnectionRegistry::new();
+        let (_a, mut rx_a) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let (_b, mut rx_b) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        registry.broadcast(Bytes::from(vec![1_u8; 64]), ConnectionKind::Client);
+        let (OutboundMessage::Binary(a), OutboundMessage::Binary(b)) =
+            (rx_a.try_recv().unwrap(), rx_b.try_recv().unwrap())
+        else {
+            panic!("expected binary messages");
+        };
+        assert_eq!(a.as_ptr(), b.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn wait_until_empty_wakes_when_the_last_connection_leaves() {
+        let registry = Arc::new(ConnectionRegistry::new());
+        let (a, _ra) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let (b, _rb) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let waiter = tokio::spawn({
+            let registry = Arc::clone(&registry);
+            async move { registry.wait_until_empty().await }
+        });
+        registry.remove(a.id);
+        registry.remove(b.id);
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn metadata_starts_unauthenticated() {
+        let registry = ConnectionRegistry::new();
+        let (handle, _rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let meta = handle.metadata.try_read().unwrap();
+        assert!(!meta.authenticated && meta.principal.is_none() && meta.subscriptions.is_empty());
+    }
+}

@@ -1,0 +1,52 @@
+//! The axum handlers behind each route, and the state they share.
+//!
+//! | route | handler |
+//! |---|---|
+//! | `GET /health` | [`health_handler`] |
+//! | `GET /health/live` | [`liveness_handler`] |
+//! | `GET /health/ready` | [`readiness_handler`] |
+//! | `GET /ws` | [`ws_upgrade_handler`] |
+//! | `POST /sync` | [`http_sync_handler`] |
+
+mod health;
+mod http_sync;
+mod websocket;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use health::{HealthReport, health_handler, liveness_handler, readiness_handler};
+pub use http_sync::{MSGPACK_CONTENT_TYPE, http_sync_handler};
+pub use websocket::{handle_socket, ws_upgrade_handler};
+
+use super::config::NetworkConfig;
+use super::connection::ConnectionRegistry;
+use super::inbound::InboundHandler;
+use super::shutdown::ShutdownController;
+
+/// State shared by every handler (cheap to clone: all fields are shared pointers).
+#[derive(Clone)]
+pub struct AppState {
+    /// Live connections.
+    pub registry: Arc<ConnectionRegistry>,
+    /// Health state, shutdown signal and in-flight work.
+    pub shutdown: Arc<ShutdownController>,
+    /// The configuration the server was built with.
+    pub config: Arc<NetworkConfig>,
+    /// When the server was built; `/health` reports uptime from it.
+    pub start_time: Instant,
+    /// Receives inbound messages, connection events and `/sync` bodies.
+    pub handler: Arc<dyn InboundHandler>,
+}
+
+impl fmt::Debug for AppState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppState")
+            .field("connections", &self.registry.count())
+            .field("health", &self.shutdown.health_state())
+            .field("config", &self.config)
+            .field("start_time", &self.start_time)
+            .finish_non_exhaustive()
+    }
+}

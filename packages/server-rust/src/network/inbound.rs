@@ -1,0 +1,184 @@
+//! The bridge between the transport and whatever processes messages.
+//!
+//! The transport decodes nothing: it hands every inbound binary WebSocket message and every
+//! `POST /sync` body to an [`InboundHandler`], together with connection lifecycle events. The
+//! operation pipeline, cluster and storage crates plug in by implementing this trait; until one
+//! is installed, [`StubHandler`] logs messages and answers `/sync` with an empty MsgPack array.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::StatusCode;
+
+use super::connection::ConnectionHandle;
+
+/// Receives everything that arrives on the transport.
+///
+/// Calls for one connection are made in order, one at a time: the next message is not read
+/// until `on_message` returns, which gives per-connection ordering and natural backpressure.
+/// Every call counts as in-flight work, so a graceful shutdown waits for it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use bytes::Bytes;
+/// use topgun_server::network::{ConnectionHandle, InboundHandler, OutboundMessage, SyncError};
+///
+/// /// Sends every message straight back.
+/// struct Echo;
+///
+/// #[async_trait::async_trait]
+/// impl InboundHandler for Echo {
+///     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+///         conn.try_send(OutboundMessage::Binary(payload));
+///     }
+///
+///     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
+///         Ok(body)
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait InboundHandler: Send + Sync + 'static {
+    /// A WebSocket connection was registered. Its outbound queue is already being written.
+    async fn on_connect(&self, conn: &Arc<ConnectionHandle>) {
+        let _ = conn;
+    }
+
+    /// A binary WebSocket message arrived on `conn`.
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes);
+
+    /// `conn` has closed and left the registry. Called exactly once per connection.
+    async fn on_disconnect(&self, conn: &Arc<ConnectionHandle>) {
+        let _ = conn;
+    }
+
+    /// A `POST /sync` request arrived; returns the MsgPack response body.
+    ///
+    /// The default answers `501 Not Implemented`.
+    ///
+    /// # Errors
+    ///
+    /// A [`SyncError`], which becomes the HTTP status and a JSON error body.
+    async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
+        let _ = body;
+        Err(SyncError::NotImplemented("this server does not handle HTTP sync".into()))
+    }
+}
+
+/// A shared handler is a handler: lets callers keep an `Arc` to the handler they install.
+#[async_trait]
+impl<H: InboundHandler> InboundHandler for Arc<H> {
+    async fn on_connect(&self, conn: &Arc<ConnectionHandle>) {
+        (**self).on_connect(conn).await;
+    }
+
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        (**self).on_message(conn, payload).await;
+    }
+
+    async fn on_disconnect(&self, conn: &Arc<ConnectionHandle>) {
+        (**self).on_disconnect(conn).await;
+    }
+
+    async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
+        (**self).on_http_sync(body).await
+    }
+}
+
+/// Why a `POST /sync` request failed; each variant maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// `400`: the request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// `401`: the request carries no valid credentials.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// `403`: the credentials do not allow this request.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// `501`: the installed handler does not support HTTP sync.
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
+    /// `503`: the server cannot take the request now; the client should retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// `500`: the request failed on the server.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SyncError {
+    /// The HTTP status this error is answered with.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for SyncError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "sync request failed");
+        } else {
+            tracing::debug!(%status, error = %self, "sync request refused");
+        }
+        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+/// The handler used until a real one is installed: logs each binary message at debug level and
+/// answers `POST /sync` with an empty MsgPack array.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StubHandler;
+
+/// `[]` in MsgPack: a fixarray of length zero.
+const EMPTY_MSGPACK_ARRAY: &[u8] = &[0x90];
+
+#[async_trait]
+impl InboundHandler for StubHandler {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        tracing::debug!(conn_id = %conn.id, bytes = payload.len(), "binary message received");
+    }
+
+    async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
+        tracing::debug!(bytes = body.len(), "sync request received");
+        Ok(Bytes::from_static(EMPTY_MSGPACK_ARRAY))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stub_answer_is_an_empty_msgpack_array() {
+        assert_eq!(EMPTY_MSGPACK_ARRAY, rmp_serde::to_vec_named(&Vec::<()>::new()).unwrap());
+    }
+
+    #[test]
+    fn every_sync_error_maps_to_its_status() {
+        let cases = [
+            (SyncError::BadRequest(String::new()), 400),
+            (SyncError::Unauthorized(String::new()), 401),
+            (SyncError::Forbidden(String::new()), 403),
+            (SyncError::NotImplemented(String::new()), 501),
+            (SyncError::Unavailable(String::new()), 503),
+            (SyncError::Internal(String::new()), 500),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.into_response().status().as_u16(), status);
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! [`NetworkModule`]: builds the router, binds the port and runs the server through its whole
+//! lifecycle, from `Starting` to `Stopped`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::config::NetworkConfig;
+use super::connection::ConnectionRegistry;
+use super::handlers::{
+    AppState, health_handler, http_sync_handler, liveness_handler, readiness_handler,
+    ws_upgrade_handler,
+};
+use super::inbound::{InboundHandler, StubHandler};
+use super::middleware::build_http_layers;
+use super::shutdown::ShutdownController;
+use super::tls::TlsReloader;
+
+/// How long force-closed connections get to unwind before `serve()` returns regardless.
+const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The HTTP + WebSocket server.
+///
+/// Construction, binding and serving are separate steps, so the caller learns the bound port
+/// (and can wire the registry into other modules) before any traffic arrives:
+///
+/// ```no_run
+/// use topgun_server::network::{NetworkConfig, NetworkModule};
+///
+/// # #[tokio::main]
+/// # async fn main() -> anyhow::Result<()> {
+/// let mut module = NetworkModule::new(NetworkConfig { port: 8080, ..Default::default() });
+/// let port = module.start().await?;
+/// println!("listening on {port}");
+/// module.serve(async { tokio::signal::ctrl_c().await.ok(); }).await
+/// # }
+/// ```
+pub struct NetworkModule {
+    config: NetworkConfig,
+    listener: Option<TcpListener>,
+    registry: Arc<ConnectionRegistry>,
+    shutdown: Arc<ShutdownController>,
+    handler: Arc<dyn InboundHandler>,
+    tls: Option<TlsReloader>,
+    start_time: Instant,
+}
+
+impl std::fmt::Debug for NetworkModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkModule")
+            .field("config", &self.config)
+            .field("local_addr", &self.local_addr())
+            .field("health", &self.shutdown.health_state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetworkModule {
+    /// A module with the [`StubHandler`]. Binds nothing yet.
+    #[must_use]
+    pub fn new(config: NetworkConfig) -> Self {
+        Self {
+            config,
+            listener: None,
+            registry: Arc::new(ConnectionRegistry::new()),
+            shutdown: Arc::new(ShutdownController::new()),
+            handler: Arc::new(StubHandler),
+            tls: None,
+            start_time: Instant::now(),
+        }
+    }
+
+    /// Installs the handler that receives inbound messages, connection events and `/sync`
+    /// bodies. Take [`registry`](Self::registry) first if the handler needs to reach other
+    /// connections:
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use bytes::Bytes;
+    /// use topgun_server::network::*;
+    ///
+    /// struct Fanout(Arc<ConnectionRegistry>);
+    ///
+    /// #[async_trait::async_trait]
+    /// impl InboundHandler for Fanout {
+    ///     async fn on_message(&self, _conn: &Arc<ConnectionHandle>, payload: Bytes) {
+    ///         self.0.broadcast(payload, ConnectionKind::Client);
+    ///     }
+    /// }
+    ///
+    /// let module = NetworkModule::new(NetworkConfig::default());
+    /// let module = { let registry = module.registry(); module.with_handler(Fanout(registry)) };
+    /// ```
+    #[must_use]
+    pub fn with_handler(mut self, handler: impl InboundHandler) -> Self {
+        self.handler = Arc::new(handler);
+        self
+    }
+
+    /// The registry of live connections, shared with every handler.
+    pub fn registry(&self) -> Arc<ConnectionRegistry> {
+        Arc::clone(&self.registry)
+    }
+
+    /// The shutdown controller; call
+    /// [`trigger_shutdown`](ShutdownController::trigger_shutdown) on it to stop
+    /// [`serve`](Self::serve) from anywhere.
+    pub fn shutdown_controller(&self) -> Arc<ShutdownController> {
+        Arc::clone(&self.shutdown)
+    }
+
+    /// The configuration this module was built with.
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// The bound address, once [`start`](Self::start) has succeeded.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Reloads the TLS certificate of a running server; `None` unless TLS is configured and
+    /// [`start`](Self::start) has loaded it.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.tls.clone()
+    }
+
+    /// Assembles every route behind the HTTP middleware stack.
+    ///
+    /// Serve it yourself to embed the transport in a larger router; [`serve`](Self::serve)
+    /// additionally runs the shutdown sequence.
+    pub fn build_router(&self) -> Router {
+        let state = AppState {
+            registry: Arc::clone(&self.registry),
+            shutdown: Arc::clone(&self.shutdown),
+            config: Arc::new(self.config.clone()),
+            start_time: self.start_time,
+            handler: Arc::clone(&self.handler),
+        };
+        Router::new()
+            .route("/health", get(health_handler))
+            .route("/health/live", get(liveness_handler))
+            .route("/health/ready", get(readiness_handler))
+            .route("/ws", get(ws_upgrade_handler))
+            .route("/sync", post(http_sync_handler))
+            .fallback(not_found)
+            .layer(build_http_layers(&self.config))
+            .with_state(state)
+    }
+
+    /// Validates the configuration, loads TLS certificates if configured, and binds the port.
+    /// Returns the bound port (the OS-chosen one when the configured port is `0`).
+    ///
+    /// # Errors
+    ///
+    /// An invalid configuration, unreadable or mismatched TLS files, or a port that cannot be
+    /// bound; each message names what failed.
+    pub async fn start(&mut self) -> anyhow::Result<u16> {
+        self.config.validate()?;
+        if let Some(tls) = &self.config.tls {
+            self.tls = Some(TlsReloader::load(tls)?);
+        }
+        let addr = (self.config.host.as_str(), self.config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind {}:{}", self.config.host, self.config.port))?;
+        let port = listener.local_addr()?.port();
+        self.listener = Some(listener);
+        Ok(port)
+    }
+
+    /// Serves until `shutdown` completes or
+    /// [`ShutdownController::trigger_shutdown`] is called, then shuts down gracefully and
+    /// returns with the health state at `Stopped`.
+    ///
+    /// The sequence, driven by [`ShutdownConfig`](crate::network::ShutdownConfig): `Draining`
+    /// for the grace period while still accepting; stop accepting; every WebSocket receives
+    /// what is queued for it and Close 1001; wait for close acknowledgements, open HTTP
+    /// requests and in-flight handler calls until the drain timeout; drop the rest. Plain and
+    /// TLS serving share this path.
+    ///
+    /// # Errors
+    ///
+    /// Called before [`start`](Self::start), or the listener fails.
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let listener = self
+            .listener
+            .take()
+            .context("NetworkModule::serve() called before start(): call start() to bind the port")?;
+        let local_addr = listener.local_addr()?;
+        let listener = listener.into_std()?;
+        let app = self.build_router().into_make_service_with_connect_info::<SocketAddr>();
+        let handle = axum_server::Handle::new();
+        let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
+            None => tokio::spawn(axum_server::from_tcp(listener).handle(handle.clone()).serve(app)),
+            Some(tls) => tokio::spawn(
+                axum_server::from_tcp_rustls(listener, tls.rustls_config())
+                    .handle(handle.clone())
+                    .serve(app),
+            ),
+        };
+        self.shutdown.set_ready();
+        tracing::info!(%local_addr, tls = self.tls.is_some(), "serving");
+
+        tokio::select! {
+            () = shutdown => {}
+            () = self.shutdown.shutdown_requested() => {}
+            result = &mut server => {
+                self.shutdown.trigger_shutdown();
+                self.shutdown.set_stopped();
+                return match result {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("server stopped without a shutdown request")),
+                    Ok(Err(err)) => Err(err).context("server failed"),
+                    Err(err) => Err(err).context("server task failed"),
+                };
+            }
+        }
+        self.drain(&handle, server).await;
+        Ok(())
+    }
+
+    async fn drain(&self, handle: &axum_server::Handle, mut server: JoinHandle<std::io::Result<()>>) {
+        let controller = &self.shutdown;
+        let settings = &self.config.shutdown;
+        controller.trigger_shutdown();
+        tracing::info!(grace_period = ?settings.grace_period, "draining");
+        tokio::time::sleep(settings.grace_period).await;
+
+        handle.graceful_shutdown(None);
+        controller.close_connections();
+        let deadline = tokio::time::Instant::now() + settings.drain_timeout;
+        let drained = tokio::time::timeout_at(deadline, async {
+            let _ = (&mut server).await;
+            self.registry.wait_until_empty().await;
+            controller.wait_for_drain(deadline.saturating_duration_since(tokio::time::Instant::now())).await
+        })
+        .await
+        .unwrap_or(false);
+
+        if !drained {
+            tracing::warn!(
+                connections = self.registry.count(),
+                in_flight = controller.in_flight_count(),
+                "drain timeout passed; closing the remaining connections"
+            );
+            controller.force_close_connections();
+            handle.shutdown();
+            let _ = tokio::time::timeout(FORCE_CLOSE_WAIT, self.registry.wait_until_empty()).await;
+            server.abort();
+        }
+        controller.set_stopped();
+        tracing::info!("stopped");
+    }
+}
+
+/// Unknown routes get a JSON body, like every other error this server returns.
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": "not found" }))).into_response()
+}
