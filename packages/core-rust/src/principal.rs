@@ -25,7 +25,10 @@ impl Principal {
         I: IntoIterator<Item = R>,
         R: Into<String>,
     {
-        Self { id: id.into(), roles: roles.into_iter().map(Into::into).collect() }
+        Self {
+            id: id.into(),
+            roles: roles.into_iter().map(Into::into).collect(),
+        }
     }
 
     /// Whether this principal holds `role`.

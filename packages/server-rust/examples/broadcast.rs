@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use topgun_server::network::{
-    ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler, NetworkConfig, NetworkModule,
+    ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler, NetworkConfig,
+    NetworkModule,
 };
 
 /// Relays each message to every client through the shared registry.
@@ -32,12 +33,22 @@ impl InboundHandler for Relay {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_owned());
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
-    let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
+    let config = NetworkConfig {
+        host: host.to_owned(),
+        port: port.parse()?,
+        ..Default::default()
+    };
     let module = NetworkModule::new(config);
     let registry = module.registry();
-    let mut module = module.with_handler(Relay { registry: Arc::clone(&registry) });
+    let mut module = module.with_handler(Relay {
+        registry: Arc::clone(&registry),
+    });
     let port = module.start().await?;
     println!("broadcast server on ws://{host}:{port}/ws");
 
@@ -47,12 +58,15 @@ async fn main() -> anyhow::Result<()> {
             every_second.tick().await;
             let count = u64::try_from(registry.count()).unwrap_or(u64::MAX);
             // MsgPack map {"type": "CLIENTS", "count": n}, as a TopGun client would decode it.
-            let message = rmp_serde::to_vec_named(&serde_json::json!({ "type": "CLIENTS", "count": count }))
-                .expect("a JSON value always encodes");
+            let message =
+                rmp_serde::to_vec_named(&serde_json::json!({ "type": "CLIENTS", "count": count }))
+                    .expect("a JSON value always encodes");
             registry.broadcast(message, ConnectionKind::Client);
         }
     });
-    let result = module.serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() }).await;
+    let result = module
+        .serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() })
+        .await;
     ticker.abort();
     result
 }

@@ -5,3 +5,8 @@
 //! [`network::InboundHandler`] and [`network::ConnectionRegistry`].
 
 pub mod network;
+
+/// Compiles the README's Rust examples as doc tests, so the embedding example stays true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

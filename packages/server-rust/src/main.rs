@@ -30,7 +30,12 @@ struct Args {
     #[arg(long, env = "TOPGUN_TLS_CA", requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
     /// Comma-separated origins allowed by CORS; `*` allows any.
-    #[arg(long, env = "TOPGUN_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    #[arg(
+        long,
+        env = "TOPGUN_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
     cors_origins: Vec<String>,
     /// Time limit per HTTP request, e.g. `30s` or `500ms`.
     #[arg(long, env = "TOPGUN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
@@ -84,7 +89,11 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 

@@ -70,7 +70,9 @@ impl NetworkConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.connection;
         if c.outbound_channel_capacity == 0 {
-            return Err(ConfigError("connection.outbound_channel_capacity must be at least 1".into()));
+            return Err(ConfigError(
+                "connection.outbound_channel_capacity must be at least 1".into(),
+            ));
         }
         if c.ws_max_write_buffer_size <= c.ws_write_buffer_size {
             return Err(ConfigError(format!(
@@ -88,12 +90,20 @@ impl NetworkConfig {
             )));
         }
         if c.max_batch_messages == 0 {
-            return Err(ConfigError("connection.max_batch_messages must be at least 1".into()));
+            return Err(ConfigError(
+                "connection.max_batch_messages must be at least 1".into(),
+            ));
         }
         if self.request_timeout.is_zero() {
-            return Err(ConfigError("request_timeout must be greater than zero".into()));
+            return Err(ConfigError(
+                "request_timeout must be greater than zero".into(),
+            ));
         }
-        if self.cors_origins.iter().any(|o| o != "*" && http::HeaderValue::from_str(o).is_err()) {
+        if self
+            .cors_origins
+            .iter()
+            .any(|o| o != "*" && http::HeaderValue::from_str(o).is_err())
+        {
             return Err(ConfigError(format!(
                 "cors_origins contains a value that is not a valid origin: {:?}",
                 self.cors_origins
@@ -176,7 +186,10 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { grace_period: Duration::ZERO, drain_timeout: Duration::from_secs(30) }
+        Self {
+            grace_period: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -213,26 +226,50 @@ mod tests {
             ..Default::default()
         };
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("ws_max_write_buffer_size (1024) must be greater"), "{err}");
+        assert!(
+            err.contains("ws_max_write_buffer_size (1024) must be greater"),
+            "{err}"
+        );
     }
 
     #[test]
     fn validate_rejects_a_batch_that_cannot_fit_the_write_buffer() {
         let config = NetworkConfig {
-            connection: ConnectionConfig { max_batch_bytes: 1 << 20, ..Default::default() },
+            connection: ConnectionConfig {
+                max_batch_bytes: 1 << 20,
+                ..Default::default()
+            },
             ..Default::default()
         };
-        assert!(config.validate().unwrap_err().to_string().contains("max_batch_bytes"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_batch_bytes")
+        );
     }
 
     #[test]
     fn validate_rejects_zero_capacity_and_bad_origins() {
         let zero = NetworkConfig {
-            connection: ConnectionConfig { outbound_channel_capacity: 0, ..Default::default() },
+            connection: ConnectionConfig {
+                outbound_channel_capacity: 0,
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert!(zero.validate().is_err());
-        let origin = NetworkConfig { cors_origins: vec!["bad\norigin".into()], ..Default::default() };
-        assert!(origin.validate().unwrap_err().to_string().contains("cors_origins"));
+        let origin = NetworkConfig {
+            cors_origins: vec!["bad\norigin".into()],
+            ..Default::default()
+        };
+        assert!(
+            origin
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cors_origins")
+        );
     }
 }

@@ -161,7 +161,11 @@ impl ConnectionHandle {
     ///
     /// [`SendError::Timeout`] if the queue stayed full, [`SendError::Disconnected`] if the
     /// connection closed.
-    pub async fn send_timeout(&self, msg: OutboundMessage, timeout: Duration) -> Result<(), SendError> {
+    pub async fn send_timeout(
+        &self,
+        msg: OutboundMessage,
+        timeout: Duration,
+    ) -> Result<(), SendError> {
         match tokio::time::timeout(timeout, self.tx.send(msg)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(SendError::Disconnected),
@@ -236,7 +240,9 @@ impl ConnectionRegistry {
 
     /// Looks up a connection by id.
     pub fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
-        self.connections.get(&id).map(|entry| Arc::clone(entry.value()))
+        self.connections
+            .get(&id)
+            .map(|entry| Arc::clone(entry.value()))
     }
 
     /// Number of live connections.
@@ -254,7 +260,11 @@ impl ConnectionRegistry {
     /// The snapshot is taken up front, so the caller may register or remove connections while
     /// iterating without deadlocking on the registry's internal locks.
     pub fn iter(&self) -> impl Iterator<Item = Arc<ConnectionHandle>> + use<> {
-        self.connections.iter().map(|entry| Arc::clone(entry.value())).collect::<Vec<_>>().into_iter()
+        self.connections
+            .iter()
+            .map(|entry| Arc::clone(entry.value()))
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     /// Queues `msg_bytes` as a binary message on every connection of `kind`, never waiting.
@@ -277,7 +287,11 @@ impl ConnectionRegistry {
             }
         }
         if outcome.dropped > 0 {
-            tracing::debug!(dropped = outcome.dropped, queued = outcome.queued, "broadcast skipped full queues");
+            tracing::debug!(
+                dropped = outcome.dropped,
+                queued = outcome.queued,
+                "broadcast skipped full queues"
+            );
         }
         outcome
     }
@@ -308,7 +322,10 @@ mod tests {
     use super::*;
 
     fn config_with_capacity(capacity: usize) -> ConnectionConfig {
-        ConnectionConfig { outbound_channel_capacity: capacity, ..Default::default() }
+        ConnectionConfig {
+            outbound_channel_capacity: capacity,
+            ..Default::default()
+        }
     }
 
     fn binary(byte: u8) -> OutboundMessage {
@@ -328,14 +345,24 @@ mod tests {
     #[test]
     fn ac03_ot4_try_send_returns_false_when_the_channel_is_full() {
         let registry = ConnectionRegistry::new();
-        let (handle, mut rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let (handle, mut rx) =
+            registry.register(ConnectionKind::Client, &ConnectionConfig::default());
         for i in 0..256 {
-            assert!(handle.try_send(binary(u8::try_from(i % 251).unwrap())), "message {i} must fit");
+            assert!(
+                handle.try_send(binary(u8::try_from(i % 251).unwrap())),
+                "message {i} must fit"
+            );
         }
-        assert!(!handle.try_send(binary(0)), "the 257th message must be refused");
+        assert!(
+            !handle.try_send(binary(0)),
+            "the 257th message must be refused"
+        );
         assert_eq!(handle.try_enqueue(binary(0)), Err(SendError::Full));
         rx.try_recv().unwrap();
-        assert!(handle.try_send(binary(1)), "space freed by the reader is usable again");
+        assert!(
+            handle.try_send(binary(1)),
+            "space freed by the reader is usable again"
+        );
     }
 
     #[test]
@@ -352,8 +379,14 @@ mod tests {
     async fn send_timeout_waits_then_times_out_or_reports_disconnect() {
         let registry = ConnectionRegistry::new();
         let (handle, mut rx) = registry.register(ConnectionKind::Client, &config_with_capacity(1));
-        handle.send_timeout(binary(1), Duration::from_millis(50)).await.unwrap();
-        let err = handle.send_timeout(binary(2), Duration::from_millis(20)).await.unwrap_err();
+        handle
+            .send_timeout(binary(1), Duration::from_millis(50))
+            .await
+            .unwrap();
+        let err = handle
+            .send_timeout(binary(2), Duration::from_millis(20))
+            .await
+            .unwrap_err();
         assert_eq!(err, SendError::Timeout);
         let reader = tokio::spawn(async move {
             let first = rx.recv().await;
@@ -361,7 +394,10 @@ mod tests {
             first
         });
         assert_eq!(reader.await.unwrap(), Some(binary(1)));
-        let err = handle.send_timeout(binary(3), Duration::from_millis(20)).await.unwrap_err();
+        let err = handle
+            .send_timeout(binary(3), Duration::from_millis(20))
+            .await
+            .unwrap_err();
         assert_eq!(err, SendError::Disconnected);
     }
 
@@ -375,10 +411,16 @@ mod tests {
         assert_eq!(registry.count_by_kind(ConnectionKind::Client), 2);
         assert_eq!(registry.count_by_kind(ConnectionKind::ClusterPeer), 1);
         assert_eq!(registry.remove(a.id).map(|h| h.id), Some(a.id));
-        assert!(registry.remove(a.id).is_none(), "a second remove is a no-op");
+        assert!(
+            registry.remove(a.id).is_none(),
+            "a second remove is a no-op"
+        );
         assert_eq!(registry.count(), 2);
         assert_eq!(registry.count_by_kind(ConnectionKind::Client), 1);
-        assert_eq!(registry.get(b.id).map(|h| h.kind), Some(ConnectionKind::ClusterPeer));
+        assert_eq!(
+            registry.get(b.id).map(|h| h.kind),
+            Some(ConnectionKind::ClusterPeer)
+        );
         assert!(registry.get(a.id).is_none());
         assert_eq!(registry.iter().count(), 2);
         let drained = registry.drain_all();
@@ -392,15 +434,30 @@ mod tests {
     fn ac15_broadcast_reaches_one_kind_and_skips_full_channels_without_blocking() {
         let registry = ConnectionRegistry::new();
         let (_c1, mut rx1) = registry.register(ConnectionKind::Client, &config_with_capacity(4));
-        let (full, mut rx_full) = registry.register(ConnectionKind::Client, &config_with_capacity(1));
-        let (_peer, mut rx_peer) = registry.register(ConnectionKind::ClusterPeer, &config_with_capacity(4));
+        let (full, mut rx_full) =
+            registry.register(ConnectionKind::Client, &config_with_capacity(1));
+        let (_peer, mut rx_peer) =
+            registry.register(ConnectionKind::ClusterPeer, &config_with_capacity(4));
         assert!(full.try_send(binary(9)));
 
         let outcome = registry.broadcast(vec![7_u8, 7], ConnectionKind::Client);
 
-        assert_eq!(outcome, BroadcastOutcome { queued: 1, dropped: 1 });
-        assert_eq!(rx1.try_recv().unwrap(), OutboundMessage::Binary(Bytes::from_static(&[7, 7])));
-        assert_eq!(rx_full.try_recv().unwrap(), binary(9), "the full queue keeps its own message");
+        assert_eq!(
+            outcome,
+            BroadcastOutcome {
+                queued: 1,
+                dropped: 1
+            }
+        );
+        assert_eq!(
+            rx1.try_recv().unwrap(),
+            OutboundMessage::Binary(Bytes::from_static(&[7, 7]))
+        );
+        assert_eq!(
+            rx_full.try_recv().unwrap(),
+            binary(9),
+            "the full queue keeps its own message"
+        );
         assert!(rx_full.try_recv().is_err());
         assert!(rx_peer.try_recv().is_err(), "peers are not clients");
     }
@@ -408,8 +465,10 @@ mod tests {
     #[test]
     fn broadcast_shares_one_payload_allocation() {
         let registry = ConnectionRegistry::new();
-        let (_a, mut rx_a) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
-        let (_b, mut rx_b) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let (_a, mut rx_a) =
+            registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        let (_b, mut rx_b) =
+            registry.register(ConnectionKind::Client, &ConnectionConfig::default());
         registry.broadcast(Bytes::from(vec![1_u8; 64]), ConnectionKind::Client);
         let (OutboundMessage::Binary(a), OutboundMessage::Binary(b)) =
             (rx_a.try_recv().unwrap(), rx_b.try_recv().unwrap())
@@ -430,7 +489,10 @@ mod tests {
         });
         registry.remove(a.id);
         registry.remove(b.id);
-        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

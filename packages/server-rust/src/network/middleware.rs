@@ -54,7 +54,10 @@ pub type HttpLayers = ServiceBuilder<
                 CompressionLayer,
                 Stack<
                     TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan>,
-                    Stack<PropagateRequestIdLayer, Stack<SetRequestIdLayer<MakeRequestUuid>, Identity>>,
+                    Stack<
+                        PropagateRequestIdLayer,
+                        Stack<SetRequestIdLayer<MakeRequestUuid>, Identity>,
+                    >,
                 >,
             >,
         >,
@@ -69,7 +72,10 @@ pub fn build_http_layers(config: &NetworkConfig) -> HttpLayers {
         .layer(TraceLayer::new_for_http().make_span_with(request_span as MakeSpan))
         .layer(CompressionLayer::new())
         .layer(cors_layer(&config.cors_origins))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
 }
 
 fn request_span(request: &Request<Body>) -> Span {

@@ -29,8 +29,8 @@ pub use connection::{
     ConnectionRegistry, OutboundMessage, SendError,
 };
 pub use handlers::{
-    AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket, health_handler,
-    http_sync_handler, liveness_handler, readiness_handler, ws_upgrade_handler,
+    AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket, health_handler, http_sync_handler,
+    liveness_handler, readiness_handler, ws_upgrade_handler,
 };
 pub use inbound::{InboundHandler, StubHandler, SyncError};
 pub use middleware::{HttpLayers, REQUEST_ID_HEADER, build_http_layers};

@@ -192,16 +192,21 @@ impl NetworkModule {
     ///
     /// Called before [`start`](Self::start), or the listener fails.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let listener = self
-            .listener
-            .take()
-            .context("NetworkModule::serve() called before start(): call start() to bind the port")?;
+        let listener = self.listener.take().context(
+            "NetworkModule::serve() called before start(): call start() to bind the port",
+        )?;
         let local_addr = listener.local_addr()?;
         let listener = listener.into_std()?;
-        let app = self.build_router().into_make_service_with_connect_info::<SocketAddr>();
+        let app = self
+            .build_router()
+            .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
-            None => tokio::spawn(axum_server::from_tcp(listener).handle(handle.clone()).serve(app)),
+            None => tokio::spawn(
+                axum_server::from_tcp(listener)
+                    .handle(handle.clone())
+                    .serve(app),
+            ),
             Some(tls) => tokio::spawn(
                 axum_server::from_tcp_rustls(listener, tls.rustls_config())
                     .handle(handle.clone())
@@ -228,7 +233,11 @@ impl NetworkModule {
         Ok(())
     }
 
-    async fn drain(&self, handle: &axum_server::Handle, mut server: JoinHandle<std::io::Result<()>>) {
+    async fn drain(
+        &self,
+        handle: &axum_server::Handle,
+        mut server: JoinHandle<std::io::Result<()>>,
+    ) {
         let controller = &self.shutdown;
         let settings = &self.config.shutdown;
         controller.trigger_shutdown();
@@ -241,7 +250,9 @@ impl NetworkModule {
         let drained = tokio::time::timeout_at(deadline, async {
             let _ = (&mut server).await;
             self.registry.wait_until_empty().await;
-            controller.wait_for_drain(deadline.saturating_duration_since(tokio::time::Instant::now())).await
+            controller
+                .wait_for_drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await
         })
         .await
         .unwrap_or(false);
@@ -264,5 +275,9 @@ impl NetworkModule {
 
 /// Unknown routes get a JSON body, like every other error this server returns.
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": "not found" }))).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({ "error": "not found" })),
+    )
+        .into_response()
 }

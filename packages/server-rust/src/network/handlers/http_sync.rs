@@ -19,7 +19,9 @@ pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
 pub async fn http_sync_handler(State(state): State<AppState>, body: Bytes) -> Response {
     let _in_flight = state.shutdown.in_flight_guard();
     // A panicking handler must cost this request, not the connection or the server.
-    let result = AssertUnwindSafe(state.handler.on_http_sync(body)).catch_unwind().await;
+    let result = AssertUnwindSafe(state.handler.on_http_sync(body))
+        .catch_unwind()
+        .await;
     match result {
         Ok(Ok(response)) => ([(CONTENT_TYPE, MSGPACK_CONTENT_TYPE)], response).into_response(),
         Ok(Err(err)) => err.into_response(),

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -42,7 +42,11 @@ pub async fn ws_upgrade_handler(
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_shutting_down() {
-        return (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], "server is shutting down\n")
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(RETRY_AFTER, "1")],
+            "server is shutting down\n",
+        )
             .into_response();
     }
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr);
@@ -58,7 +62,9 @@ pub async fn ws_upgrade_handler(
 /// client leaves or the server closes it, then removes it from the registry exactly once.
 pub async fn handle_socket(socket: WebSocket, state: AppState) {
     let (sink, stream) = socket.split();
-    let (conn, outbound) = state.registry.register(ConnectionKind::Client, &state.config.connection);
+    let (conn, outbound) = state
+        .registry
+        .register(ConnectionKind::Client, &state.config.connection);
     let span = tracing::info_span!("conn", id = %conn.id);
     async {
         tracing::debug!("connected");
@@ -82,7 +88,14 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
             let _in_flight = state.shutdown.in_flight_guard();
             guarded("on_connect", state.handler.on_connect(&conn)).await;
         }
-        Reader { conn: &conn, state: &state, done: &done, close_tx }.run(stream).await;
+        Reader {
+            conn: &conn,
+            state: &state,
+            done: &done,
+            close_tx,
+        }
+        .run(stream)
+        .await;
 
         done.cancel();
         if let Err(err) = writer.await {
@@ -154,12 +167,19 @@ impl Reader<'_> {
 
     async fn dispatch(&self, payload: Bytes) -> bool {
         let _in_flight = self.state.shutdown.in_flight_guard();
-        guarded("on_message", self.state.handler.on_message(self.conn, payload)).await
+        guarded(
+            "on_message",
+            self.state.handler.on_message(self.conn, payload),
+        )
+        .await
     }
 
     fn request_close(&self, code: u16, reason: &'static str) -> bool {
         // Capacity one and sent at most once per `closing` flip, so this cannot be full.
-        let _ = self.close_tx.try_send(CloseFrame { code, reason: Utf8Bytes::from_static(reason) });
+        let _ = self.close_tx.try_send(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        });
         true
     }
 }
@@ -207,9 +227,18 @@ async fn outbound_task(mut sink: Sink, mut queue: mpsc::Receiver<OutboundMessage
             None => return,
         }
     };
-    if tokio::time::timeout(w.config.send_timeout, sink.send(Message::Close(Some(close)))).await.is_ok() {
+    if tokio::time::timeout(
+        w.config.send_timeout,
+        sink.send(Message::Close(Some(close))),
+    )
+    .await
+    .is_ok()
+    {
         // The reader ends (and cancels `done`) once the client acknowledges the close.
-        if tokio::time::timeout(w.config.close_timeout, w.done.cancelled()).await.is_err() {
+        if tokio::time::timeout(w.config.close_timeout, w.done.cancelled())
+            .await
+            .is_err()
+        {
             tracing::debug!("client did not acknowledge close in time");
         }
     }
@@ -273,7 +302,11 @@ async fn write_burst(
             }
         }
         taken += 1;
-        next = if taken < config.outbound_channel_capacity { queue.try_recv().ok() } else { None };
+        next = if taken < config.outbound_channel_capacity {
+            queue.try_recv().ok()
+        } else {
+            None
+        };
     }
     if let Some(frame) = frames.finish() {
         sink.feed(frame).await?;
@@ -340,7 +373,10 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    CloseFrame { code, reason: Utf8Bytes::from(&reason[..end]) }
+    CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    }
 }
 
 #[cfg(test)]
@@ -349,11 +385,17 @@ mod tests {
     use crate::network::batch::decode_frame;
 
     fn config(max_messages: usize, max_bytes: usize) -> ConnectionConfig {
-        ConnectionConfig { max_batch_messages: max_messages, max_batch_bytes: max_bytes, ..Default::default() }
+        ConnectionConfig {
+            max_batch_messages: max_messages,
+            max_batch_bytes: max_bytes,
+            ..Default::default()
+        }
     }
 
     fn frame_messages(frame: Message) -> Vec<Bytes> {
-        let Message::Binary(bytes) = frame else { panic!("expected a binary frame") };
+        let Message::Binary(bytes) = frame else {
+            panic!("expected a binary frame")
+        };
         decode_frame(&bytes).unwrap()
     }
 
@@ -361,7 +403,10 @@ mod tests {
     fn a_lone_message_goes_out_unwrapped() {
         let mut builder = FrameBuilder::new(&config(10, 1024));
         assert!(builder.push(Bytes::from_static(b"solo")).is_none());
-        assert_eq!(builder.finish(), Some(Message::Binary(Bytes::from_static(b"solo"))));
+        assert_eq!(
+            builder.finish(),
+            Some(Message::Binary(Bytes::from_static(b"solo")))
+        );
         assert!(builder.finish().is_none());
     }
 
@@ -369,9 +414,15 @@ mod tests {
     fn batches_split_at_the_message_limit() {
         let mut builder = FrameBuilder::new(&config(2, 1024));
         let msgs: Vec<Bytes> = (0..5_u8).map(|i| Bytes::from(vec![i])).collect();
-        let mut frames: Vec<Message> = msgs.iter().filter_map(|m| builder.push(m.clone())).collect();
+        let mut frames: Vec<Message> = msgs
+            .iter()
+            .filter_map(|m| builder.push(m.clone()))
+            .collect();
         frames.extend(builder.finish());
-        let sizes: Vec<usize> = frames.into_iter().map(|f| frame_messages(f).len()).collect();
+        let sizes: Vec<usize> = frames
+            .into_iter()
+            .map(|f| frame_messages(f).len())
+            .collect();
         assert_eq!(sizes, [2, 2, 1]);
     }
 
@@ -383,8 +434,10 @@ mod tests {
             frames.extend(builder.push(Bytes::from(vec![7; len])));
         }
         frames.extend(builder.finish());
-        let sizes: Vec<Vec<usize>> =
-            frames.into_iter().map(|f| frame_messages(f).iter().map(Bytes::len).collect()).collect();
+        let sizes: Vec<Vec<usize>> = frames
+            .into_iter()
+            .map(|f| frame_messages(f).iter().map(Bytes::len).collect())
+            .collect();
         assert_eq!(sizes, [vec![4, 4], vec![4], vec![50], vec![1]]);
     }
 
@@ -393,6 +446,9 @@ mod tests {
         let reason = "é".repeat(100);
         let frame = close_frame(close_code::AWAY, &reason);
         assert_eq!(frame.reason.len(), 122);
-        assert_eq!(close_frame(close_code::AWAY, "short").reason.as_str(), "short");
+        assert_eq!(
+            close_frame(close_code::AWAY, "short").reason.as_str(),
+            "short"
+        );
     }
 }

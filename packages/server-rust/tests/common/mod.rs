@@ -1,0 +1,240 @@
+//! Helpers shared by the integration tests: a server on an OS-chosen loopback port, WebSocket
+//! and HTTP clients, and polling with a deadline instead of sleeping.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use topgun_server::network::{
+    ConnectionHandle, ConnectionRegistry, InboundHandler, NetworkConfig, NetworkModule,
+    ShutdownController, StubHandler, SyncError, decode_frame,
+};
+
+/// Upper bound for anything a test waits for.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+pub type WsClient = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A config bound to an OS-chosen loopback port.
+pub fn test_config() -> NetworkConfig {
+    NetworkConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        ..Default::default()
+    }
+}
+
+/// A running `NetworkModule::serve`, stopped by dropping or by [`TestServer::stop`].
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub registry: Arc<ConnectionRegistry>,
+    pub controller: Arc<ShutdownController>,
+    scheme: &'static str,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: NetworkConfig) -> Self {
+        Self::with_handler(config, StubHandler).await
+    }
+
+    pub async fn with_handler(config: NetworkConfig, handler: impl InboundHandler) -> Self {
+        Self::from_module(NetworkModule::new(config).with_handler(handler)).await
+    }
+
+    /// Starts `module` and serves it until [`stop`](Self::stop) or a trigger on its controller.
+    pub async fn from_module(mut module: NetworkModule) -> Self {
+        let scheme = if module.config().tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let port = match module.local_addr() {
+            Some(addr) => addr.port(),
+            None => module.start().await.expect("server starts"),
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let registry = module.registry();
+        let controller = module.shutdown_controller();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(module.serve(async {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            registry,
+            controller,
+            scheme,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        let ready = Arc::clone(&server.controller);
+        eventually("server ready", || {
+            ready.health_state() == topgun_server::network::HealthState::Ready
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme, self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        let scheme = if self.scheme == "https" { "wss" } else { "ws" };
+        format!("{scheme}://{}/ws", self.addr)
+    }
+
+    /// Opens a WebSocket and waits until the server has registered it.
+    pub async fn ws(&self) -> WsClient {
+        let before = self.registry.count();
+        let client = connect_ws(&self.ws_url()).await;
+        let registry = Arc::clone(&self.registry);
+        eventually("connection registered", move || registry.count() > before).await;
+        client
+    }
+
+    /// Completes the serve future and waits for `serve()` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.join().await
+    }
+
+    /// Waits for `serve()` to return (after a trigger elsewhere).
+    pub async fn join(mut self) -> anyhow::Result<()> {
+        let task = self.task.take().expect("joined once");
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("serve() returns in time")
+            .expect("serve task")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub async fn connect_ws(url: &str) -> WsClient {
+    install_crypto_provider();
+    let (client, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("websocket connect in time")
+        .expect("websocket connects");
+    client
+}
+
+/// Polls `condition` every few milliseconds until it holds; panics with `what` at the deadline.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The next data frame's bytes, skipping control frames; panics on close or at the deadline.
+pub async fn next_frame(ws: &mut WsClient) -> Bytes {
+    loop {
+        let message = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("frame in time")
+            .expect("stream open")
+            .expect("frame read");
+        match message {
+            Message::Binary(bytes) => return bytes,
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads frames until `count` messages have arrived; returns them and the number of frames.
+pub async fn next_messages(ws: &mut WsClient, count: usize) -> (Vec<Bytes>, usize) {
+    let mut messages = Vec::with_capacity(count);
+    let mut frames = 0;
+    while messages.len() < count {
+        let frame = next_frame(ws).await;
+        frames += 1;
+        messages.extend(decode_frame(&frame).expect("well-formed frame"));
+    }
+    (messages, frames)
+}
+
+/// Reads until the server's close frame and returns it (skipping data and control frames),
+/// then keeps reading so the client's automatic acknowledgement is sent, as a real client's is.
+pub async fn expect_close(ws: &mut WsClient) -> CloseFrame {
+    loop {
+        let message = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("close in time");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                let finish = async { while let Some(Ok(_)) = ws.next().await {} };
+                tokio::time::timeout(DEADLINE, finish)
+                    .await
+                    .expect("close handshake completes");
+                return frame;
+            }
+            Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+pub async fn send_binary(ws: &mut WsClient, payload: impl Into<Bytes>) {
+    ws.send(Message::Binary(payload.into()))
+        .await
+        .expect("send");
+}
+
+/// Installs the process-wide rustls crypto provider the test clients use.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+pub fn http() -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(DEADLINE)
+        .build()
+        .expect("http client")
+}
+
+/// Echoes WebSocket messages and `/sync` bodies.
+pub struct EchoHandler;
+
+#[async_trait::async_trait]
+impl InboundHandler for EchoHandler {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        let _ = conn
+            .send_timeout(
+                topgun_server::network::OutboundMessage::Binary(payload),
+                DEADLINE,
+            )
+            .await;
+    }
+
+    async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
+        Ok(body)
+    }
+}

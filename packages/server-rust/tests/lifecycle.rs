@@ -1,0 +1,190 @@
+//! Starting, serving and reporting health.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestServer, eventually, http, send_binary, test_config};
+use tokio::sync::Semaphore;
+use topgun_server::network::{
+    ConnectionConfig, ConnectionHandle, HealthReport, HealthState, InboundHandler, NetworkConfig,
+    NetworkModule,
+};
+
+#[tokio::test]
+async fn ac11_ot5_start_binds_port_zero_then_serve_accepts_connections() {
+    let mut module = NetworkModule::new(test_config());
+    assert!(
+        module.local_addr().is_none(),
+        "nothing is bound before start()"
+    );
+    let port = module.start().await.unwrap();
+    assert!(port > 0);
+    assert_eq!(module.local_addr().unwrap().port(), port);
+
+    let server = TestServer::from_module(module).await;
+    assert_eq!(server.addr.port(), port);
+    let live = http().get(server.url("/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn serve_before_start_is_an_error_not_a_panic() {
+    let err = NetworkModule::new(test_config())
+        .serve(async {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("before start()"), "{err}");
+}
+
+#[tokio::test]
+async fn start_reports_an_invalid_configuration() {
+    let config = NetworkConfig {
+        connection: ConnectionConfig {
+            ws_max_write_buffer_size: 1,
+            ..Default::default()
+        },
+        ..test_config()
+    };
+    let err = NetworkModule::new(config).start().await.unwrap_err();
+    assert!(
+        err.to_string().contains("ws_max_write_buffer_size"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn start_reports_a_port_in_use() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = NetworkConfig {
+        port,
+        ..test_config()
+    };
+    let err = NetworkModule::new(config).start().await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&format!("cannot bind 127.0.0.1:{port}")),
+        "{err:#}"
+    );
+}
+
+#[tokio::test]
+async fn ac06_ot1_health_reports_state_connections_in_flight_and_uptime() {
+    let server = TestServer::start(test_config()).await;
+    let a = server.ws().await;
+    let b = server.ws().await;
+
+    let response = http().get(server.url("/health")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: serde_json::Value = response.json().await.unwrap();
+    let report: HealthReport = serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(report.state, "ready");
+    assert_eq!(report.connections, 2);
+    assert_eq!(report.in_flight, 0);
+    assert!(body["uptime_secs"].is_u64(), "{body}");
+    drop((a, b));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ac07_ot2_liveness_always_ok_and_readiness_follows_the_state() {
+    // Serve the router without `serve()` so the state can be observed while still Starting.
+    let module = NetworkModule::new(test_config());
+    let controller = module.shutdown_controller();
+    let router = module.build_router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let status = |path: &'static str| async move {
+        http()
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    assert_eq!(controller.health_state(), HealthState::Starting);
+    assert_eq!(
+        (status("/health/live").await, status("/health/ready").await),
+        (200, 503)
+    );
+    controller.set_ready();
+    assert_eq!(
+        (status("/health/live").await, status("/health/ready").await),
+        (200, 200)
+    );
+    controller.trigger_shutdown();
+    assert_eq!(
+        (status("/health/live").await, status("/health/ready").await),
+        (200, 503)
+    );
+    controller.set_stopped();
+    assert_eq!(
+        (status("/health/live").await, status("/health/ready").await),
+        (200, 503)
+    );
+    server.abort();
+}
+
+/// Holds every `on_message` call until the test releases a permit.
+struct Gate(Arc<Semaphore>);
+
+#[async_trait::async_trait]
+impl InboundHandler for Gate {
+    async fn on_message(&self, _conn: &Arc<ConnectionHandle>, _payload: Bytes) {
+        self.0.acquire().await.unwrap().forget();
+    }
+}
+
+#[tokio::test]
+async fn health_in_flight_counts_handler_calls_in_progress() {
+    let gate = Arc::new(Semaphore::new(0));
+    let server = TestServer::with_handler(test_config(), Gate(Arc::clone(&gate))).await;
+    let mut client = server.ws().await;
+    send_binary(&mut client, vec![1_u8]).await;
+
+    let controller = Arc::clone(&server.controller);
+    eventually("handler call in flight", || {
+        controller.in_flight_count() == 1
+    })
+    .await;
+    let report: HealthReport = http()
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report.in_flight, 1);
+
+    gate.add_permits(1);
+    eventually("handler call finished", || {
+        controller.in_flight_count() == 0
+    })
+    .await;
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn uptime_is_reported_in_whole_seconds_from_construction() {
+    let server = TestServer::start(test_config()).await;
+    let started = std::time::Instant::now();
+    let report: HealthReport = http()
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(Duration::from_secs(report.uptime_secs) <= started.elapsed() + Duration::from_secs(1));
+    server.stop().await.unwrap();
+}

@@ -1,0 +1,319 @@
+//! `GET /ws`: registration, message flow, coalescing, close handling and cleanup.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::{
+    EchoHandler, TestServer, connect_ws, eventually, expect_close, next_frame, next_messages,
+    send_binary, test_config,
+};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use topgun_server::network::{
+    ConnectionHandle, ConnectionId, ConnectionKind, InboundHandler, OutboundMessage, decode_frame,
+};
+
+fn only_connection(server: &TestServer) -> Arc<ConnectionHandle> {
+    let mut all: Vec<_> = server.registry.iter().collect();
+    assert_eq!(all.len(), 1, "exactly one connection expected");
+    all.pop().unwrap()
+}
+
+#[tokio::test]
+async fn ac08_ot3_ws_upgrade_registers_a_client_connection() {
+    let server = TestServer::start(test_config()).await;
+    assert_eq!(server.registry.count(), 0);
+    let first = server.ws().await;
+    let second = server.ws().await;
+    assert_eq!(server.registry.count(), 2);
+    assert_eq!(server.registry.count_by_kind(ConnectionKind::Client), 2);
+    let ids: std::collections::HashSet<ConnectionId> =
+        server.registry.iter().map(|c| c.id).collect();
+    assert_eq!(ids.len(), 2, "each connection has its own id");
+    drop((first, second));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ac09_client_initiated_close_removes_the_connection() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    let handle = only_connection(&server);
+    client.close(None).await.unwrap();
+    let registry = Arc::clone(&server.registry);
+    eventually("connection removed", || registry.count() == 0).await;
+    assert!(
+        !handle.is_connected(),
+        "the handle reports the closed connection"
+    );
+    assert!(!handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"late"))));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_tcp_connection_is_removed_too() {
+    let server = TestServer::start(test_config()).await;
+    let client = server.ws().await;
+    drop(client);
+    let registry = Arc::clone(&server.registry);
+    eventually("connection removed", || registry.count() == 0).await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_messages_reach_the_handler_and_echo_back_in_order() {
+    let server = TestServer::with_handler(test_config(), EchoHandler).await;
+    let mut client = server.ws().await;
+    let sent: Vec<Bytes> = (0..20_u8).map(|i| Bytes::from(vec![0x91, i])).collect();
+    for message in &sent {
+        send_binary(&mut client, message.clone()).await;
+    }
+    let (received, _frames) = next_messages(&mut client, sent.len()).await;
+    assert_eq!(received, sent);
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lone_message_arrives_unwrapped() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    only_connection(&server).try_send(OutboundMessage::Binary(Bytes::from_static(
+        b"\x81\xa1k\x01",
+    )));
+    assert_eq!(next_frame(&mut client).await.as_ref(), b"\x81\xa1k\x01");
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+/// The fixed fields of a `BATCH` frame.
+#[derive(serde::Deserialize)]
+struct BatchHeader {
+    #[serde(rename = "type")]
+    kind: String,
+    count: u64,
+}
+
+// The test runtime is single-threaded, so all 100 messages are queued before the writer task
+// runs: exactly the "client has not read yet" situation.
+#[tokio::test]
+async fn queued_messages_are_coalesced_into_batch_frames_in_order() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    let handle = only_connection(&server);
+    let sent: Vec<Bytes> = (0..100_u32)
+        .map(|i| Bytes::from(i.to_be_bytes().to_vec()))
+        .collect();
+    for message in &sent {
+        assert!(handle.try_send(OutboundMessage::Binary(message.clone())));
+    }
+
+    let (received, frames) = next_messages(&mut client, sent.len()).await;
+    assert_eq!(received, sent, "complete and in order");
+    assert!(
+        frames < sent.len(),
+        "{frames} frames for {} messages",
+        sent.len()
+    );
+
+    // The frame itself follows TopGun's envelope: a MsgPack map typed BATCH with a count.
+    for message in &sent[..3] {
+        handle.try_send(OutboundMessage::Binary(message.clone()));
+    }
+    let frame = next_frame(&mut client).await;
+    let header: BatchHeader = rmp_serde::from_slice(&frame).unwrap();
+    assert_eq!((header.kind.as_str(), header.count), ("BATCH", 3));
+    assert_eq!(decode_frame(&frame).unwrap(), sent[..3]);
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn outbound_close_sends_a_close_frame_with_the_reason_after_queued_messages() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    let handle = only_connection(&server);
+    handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"last words")));
+    handle.try_send(OutboundMessage::Close(Some("session revoked".into())));
+
+    assert_eq!(next_frame(&mut client).await.as_ref(), b"last words");
+    let close = expect_close(&mut client).await;
+    assert_eq!(close.code, CloseCode::Normal);
+    assert_eq!(close.reason.as_str(), "session revoked");
+    let registry = Arc::clone(&server.registry);
+    eventually("connection removed", || registry.count() == 0).await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn text_frames_are_refused_with_close_1003() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    let mut bystander = server.ws().await;
+    client.send(Message::text("{\"json\":true}")).await.unwrap();
+    let close = expect_close(&mut client).await;
+    assert_eq!(close.code, CloseCode::Unsupported);
+    assert!(close.reason.contains("binary"), "{}", close.reason);
+    let registry = Arc::clone(&server.registry);
+    eventually("offender removed", || registry.count() == 1).await;
+
+    server
+        .registry
+        .broadcast(vec![7_u8], ConnectionKind::Client);
+    assert_eq!(
+        next_frame(&mut bystander).await.as_ref(),
+        [7],
+        "other clients are untouched"
+    );
+    drop(bystander);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ac15_broadcast_reaches_every_websocket_client() {
+    let server = TestServer::start(test_config()).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(server.ws().await);
+    }
+    let outcome = server
+        .registry
+        .broadcast(b"news".to_vec(), ConnectionKind::Client);
+    assert_eq!((outcome.queued, outcome.dropped), (5, 0));
+    for client in &mut clients {
+        assert_eq!(next_frame(client).await.as_ref(), b"news");
+    }
+    drop(clients);
+    server.stop().await.unwrap();
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for Recorder {
+    async fn on_connect(&self, conn: &Arc<ConnectionHandle>) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("connect {}", conn.id));
+    }
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("message {} {payload:?}", conn.id));
+        assert!(payload.as_ref() != b"boom", "handler bug");
+    }
+    async fn on_disconnect(&self, conn: &Arc<ConnectionHandle>) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("disconnect {}", conn.id));
+    }
+}
+
+#[tokio::test]
+async fn the_handler_sees_connect_messages_and_one_disconnect() {
+    let recorder = Arc::new(Recorder::default());
+    let server = TestServer::with_handler(test_config(), Arc::clone(&recorder)).await;
+    let mut client = server.ws().await;
+    let id = only_connection(&server).id;
+    send_binary(&mut client, b"hi".to_vec()).await;
+    client.close(None).await.unwrap();
+    let registry = Arc::clone(&server.registry);
+    eventually("connection removed", || registry.count() == 0).await;
+    eventually("disconnect recorded", || {
+        recorder.events.lock().unwrap().len() == 3
+    })
+    .await;
+    assert_eq!(
+        *recorder.events.lock().unwrap(),
+        [
+            format!("connect {id}"),
+            format!("message {id} b\"hi\""),
+            format!("disconnect {id}")
+        ]
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_panicking_message_handler_closes_only_that_connection_with_1011() {
+    let recorder = Arc::new(Recorder::default());
+    let server = TestServer::with_handler(test_config(), Arc::clone(&recorder)).await;
+    let mut victim = server.ws().await;
+    let mut bystander = server.ws().await;
+    send_binary(&mut victim, b"boom".to_vec()).await;
+    let close = expect_close(&mut victim).await;
+    assert_eq!(close.code, CloseCode::Error);
+    let registry = Arc::clone(&server.registry);
+    eventually("victim removed", || registry.count() == 1).await;
+    assert_eq!(server.controller.in_flight_count(), 0);
+    server
+        .registry
+        .broadcast(b"still here".to_vec(), ConnectionKind::Client);
+    assert_eq!(next_frame(&mut bystander).await.as_ref(), b"still here");
+    drop(bystander);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connect_disconnect_cycles_leave_no_connection_and_no_task() {
+    let server = TestServer::start(test_config()).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let url = server.ws_url();
+    let workers: Vec<_> = (0..10)
+        .map(|worker| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                for cycle in 0..100 {
+                    let mut client = connect_ws(&url).await;
+                    // Half close politely, half just vanish.
+                    if (worker + cycle) % 2 == 0 {
+                        client.close(None).await.unwrap();
+                        while let Some(Ok(_)) = futures_util::StreamExt::next(&mut client).await {}
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let registry = Arc::clone(&server.registry);
+    eventually("every connection removed", || registry.count() == 0).await;
+    eventually("every connection task ended", || {
+        metrics.num_alive_tasks() <= baseline
+    })
+    .await;
+    assert_eq!(server.registry.count_by_kind(ConnectionKind::Client), 0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn upgrades_are_refused_with_503_while_draining() {
+    let config = topgun_server::network::NetworkConfig {
+        shutdown: topgun_server::network::ShutdownConfig {
+            grace_period: std::time::Duration::from_secs(5),
+            ..Default::default()
+        },
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    server.controller.trigger_shutdown();
+    let err = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
+        panic!("expected an HTTP refusal, got {err}");
+    };
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+}
