@@ -86,7 +86,10 @@ impl Args {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -111,63 +114,58 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
+    // Signal handlers are installed before the server reports itself listening, so a signal
+    // sent right after that line is handled gracefully rather than killing the process.
+    let shutdown = shutdown_signal().context("cannot install signal handlers")?;
     let mut module = NetworkModule::new(args.network_config());
     module.start().await.context("cannot start topgun-server")?;
+    if let Some(reloader) = module.tls_reloader() {
+        reload_tls_on_sighup(reloader).context("cannot install the SIGHUP handler")?;
+    }
     if let Some(addr) = module.local_addr() {
         tracing::info!(%addr, tls = args.tls_cert.is_some(), "topgun-server listening");
     }
-    if let Some(reloader) = module.tls_reloader() {
-        tokio::spawn(reload_tls_on_sighup(reloader));
-    }
-    module.serve(shutdown_signal()).await
+    module.serve(shutdown).await
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(%err, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received; shutting down"),
-        () = terminate => tracing::info!("SIGTERM received; shutting down"),
-    }
-}
-
-/// Reloads the TLS certificate and key from disk on every SIGHUP.
+/// Registers SIGINT and SIGTERM now; the returned future completes on the first of them.
 #[cfg(unix)]
-async fn reload_tls_on_sighup(reloader: topgun_server::network::TlsReloader) {
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(stream) => stream,
-        Err(err) => {
-            tracing::error!(%err, "cannot listen for SIGHUP; TLS reload by signal is off");
-            return;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
         }
-    };
-    while hangups.recv().await.is_some() {
-        if let Err(err) = reloader.reload() {
-            tracing::error!("TLS reload failed, keeping the current certificate: {err}");
-        }
-    }
+    })
 }
 
 #[cfg(not(unix))]
-async fn reload_tls_on_sighup(_reloader: topgun_server::network::TlsReloader) {}
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("Ctrl-C received; shutting down");
+    })
+}
+
+/// Registers SIGHUP now and reloads the TLS certificate and key from disk on each one.
+#[cfg(unix)]
+fn reload_tls_on_sighup(reloader: topgun_server::network::TlsReloader) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            if let Err(err) = reloader.reload() {
+                tracing::error!("TLS reload failed, keeping the current certificate: {err}");
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_tls_on_sighup(_reloader: topgun_server::network::TlsReloader) -> std::io::Result<()> {
+    Ok(())
+}

@@ -43,6 +43,15 @@ async fn ac12_ot6_trigger_shutdown_closes_every_websocket_with_1001_and_stops() 
 }
 
 #[tokio::test]
+async fn graceful_shutdown_over_plain_tcp() {
+    let config = config_with(ShutdownConfig {
+        grace_period: Duration::from_secs(1),
+        ..Default::default()
+    });
+    common::graceful_shutdown_scenario(TestServer::start(config).await).await;
+}
+
+#[tokio::test]
 async fn ot6_health_reads_draining_during_the_grace_period_then_stopped() {
     let server = TestServer::start(config_with(ShutdownConfig {
         grace_period: Duration::from_secs(2),

@@ -2,6 +2,8 @@
 //! and HTTP clients, and polling with a deadline instead of sleeping.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,7 @@ pub struct TestServer {
     pub registry: Arc<ConnectionRegistry>,
     pub controller: Arc<ShutdownController>,
     scheme: &'static str,
+    client_tls: Option<Arc<rustls::ClientConfig>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -53,7 +56,16 @@ impl TestServer {
     }
 
     /// Starts `module` and serves it until [`stop`](Self::stop) or a trigger on its controller.
-    pub async fn from_module(mut module: NetworkModule) -> Self {
+    pub async fn from_module(module: NetworkModule) -> Self {
+        Self::from_module_with_client_tls(module, None).await
+    }
+
+    /// Like [`from_module`](Self::from_module) for a TLS server; `client_tls` is what this
+    /// helper's HTTP and WebSocket clients connect with.
+    pub async fn from_module_with_client_tls(
+        mut module: NetworkModule,
+        client_tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let scheme = if module.config().tls.is_some() {
             "https"
         } else {
@@ -75,6 +87,7 @@ impl TestServer {
             registry,
             controller,
             scheme,
+            client_tls,
             stop: Some(stop),
             task: Some(task),
         };
@@ -95,10 +108,26 @@ impl TestServer {
         format!("{scheme}://{}/ws", self.addr)
     }
 
+    /// An HTTP client that trusts this server (plain HTTP or its TLS certificate).
+    pub fn http(&self) -> reqwest::Client {
+        install_crypto_provider();
+        let builder = reqwest::Client::builder().timeout(DEADLINE);
+        let builder = match &self.client_tls {
+            Some(tls) => builder.use_preconfigured_tls((**tls).clone()),
+            None => builder,
+        };
+        builder.build().expect("http client")
+    }
+
     /// Opens a WebSocket and waits until the server has registered it.
     pub async fn ws(&self) -> WsClient {
         let before = self.registry.count();
-        let client = connect_ws(&self.ws_url()).await;
+        let client = match &self.client_tls {
+            Some(tls) => connect_wss(&self.ws_url(), Arc::clone(tls))
+                .await
+                .expect("wss connects"),
+            None => connect_ws(&self.ws_url()).await,
+        };
         let registry = Arc::clone(&self.registry);
         eventually("connection registered", move || registry.count() > before).await;
         client
@@ -137,6 +166,20 @@ pub async fn connect_ws(url: &str) -> WsClient {
         .expect("websocket connect in time")
         .expect("websocket connects");
     client
+}
+
+/// Opens a `wss://` connection with the given client TLS configuration.
+pub async fn connect_wss(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector));
+    let (client, _) = tokio::time::timeout(DEADLINE, connect)
+        .await
+        .expect("wss connect in time")?;
+    Ok(client)
 }
 
 /// Polls `condition` every few milliseconds until it holds; panics with `what` at the deadline.
@@ -237,4 +280,61 @@ impl InboundHandler for EchoHandler {
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
         Ok(body)
     }
+}
+
+/// The graceful shutdown as a client sees it, over whichever transport `server` speaks. The
+/// server must be configured with a grace period of at least a second.
+///
+/// Readiness turns `503` and `/health` reads `draining` while the listener still answers; every
+/// WebSocket receives the messages queued for it, in order, then Close 1001; `serve()` returns
+/// with the state `Stopped` and no connection left.
+pub async fn graceful_shutdown_scenario(server: TestServer) {
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(server.ws().await);
+    }
+    let expected: Vec<Bytes> = (0..20_u8).map(|i| Bytes::from(vec![0xa1, i])).collect();
+    for conn in server.registry.iter() {
+        for message in &expected {
+            assert!(
+                conn.try_send(topgun_server::network::OutboundMessage::Binary(
+                    message.clone()
+                ))
+            );
+        }
+    }
+    let controller = Arc::clone(&server.controller);
+    let registry = Arc::clone(&server.registry);
+    let client = server.http();
+
+    controller.trigger_shutdown();
+    let ready = client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .expect("readiness answers");
+    assert_eq!(ready.status(), 503);
+    let health: serde_json::Value = client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .expect("health answers")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["state"], "draining");
+
+    for ws in &mut clients {
+        let (received, _) = next_messages(ws, expected.len()).await;
+        assert_eq!(received, expected);
+        let close = expect_close(ws).await;
+        assert_eq!(u16::from(close.code), 1001);
+        assert_eq!(close.reason.as_str(), "server shutting down");
+    }
+    server.join().await.expect("serve() returns Ok");
+    assert_eq!(
+        controller.health_state(),
+        topgun_server::network::HealthState::Stopped
+    );
+    assert_eq!(registry.count(), 0);
 }

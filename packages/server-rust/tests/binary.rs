@@ -1,0 +1,163 @@
+//! The `topgun-server` binary as an operator runs it: flags, signals and failures.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::certs::{TestCa, TlsFiles};
+use common::{DEADLINE, connect_ws, expect_close, http};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_topgun-server");
+
+/// Starts the binary on an OS-chosen loopback port with JSON logs; returns it and its address.
+async fn spawn_server(extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BINARY)
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if event["message"] == "topgun-server listening" {
+                return event["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the binary exited before listening");
+    })
+    .await
+    .expect("listening line in time");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("child running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
+    tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_drains_websockets_with_1001_and_exits_zero() {
+    let (child, addr) = spawn_server(&[]).await;
+    let health = http()
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let mut ws = connect_ws(&format!("ws://{addr}/ws")).await;
+
+    signal(&child, "TERM");
+    let close = expect_close(&mut ws).await;
+    assert_eq!(u16::from(close.code), 1001);
+    assert!(wait_exit(child).await.success());
+}
+
+#[tokio::test]
+async fn sigint_stops_the_server_too() {
+    let (child, _addr) = spawn_server(&[]).await;
+    signal(&child, "INT");
+    assert!(wait_exit(child).await.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate() {
+    let ca = TestCa::new("test CA");
+    let files = TlsFiles::write(&ca.server_cert(1), None);
+    let cert = files.config.cert_path.to_str().unwrap().to_owned();
+    let key = files.config.key_path.to_str().unwrap().to_owned();
+    let (child, addr) = spawn_server(&["--tls-cert", &cert, "--tls-key", &key]).await;
+    let serial = || async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(ca.client_config(None));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        u64::try_from(parsed.serial.clone()).unwrap()
+    };
+    assert_eq!(serial().await, 1);
+
+    files.replace(&ca.server_cert(2));
+    signal(&child, "HUP");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while serial().await != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "certificate not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "TERM");
+    assert!(wait_exit(child).await.success());
+}
+
+async fn run_to_failure(args: &[&str]) -> (i32, String) {
+    let output = tokio::time::timeout(
+        DEADLINE,
+        Command::new(BINARY)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("exits in time")
+    .unwrap();
+    (
+        output.status.code().unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_missing_certificate_fails_fast_with_a_readable_message() {
+    let (code, stderr) = run_to_failure(&[
+        "--port",
+        "0",
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+    ])
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot read TLS certificate file /nonexistent/cert.pem"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn invalid_flags_are_usage_errors() {
+    let (code, stderr) = run_to_failure(&["--port", "eighty"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid value 'eighty'"), "{stderr}");
+    let (code, stderr) = run_to_failure(&["--tls-cert", "only-a-cert.pem"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+    let (code, stderr) = run_to_failure(&["--request-timeout", "soon"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("soon"), "{stderr}");
+}
