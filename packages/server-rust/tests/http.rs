@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{EchoHandler, TestServer, http, test_config};
+use common::{EchoHandler, TestServer, http, msgpack, post_sync, test_config};
 use topgun_server::network::{ConnectionHandle, InboundHandler, NetworkConfig, SyncError};
 
 #[tokio::test]
@@ -35,6 +35,7 @@ async fn a_custom_handler_answers_sync_requests() {
     let server = TestServer::with_handler(test_config(), EchoHandler).await;
     let response = http()
         .post(server.url("/sync"))
+        .header("content-type", "application/octet-stream")
         .body(vec![0x93, 1, 2, 3])
         .send()
         .await
@@ -52,10 +53,11 @@ impl InboundHandler for Picky {
     async fn on_message(&self, _conn: &Arc<ConnectionHandle>, _payload: Bytes) {}
 
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
-        match body.first() {
-            Some(b'u') => Err(SyncError::Unauthorized("token expired".into())),
-            Some(b'p') => panic!("handler bug"),
-            Some(b's') => {
+        let command: String = rmp_serde::from_slice(&body).unwrap_or_default();
+        match command.as_str() {
+            "u" => Err(SyncError::Unauthorized("token expired".into())),
+            "p" => panic!("handler bug"),
+            "s" => {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 Ok(body)
             }
@@ -67,9 +69,7 @@ impl InboundHandler for Picky {
 #[tokio::test]
 async fn sync_errors_become_their_status_with_a_json_message() {
     let server = TestServer::with_handler(test_config(), Picky).await;
-    let response = http()
-        .post(server.url("/sync"))
-        .body("u")
+    let response = post_sync(&http(), server.url("/sync"), &"u")
         .send()
         .await
         .unwrap();
@@ -82,9 +82,7 @@ async fn sync_errors_become_their_status_with_a_json_message() {
 #[tokio::test]
 async fn a_panicking_sync_handler_costs_one_request_not_the_server() {
     let server = TestServer::with_handler(test_config(), Picky).await;
-    let response = http()
-        .post(server.url("/sync"))
-        .body("p")
+    let response = post_sync(&http(), server.url("/sync"), &"p")
         .send()
         .await
         .unwrap();
@@ -94,9 +92,7 @@ async fn a_panicking_sync_handler_costs_one_request_not_the_server() {
         0,
         "the in-flight guard is released"
     );
-    let next = http()
-        .post(server.url("/sync"))
-        .body("ok")
+    let next = post_sync(&http(), server.url("/sync"), &"ok")
         .send()
         .await
         .unwrap();
@@ -142,9 +138,7 @@ async fn ac13_every_response_carries_an_x_request_id() {
         .send()
         .await
         .unwrap();
-    let timed_out = client
-        .post(server.url("/sync"))
-        .body("s")
+    let timed_out = post_sync(&client, server.url("/sync"), &"s")
         .send()
         .await
         .unwrap();
@@ -224,6 +218,7 @@ async fn cors_allows_only_the_configured_origins() {
 #[tokio::test]
 async fn responses_are_gzip_compressed_for_clients_that_accept_it() {
     let server = TestServer::start(test_config()).await;
+    common::install_crypto_provider();
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
     let compressed = raw
         .get(server.url("/health"))

@@ -146,7 +146,7 @@ async fn an_in_flight_sync_request_completes_during_shutdown() {
     let gate = Arc::new(Semaphore::new(0));
     let server = TestServer::with_handler(test_config(), SlowSync(Arc::clone(&gate))).await;
     let controller = Arc::clone(&server.controller);
-    let request = tokio::spawn(http().post(server.url("/sync")).body("pending").send());
+    let request = tokio::spawn(common::post_sync(&http(), server.url("/sync"), &"pending").send());
     eventually("request in flight", || controller.in_flight_count() == 1).await;
 
     controller.trigger_shutdown();
@@ -160,7 +160,10 @@ async fn an_in_flight_sync_request_completes_during_shutdown() {
 
     let response = request.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.bytes().await.unwrap().as_ref(), b"pending");
+    assert_eq!(
+        response.bytes().await.unwrap().as_ref(),
+        common::msgpack(&"pending")
+    );
     serving.await.unwrap().unwrap();
     assert_eq!(controller.health_state(), HealthState::Stopped);
 }

@@ -42,6 +42,14 @@ pub struct NetworkConfig {
     pub request_timeout: Duration,
     /// How the server stops.
     pub shutdown: ShutdownConfig,
+    /// Most WebSocket connections at once; further upgrades get `503` with `Retry-After`.
+    /// Default: 16 384.
+    pub max_connections: usize,
+    /// Largest `POST /sync` body; larger ones get `413`. Default: 4 MiB.
+    pub max_sync_body_bytes: usize,
+    /// Time a client has to send a complete request head; a slower one (slowloris) is
+    /// disconnected. Default: 10 s.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for NetworkConfig {
@@ -54,6 +62,9 @@ impl Default for NetworkConfig {
             cors_origins: vec!["*".to_owned()],
             request_timeout: Duration::from_secs(30),
             shutdown: ShutdownConfig::default(),
+            max_connections: 16_384,
+            max_sync_body_bytes: 4 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -93,6 +104,21 @@ impl NetworkConfig {
             return Err(ConfigError(
                 "connection.max_batch_messages must be at least 1".into(),
             ));
+        }
+        if c.ping_interval.is_zero() || c.ping_interval >= c.idle_timeout {
+            return Err(ConfigError(format!(
+                "connection.ping_interval ({:?}) must be non-zero and shorter than \
+                 connection.idle_timeout ({:?})",
+                c.ping_interval, c.idle_timeout
+            )));
+        }
+        if c.max_frame_size == 0 || c.max_message_size == 0 {
+            return Err(ConfigError(
+                "connection.max_frame_size and max_message_size must be non-zero".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError("max_connections must be at least 1".into()));
         }
         if self.request_timeout.is_zero() {
             return Err(ConfigError(
@@ -137,8 +163,12 @@ pub struct ConnectionConfig {
     /// [`ConnectionHandle::send_timeout`](crate::network::ConnectionHandle::send_timeout)
     /// callers. Default: 5 s.
     pub send_timeout: Duration,
-    /// A connection silent for this long is considered dead. Default: 60 s.
+    /// A connection from which nothing (not even a pong) arrived for this long is closed with
+    /// 1001 `idle timeout`. Default: 60 s.
     pub idle_timeout: Duration,
+    /// How often the server pings each connection; any frame the client sends, pongs
+    /// included, counts as activity. Must be shorter than `idle_timeout`. Default: 20 s.
+    pub ping_interval: Duration,
     /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
     pub ws_write_buffer_size: usize,
     /// Upper bound of the WebSocket write buffer; must exceed `ws_write_buffer_size` by at
@@ -152,6 +182,14 @@ pub struct ConnectionConfig {
     /// How long the server waits for the client to answer its Close frame before dropping the
     /// socket. Default: 5 s.
     pub close_timeout: Duration,
+    /// Largest inbound message (all its frames together); a larger one closes the connection
+    /// with 1009. Default: 8 MiB.
+    pub max_message_size: usize,
+    /// Largest inbound frame; a larger one closes the connection with 1009. Default: 8 MiB.
+    pub max_frame_size: usize,
+    /// Messages dropped in a row because the outbound queue was full before the connection
+    /// is closed with 1013 so the client reconnects and resynchronises. Default: 32.
+    pub max_consecutive_drops: u32,
 }
 
 impl Default for ConnectionConfig {
@@ -160,11 +198,15 @@ impl Default for ConnectionConfig {
             outbound_channel_capacity: 256,
             send_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(20),
             ws_write_buffer_size: 131_072,
             ws_max_write_buffer_size: 524_288,
             max_batch_messages: 256,
             max_batch_bytes: 65_536,
             close_timeout: Duration::from_secs(5),
+            max_message_size: 8 * 1024 * 1024,
+            max_frame_size: 8 * 1024 * 1024,
+            max_consecutive_drops: 32,
         }
     }
 }

@@ -8,15 +8,17 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{Notify, RwLock, mpsc};
+use tokio_util::sync::CancellationToken;
 use topgun_core::{Principal, Timestamp};
 
+use super::close::{self, CloseRequest};
 use super::config::ConnectionConfig;
 
 /// Process-unique identifier of one connection; never reused while the registry lives.
@@ -133,6 +135,20 @@ pub struct ConnectionHandle {
     pub connected_at: Instant,
     /// Client or cluster peer.
     pub kind: ConnectionKind,
+    control: ConnectionControl,
+}
+
+/// Transport-internal per-connection state, kept out of the metadata lock because the read and
+/// write paths touch it on every frame.
+#[derive(Debug)]
+struct ConnectionControl {
+    close_request: OnceLock<CloseRequest>,
+    close_requested: CancellationToken,
+    /// Milliseconds after `connected_at` of the last inbound frame.
+    last_activity_ms: AtomicU64,
+    dropped: AtomicU64,
+    consecutive_drops: AtomicU32,
+    max_consecutive_drops: u32,
 }
 
 impl ConnectionHandle {
@@ -148,11 +164,78 @@ impl ConnectionHandle {
     ///
     /// [`SendError::Full`] when the queue is full, [`SendError::Disconnected`] when the
     /// connection is closed.
+    ///
+    /// A full queue counts as a dropped message ([`dropped_messages`](Self::dropped_messages)).
+    /// After `max_consecutive_drops` drops in a row the connection is closed with 1013, so the
+    /// client reconnects and resynchronises instead of silently missing data.
     pub fn try_enqueue(&self, msg: OutboundMessage) -> Result<(), SendError> {
-        self.tx.try_send(msg).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => SendError::Full,
-            mpsc::error::TrySendError::Closed(_) => SendError::Disconnected,
-        })
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                // Read first: the common case (no drops) then never writes the shared line.
+                if self.control.consecutive_drops.load(Ordering::Relaxed) != 0 {
+                    self.control.consecutive_drops.store(0, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.record_drop();
+                Err(SendError::Full)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Disconnected),
+        }
+    }
+
+    fn record_drop(&self) {
+        let control = &self.control;
+        control.dropped.fetch_add(1, Ordering::Relaxed);
+        let in_a_row = control.consecutive_drops.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= control.max_consecutive_drops && !control.close_requested.is_cancelled() {
+            tracing::info!(conn_id = %self.id, dropped = in_a_row, "closing slow consumer");
+            self.close_with(
+                close::TRY_AGAIN_LATER,
+                format!("slow consumer: {in_a_row} messages dropped; reconnect and resync"),
+            );
+        }
+    }
+
+    /// Closes the connection with `code` and `reason` now, ahead of anything still queued
+    /// (unlike [`OutboundMessage::Close`], which is sent after the queue). The first request
+    /// wins; later ones are ignored.
+    pub fn close_with(&self, code: u16, reason: impl Into<String>) {
+        let request = CloseRequest {
+            code,
+            reason: reason.into(),
+        };
+        if self.control.close_request.set(request).is_ok() {
+            self.control.close_requested.cancel();
+        }
+    }
+
+    /// Messages that did not fit this connection's queue since it opened.
+    pub fn dropped_messages(&self) -> u64 {
+        self.control.dropped.load(Ordering::Relaxed)
+    }
+
+    /// When the last frame (of any kind, pongs included) arrived from the client.
+    pub fn last_activity(&self) -> Instant {
+        self.connected_at
+            + Duration::from_millis(self.control.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// Records inbound activity; called for every frame read.
+    pub(crate) fn touch(&self) {
+        let elapsed = u64::try_from(self.connected_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.control
+            .last_activity_ms
+            .store(elapsed, Ordering::Relaxed);
+    }
+
+    pub(crate) fn close_request(&self) -> Option<&CloseRequest> {
+        self.control.close_request.get()
+    }
+
+    pub(crate) fn close_requested(&self) -> &CancellationToken {
+        &self.control.close_requested
     }
 
     /// Queues `msg`, waiting up to `timeout` for space.
@@ -222,6 +305,14 @@ impl ConnectionRegistry {
             metadata: Arc::new(RwLock::new(ConnectionMetadata::default())),
             connected_at: Instant::now(),
             kind,
+            control: ConnectionControl {
+                close_request: OnceLock::new(),
+                close_requested: CancellationToken::new(),
+                last_activity_ms: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                consecutive_drops: AtomicU32::new(0),
+                max_consecutive_drops: config.max_consecutive_drops.max(1),
+            },
         });
         self.counts_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.connections.insert(id, Arc::clone(&handle));
@@ -362,6 +453,53 @@ mod tests {
         assert!(
             handle.try_send(binary(1)),
             "space freed by the reader is usable again"
+        );
+    }
+
+    #[test]
+    fn consecutive_drops_past_the_limit_request_a_1013_close() {
+        let registry = ConnectionRegistry::new();
+        let config = ConnectionConfig {
+            max_consecutive_drops: 3,
+            ..config_with_capacity(1)
+        };
+        let (handle, mut rx) = registry.register(ConnectionKind::Client, &config);
+        assert!(handle.try_send(binary(0)));
+        assert!(!handle.try_send(binary(1)));
+        assert!(!handle.try_send(binary(2)));
+        rx.try_recv().unwrap();
+        assert!(
+            handle.try_send(binary(3)),
+            "a delivered message resets the streak"
+        );
+        for _ in 0..2 {
+            assert!(!handle.try_send(binary(4)));
+        }
+        assert!(
+            handle.close_request().is_none(),
+            "two in a row is under the limit"
+        );
+        assert!(!handle.try_send(binary(5)));
+        assert_eq!(handle.dropped_messages(), 5);
+        let request = handle.close_request().expect("close requested");
+        assert_eq!(request.code, 1013);
+        assert!(
+            request.reason.contains("3 messages dropped"),
+            "{}",
+            request.reason
+        );
+        assert!(handle.close_requested().is_cancelled());
+    }
+
+    #[test]
+    fn the_first_close_request_wins() {
+        let registry = ConnectionRegistry::new();
+        let (handle, _rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        handle.close_with(1003, "first");
+        handle.close_with(1011, "second");
+        assert_eq!(
+            handle.close_request().map(|r| (r.code, r.reason.as_str())),
+            Some((1003, "first"))
         );
     }
 

@@ -7,12 +7,14 @@
 //! | [`shutdown`](self::shutdown) | [`HealthState`] and [`ShutdownController`] |
 //! | [`inbound`](self::inbound) | [`InboundHandler`]: where decoded traffic leaves the transport |
 //! | [`batch`](self::batch) | the `BATCH` frame envelope |
+//! | [`close`](self::close) | the WebSocket close codes the server sends |
 //! | [`handlers`] | one axum handler per route, and [`AppState`] |
 //! | [`middleware`](self::middleware) | the HTTP middleware stack |
 //! | [`tls`](self::tls) | loading and reloading certificates |
 //! | [`module`](self::module) | [`NetworkModule`]: router, bind, serve, shutdown |
 
 pub mod batch;
+pub mod close;
 pub mod config;
 pub mod connection;
 pub mod handlers;
@@ -23,14 +25,15 @@ pub mod shutdown;
 pub mod tls;
 
 pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, encode_batch};
+pub use close::CloseRequest;
 pub use config::{ConfigError, ConnectionConfig, NetworkConfig, ShutdownConfig, TlsConfig};
 pub use connection::{
     BroadcastOutcome, ConnectionHandle, ConnectionId, ConnectionKind, ConnectionMetadata,
     ConnectionRegistry, OutboundMessage, SendError,
 };
 pub use handlers::{
-    AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket, health_handler, http_sync_handler,
-    liveness_handler, readiness_handler, ws_upgrade_handler,
+    ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket,
+    health_handler, http_sync_handler, liveness_handler, readiness_handler, ws_upgrade_handler,
 };
 pub use inbound::{InboundHandler, StubHandler, SyncError};
 pub use middleware::{HttpLayers, REQUEST_ID_HEADER, build_http_layers};

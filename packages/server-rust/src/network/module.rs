@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::StatusCode;
@@ -145,13 +146,18 @@ impl NetworkModule {
             config: Arc::new(self.config.clone()),
             start_time: self.start_time,
             handler: Arc::clone(&self.handler),
+            connection_slots: Arc::new(tokio::sync::Semaphore::new(self.config.max_connections)),
         };
         Router::new()
             .route("/health", get(health_handler))
             .route("/health/live", get(liveness_handler))
             .route("/health/ready", get(readiness_handler))
             .route("/ws", get(ws_upgrade_handler))
-            .route("/sync", post(http_sync_handler))
+            .route(
+                "/sync",
+                post(http_sync_handler)
+                    .layer(DefaultBodyLimit::max(self.config.max_sync_body_bytes)),
+            )
             .fallback(not_found)
             .layer(build_http_layers(&self.config))
             .with_state(state)
@@ -202,16 +208,17 @@ impl NetworkModule {
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
-            None => tokio::spawn(
-                axum_server::from_tcp(listener)
-                    .handle(handle.clone())
-                    .serve(app),
-            ),
-            Some(tls) => tokio::spawn(
-                axum_server::from_tcp_rustls(listener, tls.rustls_config())
-                    .handle(handle.clone())
-                    .serve(app),
-            ),
+            None => {
+                let mut server = axum_server::from_tcp(listener).handle(handle.clone());
+                self.configure_http(server.http_builder());
+                tokio::spawn(server.serve(app))
+            }
+            Some(tls) => {
+                let mut server = axum_server::from_tcp_rustls(listener, tls.rustls_config())
+                    .handle(handle.clone());
+                self.configure_http(server.http_builder());
+                tokio::spawn(server.serve(app))
+            }
         };
         self.shutdown.set_ready();
         tracing::info!(%local_addr, tls = self.tls.is_some(), "serving");
@@ -231,6 +238,18 @@ impl NetworkModule {
         }
         self.drain(&handle, server).await;
         Ok(())
+    }
+
+    /// Gives hyper a timer so the header read timeout is enforced: a client that dribbles its
+    /// request head (slowloris) is disconnected instead of holding a connection forever.
+    fn configure_http(
+        &self,
+        builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    ) {
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout);
     }
 
     async fn drain(

@@ -255,6 +255,23 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// `value` encoded as MsgPack (maps with field names, as TopGun's clients send them).
+pub fn msgpack(value: &impl serde::Serialize) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("encodes")
+}
+
+/// A `POST /sync` request with a MsgPack content type and `body` encoded as MsgPack.
+pub fn post_sync(
+    client: &reqwest::Client,
+    url: String,
+    body: &impl serde::Serialize,
+) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("content-type", "application/msgpack")
+        .body(msgpack(body))
+}
+
 pub fn http() -> reqwest::Client {
     install_crypto_provider();
     reqwest::Client::builder()

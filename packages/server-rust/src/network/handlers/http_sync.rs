@@ -1,3 +1,4 @@
+use std::io::Cursor;
 use std::panic::AssertUnwindSafe;
 
 use axum::extract::State;
@@ -5,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::CONTENT_TYPE;
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
 
 use super::AppState;
 use crate::network::inbound::SyncError;
@@ -12,11 +15,33 @@ use crate::network::inbound::SyncError;
 /// The content type of MsgPack responses.
 pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
 
-/// `POST /sync`: hands the body to the installed
+/// Request content types `POST /sync` accepts, parameters aside: the MsgPack spellings in use
+/// (`application/x-msgpack` is what TopGun's TypeScript HTTP client sends) and raw binary.
+pub const ACCEPTED_SYNC_CONTENT_TYPES: [&str; 4] = [
+    "application/msgpack",
+    "application/x-msgpack",
+    "application/vnd.msgpack",
+    "application/octet-stream",
+];
+
+/// `POST /sync`: checks the request, hands the body to the installed
 /// [`InboundHandler::on_http_sync`](crate::network::InboundHandler::on_http_sync) and answers
 /// its MsgPack result with `content-type: application/msgpack`, or its error as a JSON body
 /// with the matching status. The call counts as in-flight work.
-pub async fn http_sync_handler(State(state): State<AppState>, body: Bytes) -> Response {
+///
+/// The handler only ever sees a well-formed MsgPack value: a body over `max_sync_body_bytes`
+/// is answered `413`, another content type `415`, and malformed MsgPack `400`.
+pub async fn http_sync_handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refusal) = check_content_type(&headers) {
+        return refusal.into_response();
+    }
+    if let Err(problem) = check_msgpack(&body) {
+        return SyncError::BadRequest(problem).into_response();
+    }
     let _in_flight = state.shutdown.in_flight_guard();
     // A panicking handler must cost this request, not the connection or the server.
     let result = AssertUnwindSafe(state.handler.on_http_sync(body))
@@ -29,5 +54,118 @@ pub async fn http_sync_handler(State(state): State<AppState>, body: Bytes) -> Re
             tracing::error!("sync handler panicked");
             SyncError::Internal("the sync handler failed".into()).into_response()
         }
+    }
+}
+
+fn check_content_type(
+    headers: &HeaderMap,
+) -> Result<(), (StatusCode, axum::Json<serde_json::Value>)> {
+    let essence = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| {
+            value
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match essence {
+        Some(essence) if ACCEPTED_SYNC_CONTENT_TYPES.contains(&essence.as_str()) => Ok(()),
+        other => {
+            let got = other.unwrap_or_else(|| "no content type".into());
+            tracing::debug!(content_type = %got, "sync request with unsupported content type");
+            Err((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                axum::Json(serde_json::json!({
+                    "error": format!(
+                        "unsupported content type ({got}): send {}",
+                        ACCEPTED_SYNC_CONTENT_TYPES.join(", ")
+                    )
+                })),
+            ))
+        }
+    }
+}
+
+/// Deepest nesting of arrays and maps accepted in a `/sync` body. Checking recurses once per
+/// level, so the bound keeps a hostile body from exhausting the stack.
+pub const MAX_SYNC_NESTING: usize = 128;
+
+/// Checks that `body` is exactly one well-formed MsgPack value nested at most
+/// [`MAX_SYNC_NESTING`] deep, without building it.
+fn check_msgpack(body: &[u8]) -> Result<(), String> {
+    let mut decoder = rmp_serde::Deserializer::new(Cursor::new(body));
+    decoder.set_max_depth(MAX_SYNC_NESTING);
+    serde::de::IgnoredAny::deserialize(&mut decoder)
+        .map_err(|err| format!("body is not valid MsgPack: {err}"))?;
+    let used = usize::try_from(decoder.position()).unwrap_or(usize::MAX);
+    if used == body.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "body is not valid MsgPack: {} trailing bytes after the value",
+            body.len() - used
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msgpack_check_accepts_one_value_and_rejects_the_rest() {
+        let valid =
+            rmp_serde::to_vec_named(&serde_json::json!({"type": "OP", "n": [1, 2]})).unwrap();
+        assert!(check_msgpack(&valid).is_ok());
+        assert!(check_msgpack(&[0x90]).is_ok());
+        assert!(
+            check_msgpack(&[])
+                .unwrap_err()
+                .contains("not valid MsgPack")
+        );
+        assert!(
+            check_msgpack(&valid[..valid.len() - 1]).is_err(),
+            "truncated"
+        );
+        assert!(check_msgpack(&[0xc1]).is_err(), "0xc1 is never used");
+        let mut trailing = valid.clone();
+        trailing.push(0x01);
+        assert!(
+            check_msgpack(&trailing)
+                .unwrap_err()
+                .contains("1 trailing bytes")
+        );
+        // Deep nesting is refused by the depth limit rather than overflowing the stack.
+        let mut nested = vec![0x91; 100_000];
+        nested.push(0xc0);
+        assert!(
+            check_msgpack(&nested)
+                .unwrap_err()
+                .contains("depth limit exceeded")
+        );
+        let mut shallow = vec![0x91; MAX_SYNC_NESTING - 1];
+        shallow.push(0xc0);
+        assert!(check_msgpack(&shallow).is_ok());
+    }
+
+    #[test]
+    fn content_types_match_without_parameters_or_case() {
+        let check = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(CONTENT_TYPE, value.parse().unwrap());
+            }
+            check_content_type(&headers).is_ok()
+        };
+        assert!(check(Some("application/msgpack")));
+        assert!(check(Some("application/x-msgpack; charset=binary")));
+        assert!(check(Some("Application/Vnd.MsgPack")));
+        assert!(check(Some("application/octet-stream")));
+        assert!(!check(Some("application/json")));
+        assert!(!check(Some("text/plain")));
+        assert!(!check(None));
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use health::{HealthReport, health_handler, liveness_handler, readiness_handler};
-pub use http_sync::{MSGPACK_CONTENT_TYPE, http_sync_handler};
+pub use http_sync::{ACCEPTED_SYNC_CONTENT_TYPES, MSGPACK_CONTENT_TYPE, http_sync_handler};
 pub use websocket::{handle_socket, ws_upgrade_handler};
 
 use super::config::NetworkConfig;
@@ -38,6 +38,8 @@ pub struct AppState {
     pub start_time: Instant,
     /// Receives inbound messages, connection events and `/sync` bodies.
     pub handler: Arc<dyn InboundHandler>,
+    /// One permit per allowed WebSocket connection (`max_connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl fmt::Debug for AppState {

@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -19,43 +19,61 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::StatusCode;
 use http::header::RETRY_AFTER;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::AppState;
 use crate::network::batch::encode_batch;
+use crate::network::close::{self, CloseRequest};
 use crate::network::config::ConnectionConfig;
 use crate::network::connection::{ConnectionHandle, ConnectionKind, OutboundMessage};
-
-/// Close reason sent to every client when the server shuts down.
-pub(crate) const SHUTDOWN_REASON: &str = "server shutting down";
 
 /// `GET /ws`: upgrades to a WebSocket configured from
 /// [`ConnectionConfig`](crate::network::ConnectionConfig) and runs [`handle_socket`] on it.
 ///
-/// While the server is draining, upgrades are refused with `503` and `Retry-After`, so clients
-/// reconnect to a node that is staying up.
+/// Refused with `503` and `Retry-After` while the server is draining (so clients reconnect to
+/// a node that is staying up) and when `max_connections` are open. Requests that are not valid
+/// upgrades get axum's `400`/`405`/`426` answers.
 pub async fn ws_upgrade_handler(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_shutting_down() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(RETRY_AFTER, "1")],
-            "server is shutting down\n",
-        )
-            .into_response();
+        return unavailable("server is shutting down");
     }
+    let Ok(slot) = Arc::clone(&state.connection_slots).try_acquire_owned() else {
+        tracing::info!(
+            limit = state.config.max_connections,
+            "connection limit reached; upgrade refused"
+        );
+        return unavailable("connection limit reached");
+    };
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr);
     let span = tracing::info_span!("ws", peer = peer.map(tracing::field::display));
     let config = &state.config.connection;
     ws.write_buffer_size(config.ws_write_buffer_size)
         .max_write_buffer_size(config.ws_max_write_buffer_size)
+        .max_message_size(config.max_message_size)
+        .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"))
-        .on_upgrade(move |socket| handle_socket(socket, state).instrument(span))
+        .on_upgrade(move |socket| run_with_slot(socket, state, slot).instrument(span))
+}
+
+fn unavailable(reason: &'static str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(RETRY_AFTER, "1")],
+        format!("{reason}\n"),
+    )
+        .into_response()
+}
+
+/// Holds the connection-limit slot for exactly as long as the connection lives.
+async fn run_with_slot(socket: WebSocket, state: AppState, _slot: OwnedSemaphorePermit) {
+    handle_socket(socket, state).await;
 }
 
 /// Runs one upgraded connection to its end: registers it, spawns the writer, reads until the
@@ -68,19 +86,17 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
     let span = tracing::info_span!("conn", id = %conn.id);
     async {
         tracing::debug!("connected");
-        let done = state.shutdown.force_close_token().child_token();
-        let (close_tx, close_rx) = mpsc::channel(1);
+        let force_close = state.shutdown.force_close_token().child_token();
+        let reader_done = CancellationToken::new();
         let writer = tokio::spawn(
-            outbound_task(
-                sink,
-                outbound,
-                Writer {
-                    config: state.config.connection.clone(),
-                    done: done.clone(),
-                    server_closing: state.shutdown.close_connections_token().clone(),
-                    close_requests: close_rx,
-                },
-            )
+            Writer {
+                conn: Arc::clone(&conn),
+                config: state.config.connection.clone(),
+                force_close: force_close.clone(),
+                reader_done: reader_done.clone(),
+                server_closing: state.shutdown.close_connections_token().clone(),
+            }
+            .run(sink, outbound)
             .in_current_span(),
         );
 
@@ -91,13 +107,14 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
         Reader {
             conn: &conn,
             state: &state,
-            done: &done,
-            close_tx,
+            force_close: &force_close,
         }
         .run(stream)
         .await;
+        reader_done.cancel();
 
-        done.cancel();
+        // The writer ends promptly once the reader is done: it only finishes a close frame,
+        // itself bounded by `send_timeout`.
         if let Err(err) = writer.await {
             tracing::error!(%err, "websocket writer task failed");
         }
@@ -105,7 +122,7 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
             let _in_flight = state.shutdown.in_flight_guard();
             guarded("on_disconnect", state.handler.on_disconnect(&conn)).await;
         }
-        tracing::debug!("disconnected");
+        tracing::debug!(dropped = conn.dropped_messages(), "disconnected");
     }
     .instrument(span)
     .await;
@@ -123,43 +140,43 @@ async fn guarded(call: &'static str, fut: impl Future<Output = ()>) -> bool {
 struct Reader<'a> {
     conn: &'a Arc<ConnectionHandle>,
     state: &'a AppState,
-    done: &'a CancellationToken,
-    close_tx: mpsc::Sender<CloseFrame>,
+    force_close: &'a CancellationToken,
 }
 
 impl Reader<'_> {
     async fn run(self, mut stream: SplitStream<WebSocket>) {
-        // After asking the writer to close, keep reading (and discarding) so the client's close
-        // acknowledgement is seen and tungstenite can finish the handshake.
-        let mut closing = false;
         loop {
             let next = tokio::select! {
                 biased;
-                () = self.done.cancelled() => return,
+                () = self.force_close.cancelled() => return,
                 next = stream.next() => next,
             };
+            self.conn.touch();
+            // Once a close is under way, data is discarded; reading goes on only so the
+            // client's close acknowledgement is seen.
+            let closing = self.conn.close_requested().is_cancelled()
+                || self.state.shutdown.close_connections_token().is_cancelled();
             match next {
                 None => return,
                 Some(Err(err)) => {
-                    tracing::debug!(%err, "websocket read failed");
+                    self.read_failed(&err);
                     return;
                 }
                 Some(Ok(Message::Binary(payload))) if !closing => {
                     if !self.dispatch(payload).await {
-                        closing = self.request_close(close_code::ERROR, "internal server error");
+                        self.conn
+                            .close_with(close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
                     }
                 }
                 Some(Ok(Message::Text(_))) if !closing => {
                     tracing::debug!("text frame on a binary-only protocol");
-                    closing = self.request_close(
-                        close_code::UNSUPPORTED,
-                        "text frames are not supported: send binary MsgPack frames",
-                    );
+                    self.conn
+                        .close_with(close::UNSUPPORTED_DATA, close::TEXT_FRAME_REASON);
                 }
                 Some(Ok(Message::Close(frame))) => {
                     tracing::debug!(code = frame.as_ref().map(|f| f.code), "client sent close");
                 }
-                // tungstenite answers pings itself; data after a close request is discarded.
+                // tungstenite answers pings itself; pongs only count as activity.
                 Some(Ok(_)) => {}
             }
         }
@@ -174,21 +191,35 @@ impl Reader<'_> {
         .await
     }
 
-    fn request_close(&self, code: u16, reason: &'static str) -> bool {
-        // Capacity one and sent at most once per `closing` flip, so this cannot be full.
-        let _ = self.close_tx.try_send(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        });
-        true
+    /// A read error ends the connection; an over-limit message is answered with 1009 first.
+    fn read_failed(&self, err: &axum::Error) {
+        let inner =
+            std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>());
+        if let Some(tungstenite::Error::Capacity(capacity)) = inner {
+            tracing::debug!(%capacity, "inbound message over the limit");
+            let config = &self.state.config.connection;
+            self.conn.close_with(
+                close::MESSAGE_TOO_BIG,
+                format!(
+                    "message too big: limit is {} bytes per message, {} per frame",
+                    config.max_message_size, config.max_frame_size
+                ),
+            );
+        } else {
+            tracing::debug!(%err, "websocket read failed");
+        }
     }
 }
 
 struct Writer {
+    conn: Arc<ConnectionHandle>,
     config: ConnectionConfig,
-    done: CancellationToken,
+    /// Drop everything now (drain deadline passed).
+    force_close: CancellationToken,
+    /// The reader has finished: the client is gone or will not acknowledge anything more.
+    reader_done: CancellationToken,
+    /// Graceful shutdown: send what is queued, then 1001.
     server_closing: CancellationToken,
-    close_requests: mpsc::Receiver<CloseFrame>,
 }
 
 /// How a burst of queued messages ended.
@@ -201,54 +232,97 @@ enum Burst {
 
 type Sink = SplitSink<WebSocket, Message>;
 
-/// Drains the outbound queue onto the socket until the connection ends.
-async fn outbound_task(mut sink: Sink, mut queue: mpsc::Receiver<OutboundMessage>, mut w: Writer) {
-    let close = loop {
-        let written = tokio::select! {
-            biased;
-            () = w.done.cancelled() => return,
-            Some(frame) = w.close_requests.recv() => break frame,
-            () = w.server_closing.cancelled() => {
-                match w.write_with_deadline(&mut sink, &mut queue, None).await {
-                    Some(Burst::CloseRequested(reason)) => break normal_close(reason),
-                    Some(Burst::Drained) => break close_frame(close_code::AWAY, SHUTDOWN_REASON),
-                    None => return,
-                }
-            }
-            message = queue.recv() => match message {
-                Some(first) => w.write_with_deadline(&mut sink, &mut queue, Some(first)).await,
-                // Every sender is gone: nobody can queue anything for this connection again.
-                None => Some(Burst::CloseRequested(None)),
-            },
+impl Writer {
+    /// Drains the outbound queue onto the socket, pings, and closes the connection when asked.
+    async fn run(self, mut sink: Sink, mut queue: mpsc::Receiver<OutboundMessage>) {
+        let Some(close) = self.write_until_close(&mut sink, &mut queue).await else {
+            return;
         };
-        match written {
-            Some(Burst::Drained) => {}
-            Some(Burst::CloseRequested(reason)) => break normal_close(reason),
-            None => return,
+        let sent = tokio::time::timeout(
+            self.config.send_timeout,
+            sink.send(Message::Close(Some(close))),
+        );
+        if sent.await.is_ok_and(|result| result.is_ok()) {
+            // The reader finishes once the client acknowledges the close.
+            let acknowledged = tokio::time::timeout(self.config.close_timeout, async {
+                tokio::select! {
+                    () = self.reader_done.cancelled() => {}
+                    () = self.force_close.cancelled() => {}
+                }
+            });
+            if acknowledged.await.is_err() {
+                tracing::debug!("client did not acknowledge close in time");
+            }
         }
-    };
-    if tokio::time::timeout(
-        w.config.send_timeout,
-        sink.send(Message::Close(Some(close))),
-    )
-    .await
-    .is_ok()
-    {
-        // The reader ends (and cancels `done`) once the client acknowledges the close.
-        if tokio::time::timeout(w.config.close_timeout, w.done.cancelled())
-            .await
-            .is_err()
-        {
-            tracing::debug!("client did not acknowledge close in time");
+        // Whatever happened, the reader must not outlive the writer's decision to close.
+        self.force_close.cancel();
+    }
+
+    /// Writes until a close frame should be sent (returned) or the connection is over (`None`).
+    async fn write_until_close(
+        &self,
+        sink: &mut Sink,
+        queue: &mut mpsc::Receiver<OutboundMessage>,
+    ) -> Option<CloseFrame> {
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + self.config.ping_interval,
+            self.config.ping_interval,
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let written = tokio::select! {
+                biased;
+                () = self.force_close.cancelled() => return None,
+                () = self.reader_done.cancelled() => {
+                    // The client left; a close requested by the reader (1009) still goes out.
+                    return self.conn.close_request().map(close_frame_for);
+                }
+                () = self.conn.close_requested().cancelled() => {
+                    return self.conn.close_request().map(close_frame_for);
+                }
+                () = self.server_closing.cancelled() => {
+                    return match self.write_with_deadline(sink, queue, None).await? {
+                        Burst::CloseRequested(reason) => Some(normal_close(reason.as_deref())),
+                        Burst::Drained => Some(close_frame(close::GOING_AWAY, close::SHUTDOWN_REASON)),
+                    };
+                }
+                _ = ping.tick() => {
+                    if self.conn.last_activity().elapsed() >= self.config.idle_timeout {
+                        tracing::debug!(idle = ?self.conn.last_activity().elapsed(), "closing idle connection");
+                        return Some(close_frame(close::GOING_AWAY, close::IDLE_REASON));
+                    }
+                    self.sync_heartbeat();
+                    self.send_with_deadline(sink, Message::Ping(Bytes::new())).await?;
+                    Burst::Drained
+                }
+                message = queue.recv() => match message {
+                    Some(first) => self.write_with_deadline(sink, queue, Some(first)).await?,
+                    // Every sender is gone: nobody can queue anything for this connection again.
+                    None => Burst::CloseRequested(None),
+                },
+            };
+            if let Burst::CloseRequested(reason) = written {
+                return Some(normal_close(reason.as_deref()));
+            }
         }
     }
-    w.done.cancel();
-}
 
-impl Writer {
-    /// Writes one burst, giving up (and ending the connection) if the socket stays blocked for
-    /// longer than `send_timeout` or the connection is cancelled. `None` means the connection
-    /// is finished.
+    /// Copies the activity clock into the metadata handlers read, once per ping interval
+    /// rather than per frame; skipped if a handler holds the lock.
+    fn sync_heartbeat(&self) {
+        if let Ok(mut metadata) = self.conn.metadata.try_write() {
+            metadata.last_heartbeat = self.conn.last_activity();
+        }
+    }
+
+    async fn send_with_deadline(&self, sink: &mut Sink, message: Message) -> Option<()> {
+        let send = tokio::time::timeout(self.config.send_timeout, sink.send(message));
+        self.finish_write(send.await)
+    }
+
+    /// Writes one burst, giving up (and ending the connection) if the socket stays blocked
+    /// for longer than `send_timeout` or the connection is force-closed. `None` means the
+    /// connection is finished.
     async fn write_with_deadline(
         &self,
         sink: &mut Sink,
@@ -258,19 +332,24 @@ impl Writer {
         let burst = write_burst(sink, queue, first, &self.config);
         let result = tokio::select! {
             biased;
-            () = self.done.cancelled() => return None,
+            () = self.force_close.cancelled() => return None,
             result = tokio::time::timeout(self.config.send_timeout, burst) => result,
         };
+        self.finish_write(result)
+    }
+
+    fn finish_write<T>(
+        &self,
+        result: Result<Result<T, axum::Error>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
         match result {
-            Ok(Ok(burst)) => Some(burst),
+            Ok(Ok(value)) => Some(value),
             Ok(Err(err)) => {
                 tracing::debug!(%err, "websocket write failed");
-                self.done.cancel();
                 None
             }
             Err(_) => {
                 tracing::info!(timeout = ?self.config.send_timeout, "closing slow consumer: socket write blocked");
-                self.done.cancel();
                 None
             }
         }
@@ -359,11 +438,12 @@ impl FrameBuilder {
     }
 }
 
-fn normal_close(reason: Option<String>) -> CloseFrame {
-    match reason {
-        Some(reason) => close_frame(close_code::NORMAL, &reason),
-        None => close_frame(close_code::NORMAL, ""),
-    }
+fn normal_close(reason: Option<&str>) -> CloseFrame {
+    close_frame(close::NORMAL, reason.unwrap_or(""))
+}
+
+fn close_frame_for(request: &CloseRequest) -> CloseFrame {
+    close_frame(request.code, &request.reason)
 }
 
 /// A close frame whose reason is cut to the protocol's 123-byte limit on a character boundary.
@@ -444,10 +524,10 @@ mod tests {
     #[test]
     fn close_reasons_are_cut_on_a_char_boundary() {
         let reason = "é".repeat(100);
-        let frame = close_frame(close_code::AWAY, &reason);
+        let frame = close_frame(close::GOING_AWAY, &reason);
         assert_eq!(frame.reason.len(), 122);
         assert_eq!(
-            close_frame(close_code::AWAY, "short").reason.as_str(),
+            close_frame(close::GOING_AWAY, "short").reason.as_str(),
             "short"
         );
     }

@@ -1,0 +1,45 @@
+//! The WebSocket close codes this server sends, and why.
+//!
+//! | code | when | reason text |
+//! |---|---|---|
+//! | `1000` | [`OutboundMessage::Close`](crate::network::OutboundMessage::Close) from the application | the application's |
+//! | `1001` | graceful shutdown | [`SHUTDOWN_REASON`] |
+//! | `1001` | no frame (not even a pong) for `idle_timeout` | [`IDLE_REASON`] |
+//! | `1003` | a text frame on this binary-only protocol | [`TEXT_FRAME_REASON`] |
+//! | `1009` | a message or frame over `max_message_size` / `max_frame_size` | names the limit |
+//! | `1011` | the inbound handler panicked | [`HANDLER_FAILED_REASON`] |
+//! | `1013` | `max_consecutive_drops` messages in a row did not fit the outbound queue | names the count |
+//!
+//! A client whose socket stops draining for longer than `send_timeout` gets no close frame (nothing
+//! more can be written to it): its TCP connection is closed.
+
+/// Normal closure.
+pub const NORMAL: u16 = 1000;
+/// The server is going away: shutdown, or the connection went idle.
+pub const GOING_AWAY: u16 = 1001;
+/// The server cannot accept this data type (text frames).
+pub const UNSUPPORTED_DATA: u16 = 1003;
+/// A message was too big to process.
+pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// The server hit an unexpected condition.
+pub const INTERNAL_ERROR: u16 = 1011;
+/// The client fell behind; reconnect (and resynchronise) later.
+pub const TRY_AGAIN_LATER: u16 = 1013;
+
+/// Reason sent with 1001 on shutdown.
+pub const SHUTDOWN_REASON: &str = "server shutting down";
+/// Reason sent with 1001 when a connection went idle.
+pub const IDLE_REASON: &str = "idle timeout";
+/// Reason sent with 1003.
+pub const TEXT_FRAME_REASON: &str = "text frames are not supported: send binary MsgPack frames";
+/// Reason sent with 1011.
+pub const HANDLER_FAILED_REASON: &str = "internal server error";
+
+/// A close frame the server has been asked to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// The close code.
+    pub code: u16,
+    /// The reason text, cut to the protocol's 123-byte limit when sent.
+    pub reason: String,
+}
