@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{EchoHandler, TestServer, http, msgpack, post_sync, test_config};
+use common::{EchoHandler, TestServer, http, post_sync, test_config};
 use topgun_server::network::{ConnectionHandle, InboundHandler, NetworkConfig, SyncError};
 
 #[tokio::test]

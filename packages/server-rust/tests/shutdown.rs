@@ -106,12 +106,14 @@ async fn completing_the_serve_future_starts_the_same_shutdown() {
 }
 
 #[tokio::test]
-async fn queued_messages_are_delivered_before_the_close() {
+async fn a_thousand_clients_receive_their_fifty_queued_messages_then_1001() {
     let server = TestServer::start(test_config()).await;
     let mut clients = Vec::new();
-    for _ in 0..50 {
-        clients.push(server.ws().await);
+    for _ in 0..1000 {
+        clients.push(common::connect_ws(&server.ws_url()).await);
     }
+    let registry = Arc::clone(&server.registry);
+    eventually("all registered", || registry.count() == 1000).await;
     let expected: Vec<Bytes> = (0..50_u8).map(|i| Bytes::from(vec![0xcc, i])).collect();
     // Single-threaded runtime: all messages are queued before any writer runs.
     for conn in server.registry.iter() {
@@ -126,6 +128,7 @@ async fn queued_messages_are_delivered_before_the_close() {
         assert_eq!(expect_close(client).await.code, CloseCode::Away);
     }
     server.join().await.unwrap();
+    assert_eq!(registry.count(), 0);
 }
 
 /// `/sync` waits for a permit, so a request can be held open across the shutdown.

@@ -355,3 +355,88 @@ pub async fn graceful_shutdown_scenario(server: TestServer) {
     );
     assert_eq!(registry.count(), 0);
 }
+
+/// A WebSocket client that completes the handshake over raw TCP and then does nothing on its
+/// own: it never answers pings, never acknowledges a close and, with a small receive buffer,
+/// stops draining the server's writes as soon as the kernel buffers fill.
+pub async fn raw_ws_client(addr: SocketAddr, recv_buffer: Option<u32>) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    let mut stream = socket.connect(addr).await.expect("connect");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send handshake");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0_u8; 1];
+        let read = tokio::time::timeout(DEADLINE, stream.read(&mut byte))
+            .await
+            .expect("handshake in time");
+        assert_eq!(
+            read.expect("read handshake"),
+            1,
+            "server closed during the handshake"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// Reads a raw stream until the server closes it; returns everything received.
+pub async fn read_until_eof(stream: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut received))
+        .await
+        .expect("server closes in time")
+        .ok();
+    received
+}
+
+/// The close code in the first close frame (opcode 0x8) of a raw server-to-client byte stream.
+pub fn raw_close_code(bytes: &[u8]) -> Option<u16> {
+    let mut rest = bytes;
+    while rest.len() >= 2 {
+        let opcode = rest[0] & 0x0f;
+        let (len, header) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => (
+                usize::try_from(u64::from_be_bytes(rest[2..10].try_into().ok()?)).ok()?,
+                10,
+            ),
+            len => (usize::from(len), 2),
+        };
+        let payload = rest.get(header..header + len)?;
+        if opcode == 0x8 {
+            return payload
+                .get(..2)
+                .map(|code| u16::from_be_bytes([code[0], code[1]]));
+        }
+        rest = &rest[header + len..];
+    }
+    None
+}
+
+/// This process's resident memory in bytes (Linux).
+pub fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line");
+    kib * 1024
+}

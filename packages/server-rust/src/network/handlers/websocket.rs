@@ -236,6 +236,8 @@ impl Writer {
     /// Drains the outbound queue onto the socket, pings, and closes the connection when asked.
     async fn run(self, mut sink: Sink, mut queue: mpsc::Receiver<OutboundMessage>) {
         let Some(close) = self.write_until_close(&mut sink, &mut queue).await else {
+            // The socket failed or stopped draining: stop the reader too.
+            self.force_close.cancel();
             return;
         };
         let sent = tokio::time::timeout(
