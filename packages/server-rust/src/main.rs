@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use topgun_server::network::{NetworkConfig, NetworkModule, ShutdownConfig, TlsConfig};
+use topgun_server::network::{
+    ConnectionConfig, NetworkConfig, NetworkModule, ShutdownConfig, TlsConfig,
+};
 use tracing_subscriber::EnvFilter;
 
 /// TopGun server: HTTP + WebSocket transport for TopGun clients and cluster peers.
@@ -46,6 +48,24 @@ struct Args {
     /// Longest wait for connections and in-flight work once the listener has closed.
     #[arg(long, env = "TOPGUN_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     drain_timeout: Duration,
+    /// Most WebSocket connections at once; further upgrades get 503.
+    #[arg(long, env = "TOPGUN_MAX_CONNECTIONS", default_value_t = NetworkConfig::default().max_connections)]
+    max_connections: usize,
+    /// Largest `POST /sync` body in bytes.
+    #[arg(long, env = "TOPGUN_MAX_SYNC_BODY", default_value_t = NetworkConfig::default().max_sync_body_bytes)]
+    max_sync_body: usize,
+    /// Time a client has to send a complete request head.
+    #[arg(long, env = "TOPGUN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    header_read_timeout: Duration,
+    /// Close a WebSocket from which nothing arrived for this long.
+    #[arg(long, env = "TOPGUN_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    idle_timeout: Duration,
+    /// How often to ping each WebSocket client.
+    #[arg(long, env = "TOPGUN_PING_INTERVAL", value_parser = humantime::parse_duration, default_value = "20s")]
+    ping_interval: Duration,
+    /// Largest inbound WebSocket message in bytes.
+    #[arg(long, env = "TOPGUN_MAX_MESSAGE_SIZE", default_value_t = ConnectionConfig::default().max_message_size)]
+    max_message_size: usize,
     /// Log line format; filter with `RUST_LOG` (default `info`).
     #[arg(long, env = "TOPGUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -79,7 +99,16 @@ impl Args {
                 grace_period: self.shutdown_grace,
                 drain_timeout: self.drain_timeout,
             },
-            ..NetworkConfig::default()
+            max_connections: self.max_connections,
+            max_sync_body_bytes: self.max_sync_body,
+            header_read_timeout: self.header_read_timeout,
+            connection: ConnectionConfig {
+                idle_timeout: self.idle_timeout,
+                ping_interval: self.ping_interval,
+                max_message_size: self.max_message_size,
+                max_frame_size: self.max_message_size,
+                ..ConnectionConfig::default()
+            },
         }
     }
 }
