@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use topgun_server::network::{
-    ConnectionConfig, NetworkConfig, NetworkModule, ShutdownConfig, TlsConfig,
+    ConnectionConfig, MetricsConfig, NetworkConfig, NetworkModule, ShutdownConfig, TlsConfig,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -66,6 +66,12 @@ struct Args {
     /// Largest inbound WebSocket message in bytes.
     #[arg(long, env = "TOPGUN_MAX_MESSAGE_SIZE", default_value_t = ConnectionConfig::default().max_message_size)]
     max_message_size: usize,
+    /// Serve `/metrics` on this separate address (e.g. `127.0.0.1:9090`) instead of the main port.
+    #[arg(long, env = "TOPGUN_METRICS_LISTEN", conflicts_with = "no_metrics")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Do not serve `/metrics` at all.
+    #[arg(long, env = "TOPGUN_NO_METRICS")]
+    no_metrics: bool,
     /// Log line format; filter with `RUST_LOG` (default `info`).
     #[arg(long, env = "TOPGUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -102,6 +108,10 @@ impl Args {
             max_connections: self.max_connections,
             max_sync_body_bytes: self.max_sync_body,
             header_read_timeout: self.header_read_timeout,
+            metrics: MetricsConfig {
+                enabled: !self.no_metrics,
+                listen: self.metrics_listen,
+            },
             connection: ConnectionConfig {
                 idle_timeout: self.idle_timeout,
                 ping_interval: self.ping_interval,

@@ -215,6 +215,25 @@ async fn mtls_refuses_clients_without_a_certificate_or_with_one_from_another_ca(
         200,
         "refusals do not disturb trusted clients"
     );
+    // Each refused handshake is counted: no certificate, a foreign one, the wss attempt.
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let metrics = server
+            .http()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        let text = metrics.text().await.unwrap();
+        if common::sample(&text, "topgun_tls_handshake_failures_total", &[]) == "3" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "failures not counted:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     server.stop().await.unwrap();
 }
 

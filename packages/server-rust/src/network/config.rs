@@ -50,6 +50,27 @@ pub struct NetworkConfig {
     /// Time a client has to send a complete request head; a slower one (slowloris) is
     /// disconnected. Default: 10 s.
     pub header_read_timeout: Duration,
+    /// Where Prometheus metrics are served.
+    pub metrics: MetricsConfig,
+}
+
+/// Where `GET /metrics` is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` at all. Default: `true`.
+    pub enabled: bool,
+    /// Serve it on this separate address (plain HTTP) instead of the main port, for operators
+    /// who keep metrics off the public listener. Default: `None` (main port).
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+        }
+    }
 }
 
 impl Default for NetworkConfig {
@@ -65,6 +86,7 @@ impl Default for NetworkConfig {
             max_connections: 16_384,
             max_sync_body_bytes: 4 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -117,8 +139,12 @@ impl NetworkConfig {
                 "connection.max_frame_size and max_message_size must be non-zero".into(),
             ));
         }
-        if self.max_connections == 0 {
-            return Err(ConfigError("max_connections must be at least 1".into()));
+        if self.max_connections == 0 || u32::try_from(self.max_connections).is_err() {
+            return Err(ConfigError(format!(
+                "max_connections ({}) must be between 1 and {}",
+                self.max_connections,
+                u32::MAX
+            )));
         }
         if self.request_timeout.is_zero() {
             return Err(ConfigError(

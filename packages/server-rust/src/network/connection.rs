@@ -20,6 +20,7 @@ use topgun_core::{Principal, Timestamp};
 
 use super::close::{self, CloseRequest};
 use super::config::ConnectionConfig;
+use super::metrics::DisconnectReason;
 
 /// Process-unique identifier of one connection; never reused while the registry lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -147,8 +148,11 @@ struct ConnectionControl {
     /// Milliseconds after `connected_at` of the last inbound frame.
     last_activity_ms: AtomicU64,
     dropped: AtomicU64,
+    /// The registry-wide drop count, shared by every connection of one registry.
+    registry_dropped: Arc<AtomicU64>,
     consecutive_drops: AtomicU32,
     max_consecutive_drops: u32,
+    disconnect_reason: OnceLock<DisconnectReason>,
 }
 
 impl ConnectionHandle {
@@ -188,6 +192,7 @@ impl ConnectionHandle {
     fn record_drop(&self) {
         let control = &self.control;
         control.dropped.fetch_add(1, Ordering::Relaxed);
+        control.registry_dropped.fetch_add(1, Ordering::Relaxed);
         let in_a_row = control.consecutive_drops.fetch_add(1, Ordering::Relaxed) + 1;
         if in_a_row >= control.max_consecutive_drops && !control.close_requested.is_cancelled() {
             tracing::info!(conn_id = %self.id, dropped = in_a_row, "closing slow consumer");
@@ -207,8 +212,28 @@ impl ConnectionHandle {
             reason: reason.into(),
         };
         if self.control.close_request.set(request).is_ok() {
+            self.note_disconnect(match code {
+                close::TRY_AGAIN_LATER => DisconnectReason::SlowConsumer,
+                close::MESSAGE_TOO_BIG | close::UNSUPPORTED_DATA => DisconnectReason::Limit,
+                close::INTERNAL_ERROR => DisconnectReason::Error,
+                _ => DisconnectReason::Application,
+            });
             self.control.close_requested.cancel();
         }
+    }
+
+    /// Records why the connection is ending; the first reason recorded wins.
+    pub(crate) fn note_disconnect(&self, reason: DisconnectReason) {
+        let _ = self.control.disconnect_reason.set(reason);
+    }
+
+    /// Why the connection ended: the first reason recorded, or the client leaving.
+    pub(crate) fn disconnect_reason(&self) -> DisconnectReason {
+        self.control
+            .disconnect_reason
+            .get()
+            .copied()
+            .unwrap_or(DisconnectReason::ClientClose)
     }
 
     /// Messages that did not fit this connection's queue since it opened.
@@ -281,6 +306,7 @@ pub struct ConnectionRegistry {
     next_id: AtomicU64,
     counts_by_kind: [AtomicUsize; ConnectionKind::ALL.len()],
     emptied: Notify,
+    dropped_total: Arc<AtomicU64>,
 }
 
 impl ConnectionRegistry {
@@ -310,8 +336,10 @@ impl ConnectionRegistry {
                 close_requested: CancellationToken::new(),
                 last_activity_ms: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
+                registry_dropped: Arc::clone(&self.dropped_total),
                 consecutive_drops: AtomicU32::new(0),
                 max_consecutive_drops: config.max_consecutive_drops.max(1),
+                disconnect_reason: OnceLock::new(),
             },
         });
         self.counts_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
@@ -385,6 +413,11 @@ impl ConnectionRegistry {
             );
         }
         outcome
+    }
+
+    /// Messages dropped on full queues, over every connection this registry has held.
+    pub fn dropped_messages_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
     }
 
     /// Completes once no connection is registered (immediately if none is).

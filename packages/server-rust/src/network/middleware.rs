@@ -88,7 +88,7 @@ fn request_span(request: &Request<Body>) -> Span {
         "http",
         method = %request.method(),
         path = %request.uri().path(),
-        request_id,
+        request_id = %request_id,
     )
 }
 

@@ -10,6 +10,7 @@
 //! | [`close`](self::close) | the WebSocket close codes the server sends |
 //! | [`handlers`] | one axum handler per route, and [`AppState`] |
 //! | [`middleware`](self::middleware) | the HTTP middleware stack |
+//! | [`metrics`](self::metrics) | Prometheus metrics and `GET /metrics` |
 //! | [`tls`](self::tls) | loading and reloading certificates |
 //! | [`module`](self::module) | [`NetworkModule`]: router, bind, serve, shutdown |
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod connection;
 pub mod handlers;
 pub mod inbound;
+pub mod metrics;
 pub mod middleware;
 pub mod module;
 pub mod shutdown;
@@ -26,7 +28,9 @@ pub mod tls;
 
 pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, encode_batch};
 pub use close::CloseRequest;
-pub use config::{ConfigError, ConnectionConfig, NetworkConfig, ShutdownConfig, TlsConfig};
+pub use config::{
+    ConfigError, ConnectionConfig, MetricsConfig, NetworkConfig, ShutdownConfig, TlsConfig,
+};
 pub use connection::{
     BroadcastOutcome, ConnectionHandle, ConnectionId, ConnectionKind, ConnectionMetadata,
     ConnectionRegistry, OutboundMessage, SendError,
@@ -36,6 +40,7 @@ pub use handlers::{
     health_handler, http_sync_handler, liveness_handler, readiness_handler, ws_upgrade_handler,
 };
 pub use inbound::{InboundHandler, StubHandler, SyncError};
+pub use metrics::{DisconnectReason, TransportMetrics, metrics_handler};
 pub use middleware::{HttpLayers, REQUEST_ID_HEADER, build_http_layers};
 pub use module::NetworkModule;
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController};

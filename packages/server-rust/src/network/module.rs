@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::StatusCode;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::config::NetworkConfig;
@@ -22,12 +24,15 @@ use super::handlers::{
     ws_upgrade_handler,
 };
 use super::inbound::{InboundHandler, StubHandler};
+use super::metrics::{TransportMetrics, metrics_handler, record_http_metrics};
 use super::middleware::build_http_layers;
 use super::shutdown::ShutdownController;
 use super::tls::TlsReloader;
 
 /// How long force-closed connections get to unwind before `serve()` returns regardless.
 const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How often recorded histogram samples are folded into buckets when nobody scrapes.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The HTTP + WebSocket server.
 ///
@@ -53,6 +58,9 @@ pub struct NetworkModule {
     handler: Arc<dyn InboundHandler>,
     tls: Option<TlsReloader>,
     start_time: Instant,
+    metrics: Arc<TransportMetrics>,
+    metrics_listener: Option<TcpListener>,
+    connection_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for NetworkModule {
@@ -70,13 +78,16 @@ impl NetworkModule {
     #[must_use]
     pub fn new(config: NetworkConfig) -> Self {
         Self {
-            config,
             listener: None,
             registry: Arc::new(ConnectionRegistry::new()),
             shutdown: Arc::new(ShutdownController::new()),
             handler: Arc::new(StubHandler),
             tls: None,
             start_time: Instant::now(),
+            metrics: Arc::new(TransportMetrics::new()),
+            metrics_listener: None,
+            connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            config,
         }
     }
 
@@ -119,6 +130,19 @@ impl NetworkModule {
         Arc::clone(&self.shutdown)
     }
 
+    /// The transport's metrics, for rendering them on a route of your own.
+    pub fn metrics(&self) -> Arc<TransportMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Where `/metrics` is served when it has its own listener, once [`start`](Self::start)
+    /// has bound it.
+    pub fn metrics_local_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// The configuration this module was built with.
     pub fn config(&self) -> &NetworkConfig {
         &self.config
@@ -140,15 +164,15 @@ impl NetworkModule {
     /// Serve it yourself to embed the transport in a larger router; [`serve`](Self::serve)
     /// additionally runs the shutdown sequence.
     pub fn build_router(&self) -> Router {
-        let state = AppState {
-            registry: Arc::clone(&self.registry),
-            shutdown: Arc::clone(&self.shutdown),
-            config: Arc::new(self.config.clone()),
-            start_time: self.start_time,
-            handler: Arc::clone(&self.handler),
-            connection_slots: Arc::new(tokio::sync::Semaphore::new(self.config.max_connections)),
+        let state = self.app_state();
+        let metrics_here = self.config.metrics.enabled && self.config.metrics.listen.is_none();
+        let router = Router::new();
+        let router = if metrics_here {
+            router.route("/metrics", get(metrics_handler))
+        } else {
+            router
         };
-        Router::new()
+        router
             .route("/health", get(health_handler))
             .route("/health/live", get(liveness_handler))
             .route("/health/ready", get(readiness_handler))
@@ -160,7 +184,30 @@ impl NetworkModule {
             )
             .fallback(not_found)
             .layer(build_http_layers(&self.config))
+            .layer(middleware::from_fn_with_state(
+                state.clone(),
+                record_http_metrics,
+            ))
             .with_state(state)
+    }
+
+    fn app_state(&self) -> AppState {
+        AppState {
+            registry: Arc::clone(&self.registry),
+            shutdown: Arc::clone(&self.shutdown),
+            config: Arc::new(self.config.clone()),
+            start_time: self.start_time,
+            handler: Arc::clone(&self.handler),
+            connection_slots: Arc::clone(&self.connection_slots),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
+    /// The router of the separate metrics listener: `/metrics` only.
+    fn metrics_router(&self) -> Router {
+        Router::new()
+            .route("/metrics", get(metrics_handler))
+            .with_state(self.app_state())
     }
 
     /// Validates the configuration, loads TLS certificates if configured, and binds the port.
@@ -180,6 +227,12 @@ impl NetworkModule {
             .await
             .with_context(|| format!("cannot bind {}:{}", self.config.host, self.config.port))?;
         let port = listener.local_addr()?.port();
+        if let (true, Some(addr)) = (self.config.metrics.enabled, self.config.metrics.listen) {
+            let metrics = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind the metrics listener {addr}"))?;
+            self.metrics_listener = Some(metrics);
+        }
         self.listener = Some(listener);
         Ok(port)
     }
@@ -214,12 +267,15 @@ impl NetworkModule {
                 tokio::spawn(server.serve(app))
             }
             Some(tls) => {
+                let failures = self.metrics.tls_handshake_failures.clone();
                 let mut server = axum_server::from_tcp_rustls(listener, tls.rustls_config())
+                    .map(|inner| CountingTlsAcceptor { inner, failures })
                     .handle(handle.clone());
                 self.configure_http(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
         };
+        let background = self.spawn_background()?;
         self.shutdown.set_ready();
         tracing::info!(%local_addr, tls = self.tls.is_some(), "serving");
 
@@ -237,7 +293,43 @@ impl NetworkModule {
             }
         }
         self.drain(&handle, server).await;
+        for task in background {
+            task.abort();
+        }
         Ok(())
+    }
+
+    /// The metrics listener (if configured) and the histogram upkeep, which keeps recorded
+    /// samples from accumulating between scrapes.
+    fn spawn_background(&mut self) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let mut tasks = Vec::new();
+        if let Some(listener) = self.metrics_listener.take() {
+            let addr = listener.local_addr()?;
+            let router = self.metrics_router();
+            tracing::info!(%addr, "serving metrics");
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, router).await {
+                    tracing::error!(%err, "metrics listener failed");
+                }
+            }));
+        }
+        let metrics = Arc::clone(&self.metrics);
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        }));
+        Ok(tasks)
+    }
+
+    /// Completes once every WebSocket this server accepted has ended, i.e. every connection
+    /// slot is back. Connections other modules registered themselves are theirs to close.
+    async fn websockets_closed(&self) {
+        let all = u32::try_from(self.config.max_connections).unwrap_or(u32::MAX);
+        // The semaphore is never closed, so acquiring can only wait, not fail.
+        let _ = self.connection_slots.acquire_many(all).await;
     }
 
     /// Gives hyper a timer so the header read timeout is enforced: a client that dribbles its
@@ -268,7 +360,7 @@ impl NetworkModule {
         let deadline = tokio::time::Instant::now() + settings.drain_timeout;
         let drained = tokio::time::timeout_at(deadline, async {
             let _ = (&mut server).await;
-            self.registry.wait_until_empty().await;
+            self.websockets_closed().await;
             controller
                 .wait_for_drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
                 .await
@@ -284,7 +376,7 @@ impl NetworkModule {
             );
             controller.force_close_connections();
             handle.shutdown();
-            let _ = tokio::time::timeout(FORCE_CLOSE_WAIT, self.registry.wait_until_empty()).await;
+            let _ = tokio::time::timeout(FORCE_CLOSE_WAIT, self.websockets_closed()).await;
             server.abort();
         }
         controller.set_stopped();
@@ -299,4 +391,36 @@ async fn not_found() -> Response {
         axum::Json(serde_json::json!({ "error": "not found" })),
     )
         .into_response()
+}
+
+/// Wraps the TLS acceptor to count (and log at debug level) failed handshakes, which
+/// axum-server otherwise drops silently.
+#[derive(Clone)]
+struct CountingTlsAcceptor<A> {
+    inner: A,
+    failures: metrics::Counter,
+}
+
+impl<I, S, A> axum_server::accept::Accept<I, S> for CountingTlsAcceptor<A>
+where
+    A: axum_server::accept::Accept<I, S>,
+    A::Future: Send + 'static,
+{
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future =
+        futures_util::future::BoxFuture<'static, std::io::Result<(A::Stream, A::Service)>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let handshake = self.inner.accept(stream, service);
+        let failures = self.failures.clone();
+        Box::pin(async move {
+            let result = handshake.await;
+            if let Err(err) = &result {
+                failures.increment(1);
+                tracing::debug!(%err, "TLS handshake failed");
+            }
+            result
+        })
+    }
 }

@@ -440,3 +440,31 @@ pub fn resident_bytes() -> u64 {
         .expect("VmRSS line");
     kib * 1024
 }
+
+/// The value of one sample, as rendered, in a Prometheus text exposition; `labels` must match
+/// exactly.
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> String {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, found) = match series.split_once('{') {
+            Some((metric, rest)) => {
+                let mut found: Vec<String> = rest
+                    .trim_end_matches('}')
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect();
+                found.sort();
+                (metric, found)
+            }
+            None => (series, Vec::new()),
+        };
+        if metric == name && found == wanted {
+            return value.to_owned();
+        }
+    }
+    panic!("no sample {name}{labels:?} in:\n{exposition}");
+}

@@ -40,6 +40,8 @@ pub struct AppState {
     pub handler: Arc<dyn InboundHandler>,
     /// One permit per allowed WebSocket connection (`max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// The transport's Prometheus metrics.
+    pub metrics: Arc<super::metrics::TransportMetrics>,
 }
 
 impl fmt::Debug for AppState {

@@ -29,6 +29,7 @@ use crate::network::batch::encode_batch;
 use crate::network::close::{self, CloseRequest};
 use crate::network::config::ConnectionConfig;
 use crate::network::connection::{ConnectionHandle, ConnectionKind, OutboundMessage};
+use crate::network::metrics::{DisconnectReason, RefusedUpgrade, TransportMetrics};
 
 /// `GET /ws`: upgrades to a WebSocket configured from
 /// [`ConnectionConfig`](crate::network::ConnectionConfig) and runs [`handle_socket`] on it.
@@ -42,9 +43,13 @@ pub async fn ws_upgrade_handler(
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_shutting_down() {
+        state.metrics.upgrade_refused(RefusedUpgrade::Draining);
         return unavailable("server is shutting down");
     }
     let Ok(slot) = Arc::clone(&state.connection_slots).try_acquire_owned() else {
+        state
+            .metrics
+            .upgrade_refused(RefusedUpgrade::ConnectionLimit);
         tracing::info!(
             limit = state.config.max_connections,
             "connection limit reached; upgrade refused"
@@ -84,6 +89,7 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
         .registry
         .register(ConnectionKind::Client, &state.config.connection);
     let span = tracing::info_span!("conn", id = %conn.id);
+    state.metrics.connection_opened(conn.kind);
     async {
         tracing::debug!("connected");
         let force_close = state.shutdown.force_close_token().child_token();
@@ -95,6 +101,7 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
                 force_close: force_close.clone(),
                 reader_done: reader_done.clone(),
                 server_closing: state.shutdown.close_connections_token().clone(),
+                metrics: Arc::clone(&state.metrics),
             }
             .run(sink, outbound)
             .in_current_span(),
@@ -118,11 +125,20 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
         if let Err(err) = writer.await {
             tracing::error!(%err, "websocket writer task failed");
         }
+        if state.shutdown.force_close_token().is_cancelled() {
+            conn.note_disconnect(DisconnectReason::Shutdown);
+        }
+        let reason = conn.disconnect_reason();
         if state.registry.remove(conn.id).is_some() {
+            state.metrics.connection_closed(conn.kind, reason);
             let _in_flight = state.shutdown.in_flight_guard();
             guarded("on_disconnect", state.handler.on_disconnect(&conn)).await;
         }
-        tracing::debug!(dropped = conn.dropped_messages(), "disconnected");
+        tracing::debug!(
+            reason = reason.as_str(),
+            dropped = conn.dropped_messages(),
+            "disconnected"
+        );
     }
     .instrument(span)
     .await;
@@ -163,6 +179,11 @@ impl Reader<'_> {
                     return;
                 }
                 Some(Ok(Message::Binary(payload))) if !closing => {
+                    self.state.metrics.messages_received.increment(1);
+                    self.state
+                        .metrics
+                        .bytes_received
+                        .increment(payload.len() as u64);
                     if !self.dispatch(payload).await {
                         self.conn
                             .close_with(close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
@@ -207,6 +228,7 @@ impl Reader<'_> {
             );
         } else {
             tracing::debug!(%err, "websocket read failed");
+            self.conn.note_disconnect(DisconnectReason::Error);
         }
     }
 }
@@ -220,6 +242,7 @@ struct Writer {
     reader_done: CancellationToken,
     /// Graceful shutdown: send what is queued, then 1001.
     server_closing: CancellationToken,
+    metrics: Arc<TransportMetrics>,
 }
 
 /// How a burst of queued messages ended.
@@ -283,6 +306,7 @@ impl Writer {
                     return self.conn.close_request().map(close_frame_for);
                 }
                 () = self.server_closing.cancelled() => {
+                    self.conn.note_disconnect(DisconnectReason::Shutdown);
                     return match self.write_with_deadline(sink, queue, None).await? {
                         Burst::CloseRequested(reason) => Some(normal_close(reason.as_deref())),
                         Burst::Drained => Some(close_frame(close::GOING_AWAY, close::SHUTDOWN_REASON)),
@@ -291,6 +315,7 @@ impl Writer {
                 _ = ping.tick() => {
                     if self.conn.last_activity().elapsed() >= self.config.idle_timeout {
                         tracing::debug!(idle = ?self.conn.last_activity().elapsed(), "closing idle connection");
+                        self.conn.note_disconnect(DisconnectReason::IdleTimeout);
                         return Some(close_frame(close::GOING_AWAY, close::IDLE_REASON));
                     }
                     self.sync_heartbeat();
@@ -304,6 +329,7 @@ impl Writer {
                 },
             };
             if let Burst::CloseRequested(reason) = written {
+                self.conn.note_disconnect(DisconnectReason::Application);
                 return Some(normal_close(reason.as_deref()));
             }
         }
@@ -331,7 +357,7 @@ impl Writer {
         queue: &mut mpsc::Receiver<OutboundMessage>,
         first: Option<OutboundMessage>,
     ) -> Option<Burst> {
-        let burst = write_burst(sink, queue, first, &self.config);
+        let burst = write_burst(sink, queue, first, &self.config, &self.metrics);
         let result = tokio::select! {
             biased;
             () = self.force_close.cancelled() => return None,
@@ -348,10 +374,12 @@ impl Writer {
             Ok(Ok(value)) => Some(value),
             Ok(Err(err)) => {
                 tracing::debug!(%err, "websocket write failed");
+                self.conn.note_disconnect(DisconnectReason::Error);
                 None
             }
             Err(_) => {
                 tracing::info!(timeout = ?self.config.send_timeout, "closing slow consumer: socket write blocked");
+                self.conn.note_disconnect(DisconnectReason::SlowConsumer);
                 None
             }
         }
@@ -365,16 +393,21 @@ async fn write_burst(
     queue: &mut mpsc::Receiver<OutboundMessage>,
     first: Option<OutboundMessage>,
     config: &ConnectionConfig,
+    metrics: &TransportMetrics,
 ) -> Result<Burst, axum::Error> {
     let mut frames = FrameBuilder::new(config);
     let mut next = first.or_else(|| queue.try_recv().ok());
+    if next.is_some() {
+        #[allow(clippy::cast_precision_loss)] // bounded by the queue capacity
+        metrics.queue_depth.record((queue.len() + 1) as f64);
+    }
     let mut taken = 0;
     let mut end = Burst::Drained;
     while let Some(message) = next {
         match message {
             OutboundMessage::Binary(payload) => {
                 if let Some(frame) = frames.push(payload) {
-                    sink.feed(frame).await?;
+                    feed(sink, frame, metrics).await?;
                 }
             }
             OutboundMessage::Close(reason) => {
@@ -390,10 +423,31 @@ async fn write_burst(
         };
     }
     if let Some(frame) = frames.finish() {
-        sink.feed(frame).await?;
+        feed(sink, frame, metrics).await?;
     }
     sink.flush().await?;
     Ok(end)
+}
+
+/// Queues one frame on the socket (without flushing) and counts it.
+async fn feed(
+    sink: &mut Sink,
+    frame: Frame,
+    metrics: &TransportMetrics,
+) -> Result<(), axum::Error> {
+    metrics.frames_sent.increment(1);
+    metrics.messages_sent.increment(frame.messages as u64);
+    metrics.bytes_sent.increment(frame.bytes.len() as u64);
+    #[allow(clippy::cast_precision_loss)] // bounded by max_batch_messages
+    metrics.batch_messages.record(frame.messages as f64);
+    sink.feed(Message::Binary(frame.bytes)).await
+}
+
+/// One outbound data frame: a lone message or a `BATCH` of several.
+#[derive(Debug, PartialEq, Eq)]
+struct Frame {
+    bytes: Bytes,
+    messages: usize,
 }
 
 /// Groups ready messages into frames: one message alone goes out as itself, several as a
@@ -416,7 +470,7 @@ impl FrameBuilder {
     }
 
     /// Adds a message; returns a finished frame when the message did not fit the current one.
-    fn push(&mut self, payload: Bytes) -> Option<Message> {
+    fn push(&mut self, payload: Bytes) -> Option<Frame> {
         let full = !self.pending.is_empty()
             && (self.pending.len() >= self.max_messages
                 || self.pending_bytes + payload.len() > self.max_bytes);
@@ -426,17 +480,19 @@ impl FrameBuilder {
         finished
     }
 
-    fn finish(&mut self) -> Option<Message> {
+    fn finish(&mut self) -> Option<Frame> {
         self.pending_bytes = 0;
-        match self.pending.len() {
-            0 => None,
-            1 => self.pending.pop().map(Message::Binary),
+        let messages = self.pending.len();
+        let bytes = match messages {
+            0 => return None,
+            1 => self.pending.pop()?,
             _ => {
-                let frame = encode_batch(&self.pending);
+                let batch = encode_batch(&self.pending);
                 self.pending.clear();
-                Some(Message::Binary(frame))
+                batch
             }
-        }
+        };
+        Some(Frame { bytes, messages })
     }
 }
 
@@ -474,11 +530,10 @@ mod tests {
         }
     }
 
-    fn frame_messages(frame: Message) -> Vec<Bytes> {
-        let Message::Binary(bytes) = frame else {
-            panic!("expected a binary frame")
-        };
-        decode_frame(&bytes).unwrap()
+    fn frame_messages(frame: &Frame) -> Vec<Bytes> {
+        let messages = decode_frame(&frame.bytes).unwrap();
+        assert_eq!(messages.len(), frame.messages);
+        messages
     }
 
     #[test]
@@ -487,7 +542,10 @@ mod tests {
         assert!(builder.push(Bytes::from_static(b"solo")).is_none());
         assert_eq!(
             builder.finish(),
-            Some(Message::Binary(Bytes::from_static(b"solo")))
+            Some(Frame {
+                bytes: Bytes::from_static(b"solo"),
+                messages: 1
+            })
         );
         assert!(builder.finish().is_none());
     }
@@ -496,14 +554,14 @@ mod tests {
     fn batches_split_at_the_message_limit() {
         let mut builder = FrameBuilder::new(&config(2, 1024));
         let msgs: Vec<Bytes> = (0..5_u8).map(|i| Bytes::from(vec![i])).collect();
-        let mut frames: Vec<Message> = msgs
+        let mut frames: Vec<Frame> = msgs
             .iter()
             .filter_map(|m| builder.push(m.clone()))
             .collect();
         frames.extend(builder.finish());
         let sizes: Vec<usize> = frames
             .into_iter()
-            .map(|f| frame_messages(f).len())
+            .map(|f| frame_messages(&f).len())
             .collect();
         assert_eq!(sizes, [2, 2, 1]);
     }
@@ -518,7 +576,7 @@ mod tests {
         frames.extend(builder.finish());
         let sizes: Vec<Vec<usize>> = frames
             .into_iter()
-            .map(|f| frame_messages(f).iter().map(Bytes::len).collect())
+            .map(|f| frame_messages(&f).iter().map(Bytes::len).collect())
             .collect();
         assert_eq!(sizes, [vec![4, 4], vec![4], vec![50], vec![1]]);
     }

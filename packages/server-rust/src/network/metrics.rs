@@ -1,0 +1,432 @@
+//! Prometheus metrics for the transport, served at `GET /metrics`.
+//!
+//! Each [`NetworkModule`](crate::network::NetworkModule) owns its own recorder (nothing is
+//! installed globally), so several servers in one process, or an application with its own
+//! `metrics` recorder, do not mix their numbers. Handles for every metric on the per-message
+//! path are registered once up front: recording is then an atomic add, with no lookup, lock or
+//! allocation. Histograms are recorded per frame or burst, never per message.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `topgun_connections_open` | gauge | `kind` | open connections |
+//! | `topgun_connections_opened_total` | counter | `kind` | connections opened |
+//! | `topgun_connections_closed_total` | counter | `kind`, `reason` | connections closed, by [`DisconnectReason`] |
+//! | `topgun_websocket_upgrades_refused_total` | counter | `reason` | upgrades answered `503` (`draining`, `connection_limit`) |
+//! | `topgun_websocket_messages_received_total` | counter | | binary messages received |
+//! | `topgun_websocket_received_bytes_total` | counter | | payload bytes received |
+//! | `topgun_websocket_messages_sent_total` | counter | | messages sent (inside batches or alone) |
+//! | `topgun_websocket_sent_bytes_total` | counter | | frame bytes sent |
+//! | `topgun_websocket_frames_sent_total` | counter | | data frames sent |
+//! | `topgun_websocket_batch_messages` | histogram | | messages per data frame |
+//! | `topgun_websocket_outbound_queue_depth` | histogram | | queued messages when the writer wakes |
+//! | `topgun_outbound_dropped_messages_total` | counter | | messages dropped because a queue was full |
+//! | `topgun_tls_handshake_failures_total` | counter | | TLS handshakes that failed |
+//! | `topgun_http_requests_total` | counter | `route`, `status` | HTTP requests answered |
+//! | `topgun_http_request_duration_seconds` | histogram | `route` | HTTP request latency |
+//! | `topgun_in_flight_operations` | gauge | | handler calls and requests in progress |
+//! | `topgun_health_state` | gauge | `state` | 1 for the current state, 0 for the others |
+//! | `topgun_uptime_seconds` | gauge | | seconds since the server was built |
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::header::CONTENT_TYPE;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use super::connection::{ConnectionKind, ConnectionRegistry};
+use super::handlers::AppState;
+use super::shutdown::{HealthState, ShutdownController};
+
+/// Why a WebSocket connection ended; the `reason` label of `topgun_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DisconnectReason {
+    /// The client closed the connection or went away.
+    ClientClose,
+    /// Nothing arrived for `idle_timeout`.
+    IdleTimeout,
+    /// The client did not keep up: queue overflow or a blocked socket write.
+    SlowConsumer,
+    /// The client broke a limit: message size, text frames.
+    Limit,
+    /// The server shut down.
+    Shutdown,
+    /// The application closed it (`OutboundMessage::Close` or `close_with`).
+    Application,
+    /// A read or write failed, or the handler panicked.
+    Error,
+}
+
+impl DisconnectReason {
+    const ALL: [Self; 7] = [
+        Self::ClientClose,
+        Self::IdleTimeout,
+        Self::SlowConsumer,
+        Self::Limit,
+        Self::Shutdown,
+        Self::Application,
+        Self::Error,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClose => "client_close",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Limit => "limit",
+            Self::Shutdown => "shutdown",
+            Self::Application => "application",
+            Self::Error => "error",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Why an upgrade was refused; the `reason` label of `topgun_websocket_upgrades_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusedUpgrade {
+    Draining,
+    ConnectionLimit,
+}
+
+const KINDS: [ConnectionKind; 2] = [ConnectionKind::Client, ConnectionKind::ClusterPeer];
+
+fn kind_label(kind: ConnectionKind) -> &'static str {
+    match kind {
+        ConnectionKind::Client => "client",
+        ConnectionKind::ClusterPeer => "cluster_peer",
+    }
+}
+
+fn kind_index(kind: ConnectionKind) -> usize {
+    match kind {
+        ConnectionKind::Client => 0,
+        ConnectionKind::ClusterPeer => 1,
+    }
+}
+
+const HEALTH_STATES: [HealthState; 4] = [
+    HealthState::Starting,
+    HealthState::Ready,
+    HealthState::Draining,
+    HealthState::Stopped,
+];
+
+/// The transport's metrics and the recorder that renders them.
+pub struct TransportMetrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    opened: [Counter; 2],
+    closed: [[Counter; DisconnectReason::ALL.len()]; 2],
+    open: [Gauge; 2],
+    refused_draining: Counter,
+    refused_limit: Counter,
+    pub(crate) messages_received: Counter,
+    pub(crate) bytes_received: Counter,
+    pub(crate) messages_sent: Counter,
+    pub(crate) bytes_sent: Counter,
+    pub(crate) frames_sent: Counter,
+    pub(crate) batch_messages: Histogram,
+    pub(crate) queue_depth: Histogram,
+    pub(crate) tls_handshake_failures: Counter,
+    dropped: Counter,
+    in_flight: Gauge,
+    health: [Gauge; 4],
+    uptime: Gauge,
+}
+
+impl fmt::Debug for TransportMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportMetrics").finish_non_exhaustive()
+    }
+}
+
+const METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+const DURATION_BUCKETS: [f64; 12] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// `# HELP` text and unit of every metric.
+const DESCRIPTIONS: [(&str, &str, Option<Unit>); 18] = [
+    ("topgun_connections_open", "Open connections.", None),
+    (
+        "topgun_connections_opened_total",
+        "Connections opened.",
+        None,
+    ),
+    (
+        "topgun_connections_closed_total",
+        "Connections closed, by reason.",
+        None,
+    ),
+    (
+        "topgun_websocket_upgrades_refused_total",
+        "WebSocket upgrades refused with 503.",
+        None,
+    ),
+    (
+        "topgun_websocket_messages_received_total",
+        "Binary messages received.",
+        None,
+    ),
+    (
+        "topgun_websocket_received_bytes_total",
+        "Payload bytes received.",
+        Some(Unit::Bytes),
+    ),
+    (
+        "topgun_websocket_messages_sent_total",
+        "Messages sent, batched or alone.",
+        None,
+    ),
+    (
+        "topgun_websocket_sent_bytes_total",
+        "Data frame bytes sent.",
+        Some(Unit::Bytes),
+    ),
+    (
+        "topgun_websocket_frames_sent_total",
+        "Data frames sent.",
+        None,
+    ),
+    (
+        "topgun_websocket_batch_messages",
+        "Messages per data frame.",
+        None,
+    ),
+    (
+        "topgun_websocket_outbound_queue_depth",
+        "Queued messages when a writer wakes.",
+        None,
+    ),
+    (
+        "topgun_outbound_dropped_messages_total",
+        "Messages dropped on a full outbound queue.",
+        None,
+    ),
+    (
+        "topgun_tls_handshake_failures_total",
+        "Failed TLS handshakes.",
+        None,
+    ),
+    (
+        "topgun_http_requests_total",
+        "HTTP requests answered.",
+        None,
+    ),
+    (
+        "topgun_http_request_duration_seconds",
+        "HTTP request latency.",
+        Some(Unit::Seconds),
+    ),
+    (
+        "topgun_in_flight_operations",
+        "Handler calls and requests in progress.",
+        None,
+    ),
+    (
+        "topgun_health_state",
+        "1 for the current health state.",
+        None,
+    ),
+    (
+        "topgun_uptime_seconds",
+        "Seconds since the server was built.",
+        Some(Unit::Seconds),
+    ),
+];
+
+impl Default for TransportMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TransportMetrics {
+    /// A fresh set of metrics with its own recorder.
+    ///
+    /// # Panics
+    ///
+    /// Never: the bucket lists passed to the exporter are constant and non-empty.
+    #[must_use]
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("topgun_http_request_duration_seconds".into()),
+                &DURATION_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_batch_messages".into()), &COUNT_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_queue_depth".into()), &COUNT_BUCKETS)
+            })
+            .expect("constant, non-empty buckets");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let r = &recorder;
+        for (name, help, unit) in DESCRIPTIONS {
+            // Counters, gauges and histograms share one description table in this exporter.
+            recorder.describe_counter(name.into(), unit, help.into());
+        }
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            r.register_counter(&Key::from_parts(name, labels), &METADATA)
+        };
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            r.register_gauge(&Key::from_parts(name, labels), &METADATA)
+        };
+        let histogram = |name: &'static str| r.register_histogram(&Key::from_name(name), &METADATA);
+        let kind = |k: ConnectionKind| Label::new("kind", kind_label(k));
+        Self {
+            opened: KINDS.map(|k| counter("topgun_connections_opened_total", vec![kind(k)])),
+            closed: KINDS.map(|k| {
+                DisconnectReason::ALL.map(|reason| {
+                    counter(
+                        "topgun_connections_closed_total",
+                        vec![kind(k), Label::new("reason", reason.as_str())],
+                    )
+                })
+            }),
+            open: KINDS.map(|k| gauge("topgun_connections_open", vec![kind(k)])),
+            refused_draining: counter(
+                "topgun_websocket_upgrades_refused_total",
+                vec![Label::new("reason", "draining")],
+            ),
+            refused_limit: counter(
+                "topgun_websocket_upgrades_refused_total",
+                vec![Label::new("reason", "connection_limit")],
+            ),
+            messages_received: counter("topgun_websocket_messages_received_total", vec![]),
+            bytes_received: counter("topgun_websocket_received_bytes_total", vec![]),
+            messages_sent: counter("topgun_websocket_messages_sent_total", vec![]),
+            bytes_sent: counter("topgun_websocket_sent_bytes_total", vec![]),
+            frames_sent: counter("topgun_websocket_frames_sent_total", vec![]),
+            batch_messages: histogram("topgun_websocket_batch_messages"),
+            queue_depth: histogram("topgun_websocket_outbound_queue_depth"),
+            tls_handshake_failures: counter("topgun_tls_handshake_failures_total", vec![]),
+            dropped: counter("topgun_outbound_dropped_messages_total", vec![]),
+            in_flight: gauge("topgun_in_flight_operations", vec![]),
+            health: HEALTH_STATES
+                .map(|s| gauge("topgun_health_state", vec![Label::new("state", s.as_str())])),
+            uptime: gauge("topgun_uptime_seconds", vec![]),
+            recorder,
+            handle,
+        }
+    }
+
+    pub(crate) fn connection_opened(&self, kind: ConnectionKind) {
+        self.opened[kind_index(kind)].increment(1);
+    }
+
+    pub(crate) fn connection_closed(&self, kind: ConnectionKind, reason: DisconnectReason) {
+        self.closed[kind_index(kind)][reason.index()].increment(1);
+    }
+
+    pub(crate) fn upgrade_refused(&self, why: RefusedUpgrade) {
+        match why {
+            RefusedUpgrade::Draining => self.refused_draining.increment(1),
+            RefusedUpgrade::ConnectionLimit => self.refused_limit.increment(1),
+        }
+    }
+
+    /// Records one answered HTTP request. Labels are built per request (HTTP is not the
+    /// per-message path); `route` comes from a fixed set, so cardinality stays bounded.
+    fn http_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        let route = Label::new("route", route);
+        let key = Key::from_parts(
+            "topgun_http_requests_total",
+            vec![route.clone(), Label::new("status", status.to_string())],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+        let key = Key::from_parts("topgun_http_request_duration_seconds", vec![route]);
+        self.recorder
+            .register_histogram(&key, &METADATA)
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// Renders every metric in the Prometheus text format, refreshing the values that are
+    /// read from the registry and the shutdown controller at scrape time.
+    pub fn render(
+        &self,
+        registry: &ConnectionRegistry,
+        shutdown: &ShutdownController,
+        start_time: Instant,
+    ) -> String {
+        for kind in KINDS {
+            #[allow(clippy::cast_precision_loss)] // connection counts are far below 2^52
+            self.open[kind_index(kind)].set(registry.count_by_kind(kind) as f64);
+        }
+        self.dropped.absolute(registry.dropped_messages_total());
+        #[allow(clippy::cast_precision_loss)]
+        self.in_flight.set(shutdown.in_flight_count() as f64);
+        let current = shutdown.health_state();
+        for (gauge, state) in self.health.iter().zip(HEALTH_STATES) {
+            gauge.set(if state == current { 1.0 } else { 0.0 });
+        }
+        self.uptime.set(start_time.elapsed().as_secs_f64());
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets, bounding memory between scrapes.
+    pub(crate) fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+pub async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let body = state
+        .metrics
+        .render(&state.registry, &state.shutdown, state.start_time);
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Middleware recording `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
+/// It sits outside every other layer, so CORS preflights, timeouts and `404`s are counted too.
+pub(crate) async fn record_http_metrics(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(request.uri().path());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_request(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// The route label for a path: one of the server's routes, or `unmatched`, so that scanning
+/// clients cannot create unbounded label values.
+fn route_label(path: &str) -> &'static str {
+    const ROUTES: [&str; 6] = [
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/ws",
+        "/sync",
+        "/metrics",
+    ];
+    ROUTES
+        .into_iter()
+        .find(|route| *route == path)
+        .unwrap_or("unmatched")
+}
