@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Interoperability and scale-out checks: real clients (Python websockets, Node ws, websocat,
+# headless Chromium) against the interop server, then a rolling restart behind HAProxy.
+# Installs what it needs: Debian packages with apt-get, PyPI and npm packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v haproxy >/dev/null || missing+=(haproxy)
+if ((${#missing[@]})); then
+  echo "== apt-get install ${missing[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "== pip / npm packages"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r requirements.txt
+npm ci --no-audit --no-fund --loglevel=error
+
+echo "== build"
+cargo build -q -p topgun-server --bin topgun-server --example interop_server
+target=../../target/debug
+
+echo "== real clients"
+timeout 600 python3 run_clients.py "$target/examples/interop_server"
+echo "== rolling restart behind HAProxy"
+timeout 600 python3 rolling_restart.py "$target/topgun-server"

@@ -1,0 +1,87 @@
+"""Runs each real client against a fresh interop server and checks it end to end.
+
+For every client: start the server, run the client's scripted session (echo, burst unpacked
+from BATCH frames, and for the browser a cross-origin POST /sync), wait for it to print READY,
+send the server SIGTERM, and check that the client saw the close and that both exit cleanly.
+
+Usage: python3 run_clients.py PATH/TO/interop_server
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLIENTS = {
+    "python websockets": ["python3", "clients/python_client.py", "{ws}"],
+    "node ws": ["node", "clients/node_client.mjs", "{ws}"],
+    "websocat": ["python3", "clients/websocat_client.py", "{ws}"],
+    "chromium": ["node", "clients/browser_client.mjs", "{http}"],
+}
+STEP_TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, deadline: float) -> None:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready")
+        time.sleep(0.05)
+
+
+def run_client(name: str, command: list, server_bin: str) -> bool:
+    port = free_port()
+    server = subprocess.Popen([server_bin, "--port", str(port)], stdout=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health/ready", time.monotonic() + STEP_TIMEOUT)
+        args = [a.format(ws=f"ws://127.0.0.1:{port}/ws", http=f"http://127.0.0.1:{port}") for a in command]
+        client = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, text=True)
+        lines = []
+        deadline = time.monotonic() + STEP_TIMEOUT
+        for line in client.stdout:
+            lines.append(line.rstrip())
+            if line.strip() == "READY":
+                break
+            if time.monotonic() > deadline:
+                break
+        if lines[-1:] != ["READY"]:
+            client.kill()
+            print(f"FAIL {name}: no READY\n  " + "\n  ".join(lines))
+            return False
+        server.terminate()  # SIGTERM: graceful shutdown
+        rest, _ = client.communicate(timeout=STEP_TIMEOUT)
+        lines += rest.splitlines()
+        server_rc = server.wait(timeout=STEP_TIMEOUT)
+        ok = client.returncode == 0 and server_rc == 0
+        print(("PASS" if ok else "FAIL") + f" {name}: " + " | ".join(lines) + f" | server exit {server_rc}")
+        return ok
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def main() -> int:
+    server_bin = os.path.abspath(sys.argv[1])
+    only = set(sys.argv[2:])
+    results = {name: run_client(name, cmd, server_bin) for name, cmd in CLIENTS.items() if not only or name in only}
+    passed = sum(results.values())
+    print(f"{passed} passed, {len(results) - passed} failed")
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
