@@ -20,8 +20,8 @@ use bytes::Bytes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use topgun_server::network::{
-    ConnectionHandle, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage, ShutdownConfig,
-    SyncError,
+    ConnectionHandle, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage,
+    ShutdownConfig, SyncError,
 };
 
 #[derive(Debug, Parser)]
@@ -55,9 +55,13 @@ struct Interop;
 impl InboundHandler for Interop {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         match rmp_serde::from_slice::<Command>(&payload) {
-            Ok(Command { kind, count: Some(count) }) if kind == "BURST" => {
+            Ok(Command {
+                kind,
+                count: Some(count),
+            }) if kind == "BURST" => {
                 for seq in 0..count {
-                    let item = rmp_serde::to_vec_named(&Item { kind: "ITEM", seq }).expect("encodes");
+                    let item =
+                        rmp_serde::to_vec_named(&Item { kind: "ITEM", seq }).expect("encodes");
                     conn.try_send(OutboundMessage::Binary(item.into()));
                 }
             }
