@@ -239,7 +239,7 @@ async def main(binary: str) -> int:
         and not ws.unexpected
         and exits == [0, 0]
     )
-    print("rolling restart: " + ("1 passed, 0 failed" if ok else "0 passed, 1 failed"))
+    print("rolling-restart: " + ("1 passed, 0 failed" if ok else "0 passed, 1 failed"))
     return 0 if ok else 1
 
 
