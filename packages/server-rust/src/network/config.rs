@@ -122,6 +122,11 @@ impl NetworkConfig {
                 c.ws_max_write_buffer_size
             )));
         }
+        if c.ws_read_buffer_size == 0 {
+            return Err(ConfigError(
+                "connection.ws_read_buffer_size must be at least 1".into(),
+            ));
+        }
         if c.max_batch_messages == 0 {
             return Err(ConfigError(
                 "connection.max_batch_messages must be at least 1".into(),
@@ -195,6 +200,10 @@ pub struct ConnectionConfig {
     /// How often the server pings each connection; any frame the client sends, pongs
     /// included, counts as activity. Must be shorter than `idle_timeout`. Default: 20 s.
     pub ping_interval: Duration,
+    /// Initial size of each connection's WebSocket read buffer; it grows to fit a larger
+    /// message. Every open connection holds one, so this dominates the memory of idle
+    /// connections. Default: 4 KiB (tungstenite alone would take 128 KiB).
+    pub ws_read_buffer_size: usize,
     /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
     pub ws_write_buffer_size: usize,
     /// Upper bound of the WebSocket write buffer; must exceed `ws_write_buffer_size` by at
@@ -225,6 +234,7 @@ impl Default for ConnectionConfig {
             send_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(20),
+            ws_read_buffer_size: 4096,
             ws_write_buffer_size: 131_072,
             ws_max_write_buffer_size: 524_288,
             max_batch_messages: 256,

@@ -28,6 +28,7 @@
 //! | `topgun_uptime_seconds` | gauge | | seconds since the server was built |
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -140,6 +141,10 @@ pub struct TransportMetrics {
     pub(crate) queue_depth: Histogram,
     pub(crate) tls_handshake_failures: Counter,
     dropped: Counter,
+    /// `topgun_http_requests_total` handles by route and status, created on first use, so a
+    /// request costs no allocation or map lookup once its (route, status) has been seen.
+    http_requests: [[OnceLock<Counter>; STATUS_SLOTS]; ROUTES.len() + 1],
+    http_latency: [Histogram; ROUTES.len() + 1],
     in_flight: Gauge,
     health: [Gauge; 4],
     uptime: Gauge,
@@ -317,6 +322,14 @@ impl TransportMetrics {
             queue_depth: histogram("topgun_websocket_outbound_queue_depth"),
             tls_handshake_failures: counter("topgun_tls_handshake_failures_total", vec![]),
             dropped: counter("topgun_outbound_dropped_messages_total", vec![]),
+            http_requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            http_latency: std::array::from_fn(|route| {
+                let key = Key::from_parts(
+                    "topgun_http_request_duration_seconds",
+                    vec![Label::new("route", route_name(route))],
+                );
+                r.register_histogram(&key, &METADATA)
+            }),
             in_flight: gauge("topgun_in_flight_operations", vec![]),
             health: HEALTH_STATES
                 .map(|s| gauge("topgun_health_state", vec![Label::new("state", s.as_str())])),
@@ -341,19 +354,23 @@ impl TransportMetrics {
         }
     }
 
-    /// Records one answered HTTP request. Labels are built per request (HTTP is not the
-    /// per-message path); `route` comes from a fixed set, so cardinality stays bounded.
-    fn http_request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        let route = Label::new("route", route);
-        let key = Key::from_parts(
-            "topgun_http_requests_total",
-            vec![route.clone(), Label::new("status", status.to_string())],
-        );
-        self.recorder.register_counter(&key, &METADATA).increment(1);
-        let key = Key::from_parts("topgun_http_request_duration_seconds", vec![route]);
-        self.recorder
-            .register_histogram(&key, &METADATA)
-            .record(elapsed.as_secs_f64());
+    /// Records one answered HTTP request.
+    fn http_request(&self, route: usize, status: u16, elapsed: Duration) {
+        let slot = usize::from(status)
+            .saturating_sub(STATUS_BASE)
+            .min(STATUS_SLOTS - 1);
+        let counter = self.http_requests[route][slot].get_or_init(|| {
+            let labels = vec![
+                Label::new("route", route_name(route)),
+                Label::new("status", status.to_string()),
+            ];
+            self.recorder.register_counter(
+                &Key::from_parts("topgun_http_requests_total", labels),
+                &METADATA,
+            )
+        });
+        counter.increment(1);
+        self.http_latency[route].record(elapsed.as_secs_f64());
     }
 
     /// Renders every metric in the Prometheus text format, refreshing the values that are
@@ -401,32 +418,38 @@ pub async fn metrics_handler(State(state): State<AppState>) -> Response {
 /// Middleware recording `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
 /// It sits outside every other layer, so CORS preflights, timeouts and `404`s are counted too.
 pub(crate) async fn record_http_metrics(
-    State(state): State<AppState>,
+    State(metrics): State<Arc<TransportMetrics>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let route = route_label(request.uri().path());
+    let route = route_index(request.uri().path());
     let started = Instant::now();
     let response = next.run(request).await;
-    state
-        .metrics
-        .http_request(route, response.status().as_u16(), started.elapsed());
+    metrics.http_request(route, response.status().as_u16(), started.elapsed());
     response
 }
 
-/// The route label for a path: one of the server's routes, or `unmatched`, so that scanning
-/// clients cannot create unbounded label values.
-fn route_label(path: &str) -> &'static str {
-    const ROUTES: [&str; 6] = [
-        "/health",
-        "/health/live",
-        "/health/ready",
-        "/ws",
-        "/sync",
-        "/metrics",
-    ];
+/// The server's routes; any other path is labelled `unmatched`, so scanning clients cannot
+/// create unbounded label values.
+const ROUTES: [&str; 6] = [
+    "/health",
+    "/health/live",
+    "/health/ready",
+    "/ws",
+    "/sync",
+    "/metrics",
+];
+/// Statuses 100 to 599 get their own slot; anything else shares the last one.
+const STATUS_BASE: usize = 100;
+const STATUS_SLOTS: usize = 500;
+
+fn route_index(path: &str) -> usize {
     ROUTES
-        .into_iter()
-        .find(|route| *route == path)
-        .unwrap_or("unmatched")
+        .iter()
+        .position(|route| *route == path)
+        .unwrap_or(ROUTES.len())
+}
+
+fn route_name(index: usize) -> &'static str {
+    ROUTES.get(index).copied().unwrap_or("unmatched")
 }

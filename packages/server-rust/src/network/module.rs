@@ -185,7 +185,7 @@ impl NetworkModule {
             .fallback(not_found)
             .layer(build_http_layers(&self.config))
             .layer(middleware::from_fn_with_state(
-                state.clone(),
+                Arc::clone(&self.metrics),
                 record_http_metrics,
             ))
             .with_state(state)

@@ -59,7 +59,8 @@ pub async fn ws_upgrade_handler(
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr);
     let span = tracing::info_span!("ws", peer = peer.map(tracing::field::display));
     let config = &state.config.connection;
-    ws.write_buffer_size(config.ws_write_buffer_size)
+    ws.read_buffer_size(config.ws_read_buffer_size)
+        .write_buffer_size(config.ws_write_buffer_size)
         .max_write_buffer_size(config.ws_max_write_buffer_size)
         .max_message_size(config.max_message_size)
         .max_frame_size(config.max_frame_size)

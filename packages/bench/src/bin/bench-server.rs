@@ -1,0 +1,130 @@
+//! The server side of the load harness: the TopGun transport with a handler that echoes and,
+//! on request, broadcasts timestamped messages. `--bare` serves a plain axum router answering
+//! `GET /health` with the same JSON shape and no middleware, as the HTTP baseline.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::Parser;
+use serde::Deserialize;
+use topgun_server::network::{
+    ConnectionHandle, ConnectionKind, ConnectionRegistry, HealthReport, InboundHandler,
+    NetworkConfig, NetworkModule, OutboundMessage,
+};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Serve a bare axum router (no middleware) instead of the transport.
+    #[arg(long)]
+    bare: bool,
+    /// Override `ConnectionConfig::ws_read_buffer_size` (to compare against the default).
+    #[arg(long)]
+    read_buffer: Option<usize>,
+    /// Override `ConnectionConfig::max_batch_messages`; 1 turns coalescing off.
+    #[arg(long)]
+    max_batch_messages: Option<usize>,
+}
+
+/// `{"type": "BROADCAST", "count", "size", "interval_ms"}` starts a broadcast.
+#[derive(Deserialize)]
+struct Broadcast {
+    #[serde(rename = "type")]
+    kind: String,
+    count: u32,
+    size: usize,
+    interval_ms: u64,
+}
+
+struct BenchHandler {
+    registry: Arc<ConnectionRegistry>,
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for BenchHandler {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        match rmp_serde::from_slice::<Broadcast>(&payload) {
+            Ok(request) if request.kind == "BROADCAST" => {
+                tokio::spawn(broadcast(Arc::clone(&self.registry), request));
+            }
+            _ => {
+                let _ = conn
+                    .send_timeout(OutboundMessage::Binary(payload), Duration::from_secs(5))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Broadcasts `count` messages of `size` bytes; each starts with its send time (nanoseconds
+/// since the epoch, u64 LE) and sequence number (u32 LE).
+async fn broadcast(registry: Arc<ConnectionRegistry>, request: Broadcast) {
+    let mut dropped = 0;
+    for seq in 0..request.count {
+        let mut payload = vec![0_u8; request.size.max(12)];
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        payload[..8].copy_from_slice(&nanos.to_le_bytes());
+        payload[8..12].copy_from_slice(&seq.to_le_bytes());
+        dropped += registry.broadcast(payload, ConnectionKind::Client).dropped;
+        if request.interval_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(request.interval_ms)).await;
+        }
+    }
+    eprintln!(
+        "broadcast done: {} messages, {dropped} dropped",
+        request.count
+    );
+}
+
+async fn terminate() {
+    let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    signal.recv().await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.bare {
+        let started = std::time::Instant::now();
+        let router = axum::Router::new().route(
+            "/health",
+            axum::routing::get(move || async move {
+                axum::Json(HealthReport {
+                    state: "ready".into(),
+                    connections: 0,
+                    in_flight: 0,
+                    uptime_secs: started.elapsed().as_secs(),
+                })
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+        println!("LISTENING {}", listener.local_addr()?.port());
+        axum::serve(listener, router)
+            .with_graceful_shutdown(terminate())
+            .await?;
+        return Ok(());
+    }
+    let mut config = NetworkConfig {
+        host: "127.0.0.1".into(),
+        port: args.port,
+        ..NetworkConfig::default()
+    };
+    if let Some(size) = args.read_buffer {
+        config.connection.ws_read_buffer_size = size;
+    }
+    if let Some(max) = args.max_batch_messages {
+        config.connection.max_batch_messages = max;
+    }
+    let module = NetworkModule::new(config);
+    let registry = module.registry();
+    let mut module = module.with_handler(BenchHandler { registry });
+    let port = module.start().await?;
+    println!("LISTENING {port}");
+    module.serve(terminate()).await
+}

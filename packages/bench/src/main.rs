@@ -1,0 +1,577 @@
+//! The client side of the load harness. Each scenario starts its own `bench-server` process,
+//! drives it over loopback from this process (connections spread over several 127.0.0.x source
+//! addresses), and prints a table row plus a JSON line. Every run is bounded in count and time.
+//!
+//! ```sh
+//! cargo build --release -p topgun-bench
+//! target/release/topgun-bench all
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt, stream};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use topgun_server::network::decode_frame;
+
+/// Longest any one scenario may run before it gives up.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
+/// Source addresses connections are spread over.
+const SOURCE_ADDRESSES: u8 = 8;
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Debug, Parser)]
+#[command(about = "Load harness for the TopGun transport")]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Extra arguments for every `bench-server` started, e.g. `--server-arg=--read-buffer=131072`.
+    #[arg(long = "server-arg", global = true)]
+    server_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum Scenario {
+    /// (a) Hold idle connections: server memory per connection, handshakes per second.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+    /// (b) Broadcast to every connection: delivery, throughput, latency, frames, peak memory.
+    Fanout {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        broadcasts: u32,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Milliseconds between broadcasts; 0 fires them back to back.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// (c) More broadcasts than a queue holds, fired at once to healthy clients.
+    Burst {
+        #[arg(long, default_value_t = 2_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 1_000)]
+        broadcasts: u32,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// (d) Echo round trips through the handler.
+    Echo {
+        #[arg(long, default_value_t = 1_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        round_trips: usize,
+    },
+    /// (e) `GET /health` with the full middleware stack against a bare axum router (needs wrk).
+    Http {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// (f) Time from SIGTERM to every connection closed with 1001 and the server exited.
+    Drain {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+    /// Every scenario with its defaults, plus the paced fan-out.
+    All,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    SERVER_ARGS.set(args.server_args.clone()).ok();
+    let scenarios = match args.scenario {
+        Scenario::All => vec![
+            Scenario::Idle {
+                connections: 10_000,
+            },
+            Scenario::Fanout {
+                connections: 10_000,
+                broadcasts: 200,
+                size: 256,
+                interval_ms: 0,
+            },
+            Scenario::Fanout {
+                connections: 10_000,
+                broadcasts: 50,
+                size: 256,
+                interval_ms: 100,
+            },
+            Scenario::Burst {
+                connections: 2_000,
+                broadcasts: 1_000,
+                size: 64,
+            },
+            Scenario::Echo {
+                connections: 1_000,
+                round_trips: 100,
+            },
+            Scenario::Http { seconds: 5 },
+            Scenario::Drain {
+                connections: 10_000,
+            },
+        ],
+        one => vec![one],
+    };
+    for scenario in scenarios {
+        let row = tokio::time::timeout(SCENARIO_LIMIT, run(scenario.clone()))
+            .await
+            .with_context(|| format!("{scenario:?} did not finish in {SCENARIO_LIMIT:?}"))??;
+        row.print();
+    }
+    Ok(())
+}
+
+async fn run(scenario: Scenario) -> anyhow::Result<Row> {
+    match scenario {
+        Scenario::Idle { connections } => idle(connections).await,
+        Scenario::Fanout {
+            connections,
+            broadcasts,
+            size,
+            interval_ms,
+        } => fanout("fanout", connections, broadcasts, size, interval_ms).await,
+        Scenario::Burst {
+            connections,
+            broadcasts,
+            size,
+        } => fanout("burst", connections, broadcasts, size, 0).await,
+        Scenario::Echo {
+            connections,
+            round_trips,
+        } => echo(connections, round_trips).await,
+        Scenario::Http { seconds } => http(seconds).await,
+        Scenario::Drain { connections } => drain(connections).await,
+        Scenario::All => unreachable!("expanded in main"),
+    }
+}
+
+/// One result line: a table row for people and a JSON object for tools.
+struct Row {
+    scenario: String,
+    figures: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl Row {
+    fn new(scenario: impl Into<String>) -> Self {
+        Self {
+            scenario: scenario.into(),
+            figures: Vec::new(),
+        }
+    }
+
+    fn with(mut self, name: &'static str, value: impl Into<serde_json::Value>) -> Self {
+        self.figures.push((name, value.into()));
+        self
+    }
+
+    fn print(&self) {
+        let cells: Vec<String> = self
+            .figures
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("| {} | {} |", self.scenario, cells.join(" | "));
+        let mut json = serde_json::Map::new();
+        json.insert("scenario".into(), self.scenario.clone().into());
+        for (k, v) in &self.figures {
+            json.insert((*k).into(), v.clone());
+        }
+        println!("{}", serde_json::Value::Object(json));
+    }
+}
+
+/// Extra arguments passed to every server this run starts.
+static SERVER_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// A `bench-server` child process.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    async fn spawn(bare: bool) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let binary = exe.with_file_name("bench-server");
+        let mut command = Command::new(&binary);
+        if bare {
+            command.arg("--bare");
+        } else {
+            command.args(SERVER_ARGS.get().into_iter().flatten());
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let line = lines
+            .next_line()
+            .await?
+            .context("server exited before listening")?;
+        let port = line
+            .strip_prefix("LISTENING ")
+            .context("unexpected first line")?
+            .parse()?;
+        Ok(Self { child, port })
+    }
+
+    /// Current and peak resident memory of the server process, in bytes.
+    fn memory(&self) -> anyhow::Result<(u64, u64)> {
+        let pid = self.child.id().context("server exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .context("no such field")?;
+            let kib: u64 = line[name.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()?;
+            Ok(kib * 1024)
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("server exited")?.to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        if !status.success() {
+            bail!("kill failed");
+        }
+        Ok(())
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.terminate()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+async fn connect_one(port: u16, index: usize) -> anyhow::Result<Ws> {
+    let octet = 2 + u8::try_from(index % usize::from(SOURCE_ADDRESSES)).unwrap_or(0);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, octet), 0)))?;
+    let stream = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await?;
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+    Ok(ws)
+}
+
+/// Opens `count` connections, 256 handshakes at a time; returns them and the time it took.
+async fn connect_many(port: u16, count: usize) -> anyhow::Result<(Vec<Ws>, Duration)> {
+    let started = Instant::now();
+    let connections: Vec<Ws> = stream::iter(0..count)
+        .map(|i| connect_one(port, i))
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((connections, started.elapsed()))
+}
+
+async fn server_connections(port: u16) -> anyhow::Result<usize> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    let mut response = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await?;
+    let body = response.split("\r\n\r\n").nth(1).context("no body")?;
+    let json: serde_json::Value = serde_json::from_str(body)?;
+    json["connections"]
+        .as_u64()
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        .context("no count")
+}
+
+async fn wait_for_connections(port: u16, expected: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server_connections(port).await? != expected {
+        if Instant::now() > deadline {
+            bail!("server never reported {expected} connections");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[allow(clippy::cast_precision_loss)] // figures for display
+fn per_second(count: usize, elapsed: Duration) -> f64 {
+    (count as f64 / elapsed.as_secs_f64()).round()
+}
+
+async fn idle(connections: usize) -> anyhow::Result<Row> {
+    let server = Server::spawn(false).await?;
+    let (before, _) = server.memory()?;
+    let (clients, took) = connect_many(server.port, connections).await?;
+    wait_for_connections(server.port, connections).await?;
+    let (after, _) = server.memory()?;
+    let per_connection = after.saturating_sub(before) / connections as u64;
+    drop(clients);
+    server.stop().await?;
+    Ok(Row::new("idle")
+        .with("connections", connections)
+        .with("server_rss_per_connection_bytes", per_connection)
+        .with("server_rss_mib", after / (1 << 20))
+        .with("handshakes_per_sec", per_second(connections, took)))
+}
+
+fn now_nanos() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What one receiving connection saw.
+#[derive(Default)]
+struct Received {
+    messages: usize,
+    frames: usize,
+    latencies_us: Vec<u32>,
+}
+
+/// Reads until `expected` messages arrived, the server closed, or `quiet` passed in silence.
+async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> Received {
+    let mut seen = Received {
+        latencies_us: Vec::with_capacity(expected),
+        ..Received::default()
+    };
+    while seen.messages < expected {
+        let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await else {
+            break;
+        };
+        let Message::Binary(frame) = message else {
+            continue;
+        };
+        let arrived = now_nanos();
+        seen.frames += 1;
+        for message in decode_frame(&frame).unwrap_or_default() {
+            seen.messages += 1;
+            if let Some(sent) = message.get(..8) {
+                let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());
+                let micros = arrived.saturating_sub(sent) / 1_000;
+                seen.latencies_us
+                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    seen
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[index]) / 1_000.0
+}
+
+async fn fanout(
+    label: &str,
+    connections: usize,
+    broadcasts: u32,
+    size: usize,
+    interval_ms: u64,
+) -> anyhow::Result<Row> {
+    let server = Server::spawn(false).await?;
+    let (clients, _) = connect_many(server.port, connections).await?;
+    wait_for_connections(server.port, connections).await?;
+    let mut control = connect_one(server.port, connections).await?;
+    wait_for_connections(server.port, connections + 1).await?;
+    let expected = usize::try_from(broadcasts)?;
+    let quiet = Duration::from_secs(5) + Duration::from_millis(interval_ms * 2);
+    let receivers: Vec<_> = clients
+        .into_iter()
+        .map(|ws| tokio::spawn(receive(ws, expected, quiet)))
+        .collect();
+
+    let request = serde_json::json!({ "type": "BROADCAST", "count": broadcasts, "size": size, "interval_ms": interval_ms });
+    let started = Instant::now();
+    control
+        .send(Message::Binary(rmp_serde::to_vec_named(&request)?.into()))
+        .await?;
+    let mut total = Received::default();
+    for receiver in receivers {
+        let seen = receiver.await?;
+        total.messages += seen.messages;
+        total.frames += seen.frames;
+        total.latencies_us.extend(seen.latencies_us);
+    }
+    let elapsed = started.elapsed();
+    let (_, peak) = server.memory()?;
+    drop(control);
+    server.stop().await?;
+    total.latencies_us.sort_unstable();
+    let wanted = connections * expected;
+    let paced = 1000_u64.checked_div(interval_ms).map_or_else(
+        || label.to_owned(),
+        |rate| format!("{label} paced {rate}/s"),
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let delivered = total.messages as f64 / wanted as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let frames_per_message = total.frames as f64 / total.messages.max(1) as f64;
+    Ok(Row::new(paced)
+        .with("connections", connections)
+        .with("broadcasts", broadcasts)
+        .with("bytes", size)
+        .with("delivered_ratio", (delivered * 10_000.0).round() / 10_000.0)
+        .with("undelivered", wanted - total.messages.min(wanted))
+        .with("msgs_per_sec", per_second(total.messages, elapsed))
+        .with("p50_ms", percentile(&total.latencies_us, 0.50))
+        .with("p99_ms", percentile(&total.latencies_us, 0.99))
+        .with("max_ms", percentile(&total.latencies_us, 1.0))
+        .with(
+            "frames_per_message",
+            (frames_per_message * 1000.0).round() / 1000.0,
+        )
+        .with("server_peak_rss_mib", peak / (1 << 20)))
+}
+
+async fn echo(connections: usize, round_trips: usize) -> anyhow::Result<Row> {
+    let server = Server::spawn(false).await?;
+    let (clients, _) = connect_many(server.port, connections).await?;
+    let started = Instant::now();
+    let sessions: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut rtts = Vec::with_capacity(round_trips);
+                for seq in 0..round_trips {
+                    let sent = Instant::now();
+                    let payload = bytes::Bytes::from(seq.to_le_bytes().to_vec());
+                    ws.send(Message::Binary(payload.clone())).await?;
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Binary(frame))) if frame == payload => break,
+                            Some(Ok(_)) => {}
+                            _ => bail!("connection ended mid-echo"),
+                        }
+                    }
+                    rtts.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                anyhow::Ok(rtts)
+            })
+        })
+        .collect();
+    let mut rtts = Vec::new();
+    for session in sessions {
+        rtts.extend(session.await??);
+    }
+    let elapsed = started.elapsed();
+    server.stop().await?;
+    rtts.sort_unstable();
+    Ok(Row::new("echo")
+        .with("connections", connections)
+        .with("round_trips", rtts.len())
+        .with("round_trips_per_sec", per_second(rtts.len(), elapsed))
+        .with("p50_ms", percentile(&rtts, 0.50))
+        .with("p99_ms", percentile(&rtts, 0.99))
+        .with("max_ms", percentile(&rtts, 1.0)))
+}
+
+async fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c64",
+            &format!("-d{seconds}s"),
+            &format!("http://127.0.0.1:{port}/health"),
+        ])
+        .output()
+        .await
+        .context("wrk is needed for the HTTP scenario: apt-get install wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .context("no Requests/sec line")?;
+    Ok(line["Requests/sec:".len()..].trim().parse()?)
+}
+
+async fn http(seconds: u64) -> anyhow::Result<Row> {
+    let full = Server::spawn(false).await?;
+    let full_rps = wrk(full.port, seconds).await?;
+    full.stop().await?;
+    let bare = Server::spawn(true).await?;
+    let bare_rps = wrk(bare.port, seconds).await?;
+    bare.stop().await?;
+    Ok(Row::new("http /health")
+        .with("full_stack_req_per_sec", full_rps.round())
+        .with("bare_axum_req_per_sec", bare_rps.round())
+        .with("ratio", (full_rps / bare_rps * 1000.0).round() / 1000.0))
+}
+
+async fn drain(connections: usize) -> anyhow::Result<Row> {
+    let mut server = Server::spawn(false).await?;
+    let (clients, _) = connect_many(server.port, connections).await?;
+    wait_for_connections(server.port, connections).await?;
+    let watchers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Close(Some(frame)) = message {
+                        // Keep reading so the acknowledgement goes out, as a real client's does.
+                        while let Some(Ok(_)) = ws.next().await {}
+                        return Some(u16::from(frame.code));
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    server.terminate()?;
+    let mut closed_1001 = 0;
+    for watcher in watchers {
+        if watcher.await? == Some(1001) {
+            closed_1001 += 1;
+        }
+    }
+    let all_closed = started.elapsed();
+    server.child.wait().await?;
+    let exited = started.elapsed();
+    Ok(Row::new("drain")
+        .with("connections", connections)
+        .with("closed_with_1001", closed_1001)
+        .with(
+            "all_closed_ms",
+            u64::try_from(all_closed.as_millis()).unwrap_or(u64::MAX),
+        )
+        .with(
+            "server_exited_ms",
+            u64::try_from(exited.as_millis()).unwrap_or(u64::MAX),
+        ))
+}
