@@ -57,6 +57,9 @@ enum Scenario {
         /// Milliseconds between broadcasts; 0 fires them back to back.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// Fire with the synchronous `broadcast` instead of `broadcast_cooperative`.
+        #[arg(long)]
+        sync: bool,
     },
     /// (c) More broadcasts than a queue holds, fired at once to healthy clients.
     Burst {
@@ -66,6 +69,9 @@ enum Scenario {
         broadcasts: u32,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Fire with the synchronous `broadcast` instead of `broadcast_cooperative`.
+        #[arg(long)]
+        sync: bool,
     },
     /// (d) Echo round trips through the handler.
     Echo {
@@ -94,34 +100,26 @@ async fn main() -> anyhow::Result<()> {
     SERVER_ARGS.set(args.server_args.clone()).ok();
     let scenarios = match args.scenario {
         Scenario::All => vec![
-            Scenario::Idle {
-                connections: 10_000,
-            },
+            Scenario::Idle { connections: 10_000 },
             Scenario::Fanout {
                 connections: 10_000,
                 broadcasts: 200,
                 size: 256,
                 interval_ms: 0,
+                sync: false,
             },
             Scenario::Fanout {
                 connections: 10_000,
                 broadcasts: 50,
                 size: 256,
                 interval_ms: 100,
+                sync: false,
             },
-            Scenario::Burst {
-                connections: 2_000,
-                broadcasts: 1_000,
-                size: 64,
-            },
-            Scenario::Echo {
-                connections: 1_000,
-                round_trips: 100,
-            },
+            Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: false },
+            Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: true },
+            Scenario::Echo { connections: 1_000, round_trips: 100 },
             Scenario::Http { seconds: 5 },
-            Scenario::Drain {
-                connections: 10_000,
-            },
+            Scenario::Drain { connections: 10_000 },
         ],
         one => vec![one],
     };
@@ -137,21 +135,13 @@ async fn main() -> anyhow::Result<()> {
 async fn run(scenario: Scenario) -> anyhow::Result<Row> {
     match scenario {
         Scenario::Idle { connections } => idle(connections).await,
-        Scenario::Fanout {
-            connections,
-            broadcasts,
-            size,
-            interval_ms,
-        } => fanout("fanout", connections, broadcasts, size, interval_ms).await,
-        Scenario::Burst {
-            connections,
-            broadcasts,
-            size,
-        } => fanout("burst", connections, broadcasts, size, 0).await,
-        Scenario::Echo {
-            connections,
-            round_trips,
-        } => echo(connections, round_trips).await,
+        Scenario::Fanout { connections, broadcasts, size, interval_ms, sync } => {
+            fanout("fanout", connections, Firing { broadcasts, size, interval_ms, sync }).await
+        }
+        Scenario::Burst { connections, broadcasts, size, sync } => {
+            fanout("burst", connections, Firing { broadcasts, size, interval_ms: 0, sync }).await
+        }
+        Scenario::Echo { connections, round_trips } => echo(connections, round_trips).await,
         Scenario::Http { seconds } => http(seconds).await,
         Scenario::Drain { connections } => drain(connections).await,
         Scenario::All => unreachable!("expanded in main"),
@@ -166,10 +156,7 @@ struct Row {
 
 impl Row {
     fn new(scenario: impl Into<String>) -> Self {
-        Self {
-            scenario: scenario.into(),
-            figures: Vec::new(),
-        }
+        Self { scenario: scenario.into(), figures: Vec::new() }
     }
 
     fn with(mut self, name: &'static str, value: impl Into<serde_json::Value>) -> Self {
@@ -178,11 +165,7 @@ impl Row {
     }
 
     fn print(&self) {
-        let cells: Vec<String> = self
-            .figures
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let cells: Vec<String> = self.figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("| {} | {} |", self.scenario, cells.join(" | "));
         let mut json = serde_json::Map::new();
         json.insert("scenario".into(), self.scenario.clone().into());
@@ -218,14 +201,8 @@ impl Server {
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let line = lines
-            .next_line()
-            .await?
-            .context("server exited before listening")?;
-        let port = line
-            .strip_prefix("LISTENING ")
-            .context("unexpected first line")?
-            .parse()?;
+        let line = lines.next_line().await?.context("server exited before listening")?;
+        let port = line.strip_prefix("LISTENING ").context("unexpected first line")?.parse()?;
         Ok(Self { child, port })
     }
 
@@ -234,15 +211,8 @@ impl Server {
         let pid = self.child.id().context("server exited")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .context("no such field")?;
-            let kib: u64 = line[name.len()..]
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()?;
+            let line = status.lines().find(|l| l.starts_with(name)).context("no such field")?;
+            let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse()?;
             Ok(kib * 1024)
         };
         Ok((field("VmRSS:")?, field("VmHWM:")?))
@@ -250,9 +220,7 @@ impl Server {
 
     fn terminate(&self) -> anyhow::Result<()> {
         let pid = self.child.id().context("server exited")?.to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()?;
+        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status()?;
         if !status.success() {
             bail!("kill failed");
         }
@@ -270,9 +238,7 @@ async fn connect_one(port: u16, index: usize) -> anyhow::Result<Ws> {
     let octet = 2 + u8::try_from(index % usize::from(SOURCE_ADDRESSES)).unwrap_or(0);
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, octet), 0)))?;
-    let stream = socket
-        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await?;
+    let stream = socket.connect(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let config = WebSocketConfig::default().read_buffer_size(4096);
     let url = format!("ws://127.0.0.1:{port}/ws");
     let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
@@ -292,17 +258,29 @@ async fn connect_many(port: u16, count: usize) -> anyhow::Result<(Vec<Ws>, Durat
     Ok((connections, started.elapsed()))
 }
 
-async fn server_connections(port: u16) -> anyhow::Result<usize> {
+/// The body of `GET path` on the server (a raw HTTP/1.1 request; no client library needed).
+async fn get_body(port: u16, path: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    tokio::io::AsyncWriteExt::write_all(
-        &mut stream,
-        b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await?;
     let mut response = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await?;
-    let body = response.split("\r\n\r\n").nth(1).context("no body")?;
-    let json: serde_json::Value = serde_json::from_str(body)?;
+    Ok(response.split("\r\n\r\n").nth(1).context("no body")?.to_owned())
+}
+
+/// What the server counted as undelivered (`topgun_outbound_dropped_messages_total`).
+async fn server_dropped(port: u16) -> anyhow::Result<u64> {
+    let metrics = get_body(port, "/metrics").await?;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("topgun_outbound_dropped_messages_total "))
+        .context("no dropped-messages metric")?;
+    Ok(line.rsplit(' ').next().unwrap_or("0").parse()?)
+}
+
+async fn server_connections(port: u16) -> anyhow::Result<usize> {
+    let body = get_body(port, "/health").await?;
+    let json: serde_json::Value = serde_json::from_str(&body)?;
     json["connections"]
         .as_u64()
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
@@ -342,9 +320,7 @@ async fn idle(connections: usize) -> anyhow::Result<Row> {
 }
 
 fn now_nanos() -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -358,10 +334,7 @@ struct Received {
 
 /// Reads until `expected` messages arrived, the server closed, or `quiet` passed in silence.
 async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> Received {
-    let mut seen = Received {
-        latencies_us: Vec::with_capacity(expected),
-        ..Received::default()
-    };
+    let mut seen = Received { latencies_us: Vec::with_capacity(expected), ..Received::default() };
     while seen.messages < expected {
         let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await else {
             break;
@@ -376,8 +349,7 @@ async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> Received {
             if let Some(sent) = message.get(..8) {
                 let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());
                 let micros = arrived.saturating_sub(sent) / 1_000;
-                seen.latencies_us
-                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                seen.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
             }
         }
     }
@@ -388,22 +360,22 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
     let index = ((sorted.len() - 1) as f64 * p).round() as usize;
     f64::from(sorted[index]) / 1_000.0
 }
 
-async fn fanout(
-    label: &str,
-    connections: usize,
+/// How the server fires its broadcasts.
+struct Firing {
     broadcasts: u32,
     size: usize,
     interval_ms: u64,
-) -> anyhow::Result<Row> {
+    /// The synchronous `broadcast` in a tight loop, rather than `broadcast_cooperative`.
+    sync: bool,
+}
+
+async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Result<Row> {
+    let Firing { broadcasts, size, interval_ms, sync } = firing;
     let server = Server::spawn(false).await?;
     let (clients, _) = connect_many(server.port, connections).await?;
     wait_for_connections(server.port, connections).await?;
@@ -411,16 +383,18 @@ async fn fanout(
     wait_for_connections(server.port, connections + 1).await?;
     let expected = usize::try_from(broadcasts)?;
     let quiet = Duration::from_secs(5) + Duration::from_millis(interval_ms * 2);
-    let receivers: Vec<_> = clients
-        .into_iter()
-        .map(|ws| tokio::spawn(receive(ws, expected, quiet)))
-        .collect();
+    let receivers: Vec<_> =
+        clients.into_iter().map(|ws| tokio::spawn(receive(ws, expected, quiet))).collect();
 
-    let request = serde_json::json!({ "type": "BROADCAST", "count": broadcasts, "size": size, "interval_ms": interval_ms });
+    let request = serde_json::json!({
+        "type": "BROADCAST",
+        "count": broadcasts,
+        "size": size,
+        "interval_ms": interval_ms,
+        "cooperative": !sync,
+    });
     let started = Instant::now();
-    control
-        .send(Message::Binary(rmp_serde::to_vec_named(&request)?.into()))
-        .await?;
+    control.send(Message::Binary(rmp_serde::to_vec_named(&request)?.into())).await?;
     let mut total = Received::default();
     for receiver in receivers {
         let seen = receiver.await?;
@@ -430,32 +404,35 @@ async fn fanout(
     }
     let elapsed = started.elapsed();
     let (_, peak) = server.memory()?;
+    // Let closing connections finish (their leftover queues are counted as they close).
     drop(control);
+    wait_for_connections(server.port, 0).await?;
+    let counted = server_dropped(server.port).await?;
     server.stop().await?;
     total.latencies_us.sort_unstable();
     let wanted = connections * expected;
-    let paced = 1000_u64.checked_div(interval_ms).map_or_else(
-        || label.to_owned(),
-        |rate| format!("{label} paced {rate}/s"),
-    );
+    let mut name = 1000_u64
+        .checked_div(interval_ms)
+        .map_or_else(|| label.to_owned(), |rate| format!("{label} paced {rate}/s"));
+    if sync {
+        name.push_str(" (sync broadcast)");
+    }
     #[allow(clippy::cast_precision_loss)]
     let delivered = total.messages as f64 / wanted as f64;
     #[allow(clippy::cast_precision_loss)]
     let frames_per_message = total.frames as f64 / total.messages.max(1) as f64;
-    Ok(Row::new(paced)
+    Ok(Row::new(name)
         .with("connections", connections)
         .with("broadcasts", broadcasts)
         .with("bytes", size)
         .with("delivered_ratio", (delivered * 10_000.0).round() / 10_000.0)
         .with("undelivered", wanted - total.messages.min(wanted))
+        .with("counted_by_server", counted)
         .with("msgs_per_sec", per_second(total.messages, elapsed))
         .with("p50_ms", percentile(&total.latencies_us, 0.50))
         .with("p99_ms", percentile(&total.latencies_us, 0.99))
         .with("max_ms", percentile(&total.latencies_us, 1.0))
-        .with(
-            "frames_per_message",
-            (frames_per_message * 1000.0).round() / 1000.0,
-        )
+        .with("frames_per_message", (frames_per_message * 1000.0).round() / 1000.0)
         .with("server_peak_rss_mib", peak / (1 << 20)))
 }
 
@@ -503,20 +480,13 @@ async fn echo(connections: usize, round_trips: usize) -> anyhow::Result<Row> {
 
 async fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
     let output = Command::new("wrk")
-        .args([
-            "-t2",
-            "-c64",
-            &format!("-d{seconds}s"),
-            &format!("http://127.0.0.1:{port}/health"),
-        ])
+        .args(["-t2", "-c64", &format!("-d{seconds}s"), &format!("http://127.0.0.1:{port}/health")])
         .output()
         .await
         .context("wrk is needed for the HTTP scenario: apt-get install wrk")?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .context("no Requests/sec line")?;
+    let line =
+        text.lines().find(|l| l.starts_with("Requests/sec:")).context("no Requests/sec line")?;
     Ok(line["Requests/sec:".len()..].trim().parse()?)
 }
 
@@ -566,12 +536,6 @@ async fn drain(connections: usize) -> anyhow::Result<Row> {
     Ok(Row::new("drain")
         .with("connections", connections)
         .with("closed_with_1001", closed_1001)
-        .with(
-            "all_closed_ms",
-            u64::try_from(all_closed.as_millis()).unwrap_or(u64::MAX),
-        )
-        .with(
-            "server_exited_ms",
-            u64::try_from(exited.as_millis()).unwrap_or(u64::MAX),
-        ))
+        .with("all_closed_ms", u64::try_from(all_closed.as_millis()).unwrap_or(u64::MAX))
+        .with("server_exited_ms", u64::try_from(exited.as_millis()).unwrap_or(u64::MAX)))
 }

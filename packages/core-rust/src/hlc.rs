@@ -32,11 +32,7 @@ pub struct Timestamp {
 impl Timestamp {
     /// Builds a timestamp from its three parts.
     pub fn new(millis: u64, counter: u32, node_id: impl Into<String>) -> Self {
-        Self {
-            millis,
-            counter,
-            node_id: node_id.into(),
-        }
+        Self { millis, counter, node_id: node_id.into() }
     }
 }
 
@@ -157,15 +153,9 @@ impl HybridClock {
     /// code path under the lock can panic.
     pub fn now(&self) -> Timestamp {
         let wall = self.wall.now_millis();
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if wall > state.millis {
-            *state = ClockState {
-                millis: wall,
-                counter: 0,
-            };
+            *state = ClockState { millis: wall, counter: 0 };
         } else {
             Self::advance_counter(&mut state);
         }
@@ -190,10 +180,7 @@ impl HybridClock {
                 max_drift_ms,
             });
         }
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let millis = wall.max(state.millis).max(remote.millis);
         let counter = if millis == state.millis && millis == remote.millis {
             state.counter.max(remote.counter).checked_add(1)
@@ -207,12 +194,7 @@ impl HybridClock {
         match counter {
             Some(counter) => *state = ClockState { millis, counter },
             // The counter overflowed within one millisecond: borrow the next millisecond.
-            None => {
-                *state = ClockState {
-                    millis: millis + 1,
-                    counter: 0,
-                }
-            }
+            None => *state = ClockState { millis: millis + 1, counter: 0 },
         }
         Ok(())
     }
@@ -220,12 +202,7 @@ impl HybridClock {
     fn advance_counter(state: &mut ClockState) {
         match state.counter.checked_add(1) {
             Some(counter) => state.counter = counter,
-            None => {
-                *state = ClockState {
-                    millis: state.millis + 1,
-                    counter: 0,
-                }
-            }
+            None => *state = ClockState { millis: state.millis + 1, counter: 0 },
         }
     }
 }
@@ -258,10 +235,7 @@ mod tests {
 
     fn clock_at(millis: u64) -> (HybridClock, ManualClock) {
         let wall = ManualClock::at(millis);
-        (
-            HybridClock::with_wall_clock("local", Duration::from_secs(1), wall.clone()),
-            wall,
-        )
+        (HybridClock::with_wall_clock("local", Duration::from_secs(1), wall.clone()), wall)
     }
 
     #[test]
@@ -292,10 +266,7 @@ mod tests {
         let after_jump = clock.now();
         let next = clock.now();
         assert!(before < after_jump && after_jump < next);
-        assert_eq!(
-            after_jump.millis, 1_000,
-            "physical part must not follow the clock back"
-        );
+        assert_eq!(after_jump.millis, 1_000, "physical part must not follow the clock back");
         wall.set(2_000);
         assert_eq!(clock.now(), Timestamp::new(2_000, 0, "local"));
     }
@@ -317,27 +288,15 @@ mod tests {
         let err = clock.update(&far).unwrap_err();
         assert_eq!(err.ahead_ms, 1_001);
         assert_eq!(err.max_drift_ms, 1_000);
-        assert!(
-            err.to_string()
-                .contains("more than the allowed drift of 1000 ms"),
-            "{err}"
-        );
-        assert_eq!(
-            clock.now().millis,
-            1_000,
-            "a rejected update must not move the clock"
-        );
-        clock
-            .update(&Timestamp::new(2_000, 0, "remote"))
-            .expect("exactly at the bound is fine");
+        assert!(err.to_string().contains("more than the allowed drift of 1000 ms"), "{err}");
+        assert_eq!(clock.now().millis, 1_000, "a rejected update must not move the clock");
+        clock.update(&Timestamp::new(2_000, 0, "remote")).expect("exactly at the bound is fine");
     }
 
     #[test]
     fn counter_overflow_rolls_into_the_next_millisecond() {
         let (clock, _wall) = clock_at(5);
-        clock
-            .update(&Timestamp::new(5, u32::MAX, "remote"))
-            .unwrap();
+        clock.update(&Timestamp::new(5, u32::MAX, "remote")).unwrap();
         assert_eq!(clock.now(), Timestamp::new(6, 1, "local"));
     }
 

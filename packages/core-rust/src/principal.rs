@@ -25,10 +25,7 @@ impl Principal {
         I: IntoIterator<Item = R>,
         R: Into<String>,
     {
-        Self {
-            id: id.into(),
-            roles: roles.into_iter().map(Into::into).collect(),
-        }
+        Self { id: id.into(), roles: roles.into_iter().map(Into::into).collect() }
     }
 
     /// Whether this principal holds `role`.

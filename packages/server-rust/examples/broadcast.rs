@@ -33,22 +33,13 @@ impl InboundHandler for Relay {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
-    let config = NetworkConfig {
-        host: host.to_owned(),
-        port: port.parse()?,
-        ..Default::default()
-    };
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
+    let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
     let module = NetworkModule::new(config);
     let registry = module.registry();
-    let mut module = module.with_handler(Relay {
-        registry: Arc::clone(&registry),
-    });
+    let mut module = module.with_handler(Relay { registry: Arc::clone(&registry) });
     let port = module.start().await?;
     println!("broadcast server on ws://{host}:{port}/ws");
 
@@ -64,9 +55,7 @@ async fn main() -> anyhow::Result<()> {
             registry.broadcast(message, ConnectionKind::Client);
         }
     });
-    let result = module
-        .serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() })
-        .await;
+    let result = module.serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() }).await;
     ticker.abort();
     result
 }

@@ -20,10 +20,7 @@ impl InboundHandler for Echo {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         // Waiting for queue space applies backpressure to this client's reads only.
         let timeout = std::time::Duration::from_secs(5);
-        if let Err(err) = conn
-            .send_timeout(OutboundMessage::Binary(payload), timeout)
-            .await
-        {
+        if let Err(err) = conn.send_timeout(OutboundMessage::Binary(payload), timeout).await {
             tracing::debug!(conn_id = %conn.id, %err, "echo dropped");
         }
     }
@@ -36,21 +33,12 @@ impl InboundHandler for Echo {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
-    let config = NetworkConfig {
-        host: host.to_owned(),
-        port: port.parse()?,
-        ..Default::default()
-    };
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
+    let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
     let mut module = NetworkModule::new(config).with_handler(Echo);
     let port = module.start().await?;
     println!("echo server on ws://{host}:{port}/ws");
-    module
-        .serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() })
-        .await
+    module.serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() }).await
 }

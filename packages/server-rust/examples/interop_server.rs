@@ -55,10 +55,7 @@ struct Interop;
 impl InboundHandler for Interop {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         match rmp_serde::from_slice::<Command>(&payload) {
-            Ok(Command {
-                kind,
-                count: Some(count),
-            }) if kind == "BURST" => {
+            Ok(Command { kind, count: Some(count) }) if kind == "BURST" => {
                 for seq in 0..count {
                     let item =
                         rmp_serde::to_vec_named(&Item { kind: "ITEM", seq }).expect("encodes");

@@ -32,12 +32,7 @@ struct Args {
     #[arg(long, env = "TOPGUN_TLS_CA", requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
     /// Comma-separated origins allowed by CORS; `*` allows any.
-    #[arg(
-        long,
-        env = "TOPGUN_CORS_ORIGINS",
-        value_delimiter = ',',
-        default_value = "*"
-    )]
+    #[arg(long, env = "TOPGUN_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     cors_origins: Vec<String>,
     /// Time limit per HTTP request, e.g. `30s` or `500ms`.
     #[arg(long, env = "TOPGUN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
@@ -108,10 +103,7 @@ impl Args {
             max_connections: self.max_connections,
             max_sync_body_bytes: self.max_sync_body,
             header_read_timeout: self.header_read_timeout,
-            metrics: MetricsConfig {
-                enabled: !self.no_metrics,
-                listen: self.metrics_listen,
-            },
+            metrics: MetricsConfig { enabled: !self.no_metrics, listen: self.metrics_listen },
             connection: ConnectionConfig {
                 idle_timeout: self.idle_timeout,
                 ping_interval: self.ping_interval,
@@ -126,16 +118,10 @@ impl Args {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 

@@ -42,28 +42,19 @@ async fn spawn_server(extra: &[&str]) -> (Child, String) {
 
 fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("child running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid])
-        .status()
-        .unwrap();
+    let status =
+        std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap();
     assert!(status.success());
 }
 
 async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
-    tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .expect("exits in time")
-        .unwrap()
+    tokio::time::timeout(DEADLINE, child.wait()).await.expect("exits in time").unwrap()
 }
 
 #[tokio::test]
 async fn sigterm_drains_websockets_with_1001_and_exits_zero() {
     let (child, addr) = spawn_server(&[]).await;
-    let health = http()
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .unwrap();
+    let health = http().get(format!("http://{addr}/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let mut ws = connect_ws(&format!("ws://{addr}/ws")).await;
 
@@ -102,10 +93,7 @@ async fn sighup_reloads_the_tls_certificate() {
     signal(&child, "HUP");
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while serial().await != 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "certificate not reloaded"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "certificate not reloaded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     signal(&child, "TERM");
@@ -115,19 +103,12 @@ async fn sighup_reloads_the_tls_certificate() {
 async fn run_to_failure(args: &[&str]) -> (i32, String) {
     let output = tokio::time::timeout(
         DEADLINE,
-        Command::new(BINARY)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output(),
+        Command::new(BINARY).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).output(),
     )
     .await
     .expect("exits in time")
     .unwrap();
-    (
-        output.status.code().unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
+    (output.status.code().unwrap(), String::from_utf8(output.stderr).unwrap())
 }
 
 #[tokio::test]
@@ -142,10 +123,7 @@ async fn a_missing_certificate_fails_fast_with_a_readable_message() {
     ])
     .await;
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("cannot read TLS certificate file /nonexistent/cert.pem"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot read TLS certificate file /nonexistent/cert.pem"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

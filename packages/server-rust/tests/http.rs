@@ -69,10 +69,7 @@ impl InboundHandler for Picky {
 #[tokio::test]
 async fn sync_errors_become_their_status_with_a_json_message() {
     let server = TestServer::with_handler(test_config(), Picky).await;
-    let response = post_sync(&http(), server.url("/sync"), &"u")
-        .send()
-        .await
-        .unwrap();
+    let response = post_sync(&http(), server.url("/sync"), &"u").send().await.unwrap();
     assert_eq!(response.status(), 401);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "unauthorized: token expired");
@@ -82,20 +79,10 @@ async fn sync_errors_become_their_status_with_a_json_message() {
 #[tokio::test]
 async fn a_panicking_sync_handler_costs_one_request_not_the_server() {
     let server = TestServer::with_handler(test_config(), Picky).await;
-    let response = post_sync(&http(), server.url("/sync"), &"p")
-        .send()
-        .await
-        .unwrap();
+    let response = post_sync(&http(), server.url("/sync"), &"p").send().await.unwrap();
     assert_eq!(response.status(), 500);
-    assert_eq!(
-        server.controller.in_flight_count(),
-        0,
-        "the in-flight guard is released"
-    );
-    let next = post_sync(&http(), server.url("/sync"), &"ok")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(server.controller.in_flight_count(), 0, "the in-flight guard is released");
+    let next = post_sync(&http(), server.url("/sync"), &"ok").send().await.unwrap();
     assert_eq!(next.status(), 200);
     server.stop().await.unwrap();
 }
@@ -104,32 +91,19 @@ fn request_id(response: &reqwest::Response) -> &str {
     response
         .headers()
         .get("x-request-id")
-        .unwrap_or_else(|| {
-            panic!(
-                "{} {} has no x-request-id",
-                response.status(),
-                response.url()
-            )
-        })
+        .unwrap_or_else(|| panic!("{} {} has no x-request-id", response.status(), response.url()))
         .to_str()
         .unwrap()
 }
 
 #[tokio::test]
 async fn ac13_every_response_carries_an_x_request_id() {
-    let config = NetworkConfig {
-        request_timeout: Duration::from_millis(200),
-        ..test_config()
-    };
+    let config = NetworkConfig { request_timeout: Duration::from_millis(200), ..test_config() };
     let server = TestServer::with_handler(config, Picky).await;
     let client = http();
 
     let ok = client.get(server.url("/health")).send().await.unwrap();
-    let not_found = client
-        .get(server.url("/no/such/route"))
-        .send()
-        .await
-        .unwrap();
+    let not_found = client.get(server.url("/no/such/route")).send().await.unwrap();
     let wrong_method = client.get(server.url("/sync")).send().await.unwrap();
     let preflight = client
         .request(reqwest::Method::OPTIONS, server.url("/sync"))
@@ -138,10 +112,7 @@ async fn ac13_every_response_carries_an_x_request_id() {
         .send()
         .await
         .unwrap();
-    let timed_out = post_sync(&client, server.url("/sync"), &"s")
-        .send()
-        .await
-        .unwrap();
+    let timed_out = post_sync(&client, server.url("/sync"), &"s").send().await.unwrap();
 
     let statuses =
         [&ok, &not_found, &wrong_method, &preflight, &timed_out].map(|r| r.status().as_u16());
@@ -160,22 +131,15 @@ async fn ac13_every_response_carries_an_x_request_id() {
 #[tokio::test]
 async fn a_client_supplied_request_id_is_kept() {
     let server = TestServer::start(test_config()).await;
-    let response = http()
-        .get(server.url("/health"))
-        .header("x-request-id", "trace-42")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        http().get(server.url("/health")).header("x-request-id", "trace-42").send().await.unwrap();
     assert_eq!(request_id(&response), "trace-42");
     server.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn cors_allows_only_the_configured_origins() {
-    let config = NetworkConfig {
-        cors_origins: vec!["http://app.example".into()],
-        ..test_config()
-    };
+    let config = NetworkConfig { cors_origins: vec!["http://app.example".into()], ..test_config() };
     let server = TestServer::start(config).await;
     let preflight = |origin: &'static str| {
         http()
@@ -186,21 +150,11 @@ async fn cors_allows_only_the_configured_origins() {
             .send()
     };
     let allowed = preflight("http://app.example").await.unwrap();
-    assert_eq!(
-        allowed.headers()["access-control-allow-origin"],
-        "http://app.example"
-    );
-    let methods = allowed.headers()["access-control-allow-methods"]
-        .to_str()
-        .unwrap();
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "http://app.example");
+    let methods = allowed.headers()["access-control-allow-methods"].to_str().unwrap();
     assert!(methods.contains("POST"), "{methods}");
     let refused = preflight("http://evil.example").await.unwrap();
-    assert!(
-        refused
-            .headers()
-            .get("access-control-allow-origin")
-            .is_none()
-    );
+    assert!(refused.headers().get("access-control-allow-origin").is_none());
 
     let simple = http()
         .get(server.url("/health"))
@@ -208,10 +162,7 @@ async fn cors_allows_only_the_configured_origins() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        simple.headers()["access-control-expose-headers"],
-        "x-request-id"
-    );
+    assert_eq!(simple.headers()["access-control-expose-headers"], "x-request-id");
     server.stop().await.unwrap();
 }
 
@@ -220,23 +171,13 @@ async fn responses_are_gzip_compressed_for_clients_that_accept_it() {
     let server = TestServer::start(test_config()).await;
     common::install_crypto_provider();
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
-    let compressed = raw
-        .get(server.url("/health"))
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
+    let compressed =
+        raw.get(server.url("/health")).header("accept-encoding", "gzip").send().await.unwrap();
     assert_eq!(compressed.headers()["content-encoding"], "gzip");
     let plain = raw.get(server.url("/health")).send().await.unwrap();
     assert!(plain.headers().get("content-encoding").is_none());
-    let decoded: serde_json::Value = http()
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let decoded: serde_json::Value =
+        http().get(server.url("/health")).send().await.unwrap().json().await.unwrap();
     assert_eq!(decoded["state"], "ready");
     server.stop().await.unwrap();
 }

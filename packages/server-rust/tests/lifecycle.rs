@@ -16,10 +16,7 @@ use topgun_server::network::{
 #[tokio::test]
 async fn ac11_ot5_start_binds_port_zero_then_serve_accepts_connections() {
     let mut module = NetworkModule::new(test_config());
-    assert!(
-        module.local_addr().is_none(),
-        "nothing is bound before start()"
-    );
+    assert!(module.local_addr().is_none(), "nothing is bound before start()");
     let port = module.start().await.unwrap();
     assert!(port > 0);
     assert_eq!(module.local_addr().unwrap().port(), port);
@@ -33,42 +30,27 @@ async fn ac11_ot5_start_binds_port_zero_then_serve_accepts_connections() {
 
 #[tokio::test]
 async fn serve_before_start_is_an_error_not_a_panic() {
-    let err = NetworkModule::new(test_config())
-        .serve(async {})
-        .await
-        .unwrap_err();
+    let err = NetworkModule::new(test_config()).serve(async {}).await.unwrap_err();
     assert!(err.to_string().contains("before start()"), "{err}");
 }
 
 #[tokio::test]
 async fn start_reports_an_invalid_configuration() {
     let config = NetworkConfig {
-        connection: ConnectionConfig {
-            ws_max_write_buffer_size: 1,
-            ..Default::default()
-        },
+        connection: ConnectionConfig { ws_max_write_buffer_size: 1, ..Default::default() },
         ..test_config()
     };
     let err = NetworkModule::new(config).start().await.unwrap_err();
-    assert!(
-        err.to_string().contains("ws_max_write_buffer_size"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("ws_max_write_buffer_size"), "{err}");
 }
 
 #[tokio::test]
 async fn start_reports_a_port_in_use() {
     let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = taken.local_addr().unwrap().port();
-    let config = NetworkConfig {
-        port,
-        ..test_config()
-    };
+    let config = NetworkConfig { port, ..test_config() };
     let err = NetworkModule::new(config).start().await.unwrap_err();
-    assert!(
-        format!("{err:#}").contains(&format!("cannot bind 127.0.0.1:{port}")),
-        "{err:#}"
-    );
+    assert!(format!("{err:#}").contains(&format!("cannot bind 127.0.0.1:{port}")), "{err:#}");
 }
 
 #[tokio::test]
@@ -100,35 +82,17 @@ async fn ac07_ot2_liveness_always_ok_and_readiness_follows_the_state() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     let status = |path: &'static str| async move {
-        http()
-            .get(format!("http://{addr}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        http().get(format!("http://{addr}{path}")).send().await.unwrap().status().as_u16()
     };
 
     assert_eq!(controller.health_state(), HealthState::Starting);
-    assert_eq!(
-        (status("/health/live").await, status("/health/ready").await),
-        (200, 503)
-    );
+    assert_eq!((status("/health/live").await, status("/health/ready").await), (200, 503));
     controller.set_ready();
-    assert_eq!(
-        (status("/health/live").await, status("/health/ready").await),
-        (200, 200)
-    );
+    assert_eq!((status("/health/live").await, status("/health/ready").await), (200, 200));
     controller.trigger_shutdown();
-    assert_eq!(
-        (status("/health/live").await, status("/health/ready").await),
-        (200, 503)
-    );
+    assert_eq!((status("/health/live").await, status("/health/ready").await), (200, 503));
     controller.set_stopped();
-    assert_eq!(
-        (status("/health/live").await, status("/health/ready").await),
-        (200, 503)
-    );
+    assert_eq!((status("/health/live").await, status("/health/ready").await), (200, 503));
     server.abort();
 }
 
@@ -150,25 +114,13 @@ async fn health_in_flight_counts_handler_calls_in_progress() {
     send_binary(&mut client, vec![1_u8]).await;
 
     let controller = Arc::clone(&server.controller);
-    eventually("handler call in flight", || {
-        controller.in_flight_count() == 1
-    })
-    .await;
-    let report: HealthReport = http()
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    eventually("handler call in flight", || controller.in_flight_count() == 1).await;
+    let report: HealthReport =
+        http().get(server.url("/health")).send().await.unwrap().json().await.unwrap();
     assert_eq!(report.in_flight, 1);
 
     gate.add_permits(1);
-    eventually("handler call finished", || {
-        controller.in_flight_count() == 0
-    })
-    .await;
+    eventually("handler call finished", || controller.in_flight_count() == 0).await;
     drop(client);
     server.stop().await.unwrap();
 }
@@ -177,14 +129,8 @@ async fn health_in_flight_counts_handler_calls_in_progress() {
 async fn uptime_is_reported_in_whole_seconds_from_construction() {
     let server = TestServer::start(test_config()).await;
     let started = std::time::Instant::now();
-    let report: HealthReport = http()
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report: HealthReport =
+        http().get(server.url("/health")).send().await.unwrap().json().await.unwrap();
     assert!(Duration::from_secs(report.uptime_secs) <= started.elapsed() + Duration::from_secs(1));
     server.stop().await.unwrap();
 }

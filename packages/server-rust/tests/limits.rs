@@ -22,10 +22,7 @@ use topgun_server::network::{
 };
 
 fn with_connection(connection: ConnectionConfig) -> NetworkConfig {
-    NetworkConfig {
-        connection,
-        ..test_config()
-    }
+    NetworkConfig { connection, ..test_config() }
 }
 
 fn fast_liveness() -> NetworkConfig {
@@ -48,19 +45,10 @@ async fn idle_timeout_closes_a_client_that_never_answers_pings() {
     let opened = Instant::now();
 
     let received = read_until_eof(&mut silent).await;
-    assert!(
-        opened.elapsed() >= Duration::from_millis(400),
-        "closed before the idle timeout"
-    );
-    assert!(
-        received.starts_with(&[0x89, 0x00]),
-        "the server pinged first"
-    );
+    assert!(opened.elapsed() >= Duration::from_millis(400), "closed before the idle timeout");
+    assert!(received.starts_with(&[0x89, 0x00]), "the server pinged first");
     assert_eq!(raw_close_code(&received), Some(1001));
-    assert!(
-        received.windows(12).any(|w| w == b"idle timeout"),
-        "reason is sent"
-    );
+    assert!(received.windows(12).any(|w| w == b"idle timeout"), "reason is sent");
     eventually("removed", || registry.count() == 0).await;
     server.stop().await.unwrap();
 }
@@ -78,11 +66,7 @@ async fn a_quiet_client_that_answers_pings_is_not_closed() {
             other => panic!("expected only pings, got {other:?}"),
         }
     }
-    assert_eq!(
-        server.registry.iter().map(|c| c.id).collect::<Vec<_>>(),
-        [id],
-        "still connected"
-    );
+    assert_eq!(server.registry.iter().map(|c| c.id).collect::<Vec<_>>(), [id], "still connected");
     let handle = server.registry.get(id).unwrap();
     assert!(handle.last_activity().elapsed() < Duration::from_millis(400));
     drop(quiet);
@@ -125,11 +109,7 @@ async fn expect_sequence(mut ws: WsClient, count: u32) {
     while expected < count {
         let frame = common::next_frame(&mut ws).await;
         for message in topgun_server::network::decode_frame(&frame).unwrap() {
-            assert_eq!(
-                message[..4],
-                expected.to_be_bytes(),
-                "out of order or missing"
-            );
+            assert_eq!(message[..4], expected.to_be_bytes(), "out of order or missing");
             expected += 1;
         }
     }
@@ -161,36 +141,19 @@ async fn one_stalled_client_among_a_hundred_is_closed_and_the_rest_get_everythin
         registry.broadcast(sequence_payload(seq), ConnectionKind::Client);
         if seq % 100 == 99 {
             eventually("healthy queues drained", || {
-                healthy
-                    .iter()
-                    .all(|c| c.tx.capacity() == c.tx.max_capacity())
+                healthy.iter().all(|c| c.tx.capacity() == c.tx.max_capacity())
             })
             .await;
         }
     }
     for reader in readers {
-        tokio::time::timeout(DEADLINE, reader)
-            .await
-            .expect("readers finish")
-            .unwrap();
+        tokio::time::timeout(DEADLINE, reader).await.expect("readers finish").unwrap();
     }
-    eventually("stalled client closed", || {
-        registry.get(stalled_id).is_none()
-    })
-    .await;
-    assert!(
-        healthy.iter().all(|c| c.dropped_messages() == 0),
-        "no healthy client missed anything"
-    );
+    eventually("stalled client closed", || registry.get(stalled_id).is_none()).await;
+    assert!(healthy.iter().all(|c| c.dropped_messages() == 0), "no healthy client missed anything");
     let growth = resident_bytes().saturating_sub(rss_before);
-    eprintln!(
-        "resident memory growth (server and 99 clients): {} KiB",
-        growth / 1024
-    );
-    assert!(
-        growth < 200 * 1024 * 1024,
-        "server memory grew by {growth} bytes"
-    );
+    eprintln!("resident memory growth (server and 99 clients): {} KiB", growth / 1024);
+    assert!(growth < 200 * 1024 * 1024, "server memory grew by {growth} bytes");
     drop(healthy);
     server.stop().await.unwrap();
 }
@@ -217,11 +180,7 @@ async fn an_oversized_message_closes_with_1009_and_names_the_limit() {
 
     send_binary(&mut bystander, vec![0x01; 1000]).await;
     let (echo, _) = next_messages(&mut bystander, 1).await;
-    assert_eq!(
-        echo[0].len(),
-        1000,
-        "a message under the limit is fine, on another connection"
-    );
+    assert_eq!(echo[0].len(), 1000, "a message under the limit is fine, on another connection");
     drop(bystander);
     server.stop().await.unwrap();
 }
@@ -244,18 +203,13 @@ async fn an_oversized_frame_closes_with_1009() {
 
 #[tokio::test]
 async fn max_connections_refuses_upgrades_with_503_and_retry_after() {
-    let config = NetworkConfig {
-        max_connections: 3,
-        ..test_config()
-    };
+    let config = NetworkConfig { max_connections: 3, ..test_config() };
     let server = TestServer::with_handler(config, EchoHandler).await;
     let mut open = Vec::new();
     for _ in 0..3 {
         open.push(server.ws().await);
     }
-    let err = tokio_tungstenite::connect_async(server.ws_url())
-        .await
-        .unwrap_err();
+    let err = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap_err();
     let tokio_tungstenite::tungstenite::Error::Http(refused) = err else {
         panic!("expected 503: {err}")
     };
@@ -310,10 +264,8 @@ async fn sync_rejects_bad_bodies_before_the_handler_sees_them() {
     let client = http();
     let url = || server.url("/sync");
 
-    let too_big = post_sync(&client, url(), &serde_bytes::ByteBuf::from(vec![0; 2048]))
-        .send()
-        .await
-        .unwrap();
+    let too_big =
+        post_sync(&client, url(), &serde_bytes::ByteBuf::from(vec![0; 2048])).send().await.unwrap();
     assert_eq!(too_big.status(), 413);
 
     let json = client
@@ -325,10 +277,7 @@ async fn sync_rejects_bad_bodies_before_the_handler_sees_them() {
         .unwrap();
     let (status, body) = error_of(json).await;
     assert_eq!(status, 415);
-    assert!(
-        body.contains("application/json") && body.contains("application/x-msgpack"),
-        "{body}"
-    );
+    assert!(body.contains("application/json") && body.contains("application/x-msgpack"), "{body}");
 
     let missing_type = client.post(url()).body(msgpack(&1)).send().await.unwrap();
     assert_eq!(missing_type.status(), 415);
@@ -343,11 +292,7 @@ async fn sync_rejects_bad_bodies_before_the_handler_sees_them() {
     let (status, body) = error_of(malformed).await;
     assert_eq!(status, 400);
     assert!(body.contains("not valid MsgPack"), "{body}");
-    assert_eq!(
-        handler.0.load(Ordering::SeqCst),
-        0,
-        "the handler never saw invalid input"
-    );
+    assert_eq!(handler.0.load(Ordering::SeqCst), 0, "the handler never saw invalid input");
 
     for content_type in [
         "application/msgpack",
@@ -373,15 +318,10 @@ async fn sync_rejects_bad_bodies_before_the_handler_sees_them() {
 
 #[tokio::test]
 async fn a_slowloris_client_is_dropped_at_the_header_read_timeout() {
-    let config = NetworkConfig {
-        header_read_timeout: Duration::from_millis(300),
-        ..test_config()
-    };
+    let config = NetworkConfig { header_read_timeout: Duration::from_millis(300), ..test_config() };
     let server = TestServer::start(config).await;
     let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    slow.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n")
-        .await
-        .unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n").await.unwrap();
     let started = Instant::now();
     // Dribble one header byte every 50 ms; the server must cut the connection anyway.
     let dropped = async {
@@ -397,19 +337,13 @@ async fn a_slowloris_client_is_dropped_at_the_header_read_timeout() {
             }
         }
     };
-    tokio::time::timeout(DEADLINE, dropped)
-        .await
-        .expect("slowloris connection dropped");
+    tokio::time::timeout(DEADLINE, dropped).await.expect("slowloris connection dropped");
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(250) && took < Duration::from_secs(5),
         "dropped after {took:?}"
     );
-    let healthy = http()
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let healthy = http().get(server.url("/health/ready")).send().await.unwrap();
     assert_eq!(healthy.status(), 200);
     server.stop().await.unwrap();
 }
@@ -440,11 +374,7 @@ async fn malformed_requests_to_ws_get_4xx_with_a_request_id() {
 #[tokio::test]
 async fn unknown_routes_are_404_json_with_a_request_id() {
     let server = TestServer::start(test_config()).await;
-    let response = http()
-        .get(server.url("/v2/everything"))
-        .send()
-        .await
-        .unwrap();
+    let response = http().get(server.url("/v2/everything")).send().await.unwrap();
     assert_eq!(response.status(), 404);
     assert!(response.headers().contains_key("x-request-id"));
     let body: serde_json::Value = response.json().await.unwrap();
@@ -474,24 +404,16 @@ async fn misbehave(server_addr: std::net::SocketAddr, round: usize) {
         }
         1 => {
             let mut ws = connect_retrying(server_addr).await;
-            futures_util::SinkExt::send(&mut ws, Message::text("hello?"))
-                .await
-                .unwrap();
+            futures_util::SinkExt::send(&mut ws, Message::text("hello?")).await.unwrap();
             assert_eq!(u16::from(expect_close(&mut ws).await.code), 1003);
         }
         2 => {
-            let big = post_sync(
-                &client,
-                url("/sync"),
-                &serde_bytes::ByteBuf::from(vec![0; 4096]),
-            );
+            let big = post_sync(&client, url("/sync"), &serde_bytes::ByteBuf::from(vec![0; 4096]));
             assert_eq!(big.send().await.unwrap().status(), 413);
         }
         3 => {
-            let json = client
-                .post(url("/sync"))
-                .header("content-type", "application/json")
-                .body("[]");
+            let json =
+                client.post(url("/sync")).header("content-type", "application/json").body("[]");
             assert_eq!(json.send().await.unwrap().status(), 415);
         }
         4 => {
@@ -503,17 +425,12 @@ async fn misbehave(server_addr: std::net::SocketAddr, round: usize) {
         }
         5 => {
             let mut slow = tokio::net::TcpStream::connect(server_addr).await.unwrap();
-            slow.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
-                .await
-                .unwrap();
+            slow.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n").await.unwrap();
             read_until_eof_raw(&mut slow).await;
         }
         6 => {
             assert_eq!(client.get(url("/ws")).send().await.unwrap().status(), 400);
-            assert_eq!(
-                client.get(url("/nowhere")).send().await.unwrap().status(),
-                404
-            );
+            assert_eq!(client.get(url("/nowhere")).send().await.unwrap().status(), 404);
         }
         _ => {
             // Over the connection cap or not, depending on timing: a 503 or a working socket.
@@ -537,10 +454,7 @@ async fn connect_retrying(server_addr: std::net::SocketAddr) -> WsClient {
             Err(tokio_tungstenite::tungstenite::Error::Http(response))
                 if response.status() == 503 =>
             {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never got a connection slot"
-                );
+                assert!(tokio::time::Instant::now() < deadline, "never got a connection slot");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(err) => panic!("unexpected upgrade failure: {err}"),
@@ -575,13 +489,10 @@ async fn a_barrage_of_bad_input_leaves_healthy_connections_untouched() {
     for _ in 0..100 {
         healthy.push(server.ws().await);
     }
-    let sessions: Vec<_> = healthy
-        .into_iter()
-        .map(|ws| tokio::spawn(healthy_echo_session(ws, MESSAGES)))
-        .collect();
-    let barrage: Vec<_> = (0..80)
-        .map(|round| tokio::spawn(misbehave(server.addr, round)))
-        .collect();
+    let sessions: Vec<_> =
+        healthy.into_iter().map(|ws| tokio::spawn(healthy_echo_session(ws, MESSAGES))).collect();
+    let barrage: Vec<_> =
+        (0..80).map(|round| tokio::spawn(misbehave(server.addr, round))).collect();
 
     for attack in barrage {
         tokio::time::timeout(DEADLINE, attack)
@@ -590,20 +501,10 @@ async fn a_barrage_of_bad_input_leaves_healthy_connections_untouched() {
             .unwrap();
     }
     for session in sessions {
-        tokio::time::timeout(DEADLINE, session)
-            .await
-            .expect("healthy session completes")
-            .unwrap();
+        tokio::time::timeout(DEADLINE, session).await.expect("healthy session completes").unwrap();
     }
-    let ready = http()
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = http().get(server.url("/health/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    assert_eq!(
-        server.controller.health_state(),
-        topgun_server::network::HealthState::Ready
-    );
+    assert_eq!(server.controller.health_state(), topgun_server::network::HealthState::Ready);
     server.stop().await.unwrap();
 }

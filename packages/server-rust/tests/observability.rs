@@ -46,11 +46,7 @@ async fn run_scripted_sequence(
     send_binary(&mut a, vec![2_u8; 10]).await;
     next_messages(&mut a, 2).await;
     // A fourth connection is over the limit.
-    assert!(
-        tokio_tungstenite::connect_async(server.ws_url())
-            .await
-            .is_err()
-    );
+    assert!(tokio_tungstenite::connect_async(server.ws_url()).await.is_err());
     // Closed for known reasons: client close, a limit (text frame), the application.
     a.close(None).await.unwrap();
     while let Some(Ok(_)) = futures_util::StreamExt::next(&mut a).await {}
@@ -58,17 +54,11 @@ async fn run_scripted_sequence(
     expect_close(&mut b).await;
     c_handle.try_send(OutboundMessage::Close(Some("done".into())));
     expect_close(&mut c).await;
-    eventually("all closed", || {
-        registry.count_by_kind(ConnectionKind::Client) == 0
-    })
-    .await;
+    eventually("all closed", || registry.count_by_kind(ConnectionKind::Client) == 0).await;
     // A forced drop: a peer connection whose one-slot queue is full.
     let (peer, _queue) = registry.register(
         ConnectionKind::ClusterPeer,
-        &ConnectionConfig {
-            outbound_channel_capacity: 1,
-            ..Default::default()
-        },
+        &ConnectionConfig { outbound_channel_capacity: 1, ..Default::default() },
     );
     assert!(peer.try_send(OutboundMessage::Binary(Bytes::from_static(b"x"))));
     assert!(!peer.try_send(OutboundMessage::Binary(Bytes::from_static(b"y"))));
@@ -107,74 +97,38 @@ async fn scraped_metrics_match_a_scripted_sequence() {
 
     let text = scrape(server.url("/metrics")).await;
     let value = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
-    assert_eq!(
-        value("topgun_connections_opened_total", &[("kind", "client")]),
-        "3"
-    );
+    assert_eq!(value("topgun_connections_opened_total", &[("kind", "client")]), "3");
     let closed = |reason| {
-        value(
-            "topgun_connections_closed_total",
-            &[("kind", "client"), ("reason", reason)],
-        )
+        value("topgun_connections_closed_total", &[("kind", "client"), ("reason", reason)])
     };
+    assert_eq!([closed("client_close"), closed("limit"), closed("application")], ["1", "1", "1"]);
     assert_eq!(
-        [
-            closed("client_close"),
-            closed("limit"),
-            closed("application")
-        ],
-        ["1", "1", "1"]
-    );
-    assert_eq!(
-        [
-            closed("idle_timeout"),
-            closed("slow_consumer"),
-            closed("shutdown"),
-            closed("error")
-        ],
+        [closed("idle_timeout"), closed("slow_consumer"), closed("shutdown"), closed("error")],
         ["0"; 4]
     );
     assert_eq!(value("topgun_connections_open", &[("kind", "client")]), "0");
+    assert_eq!(value("topgun_connections_open", &[("kind", "cluster_peer")]), "1");
     assert_eq!(
-        value("topgun_connections_open", &[("kind", "cluster_peer")]),
-        "1"
-    );
-    assert_eq!(
-        value(
-            "topgun_websocket_upgrades_refused_total",
-            &[("reason", "connection_limit")]
-        ),
+        value("topgun_websocket_upgrades_refused_total", &[("reason", "connection_limit")]),
         "1"
     );
     assert_eq!(value("topgun_websocket_messages_received_total", &[]), "2");
     assert_eq!(value("topgun_websocket_received_bytes_total", &[]), "20");
     assert_eq!(value("topgun_websocket_messages_sent_total", &[]), "2");
     let frames = value("topgun_websocket_frames_sent_total", &[]);
-    assert!(
-        frames == "1" || frames == "2",
-        "two echoes in one or two frames: {frames}"
-    );
+    assert!(frames == "1" || frames == "2", "two echoes in one or two frames: {frames}");
     assert_eq!(value("topgun_websocket_batch_messages_count", &[]), frames);
     assert_eq!(value("topgun_websocket_batch_messages_sum", &[]), "2");
     assert_eq!(value("topgun_outbound_dropped_messages_total", &[]), "1");
     let requests = |route, status| {
-        value(
-            "topgun_http_requests_total",
-            &[("route", route), ("status", status)],
-        )
+        value("topgun_http_requests_total", &[("route", route), ("status", status)])
     };
     assert_eq!(requests("/health", "200"), "2");
     assert_eq!(requests("unmatched", "404"), "1");
     assert_eq!(requests("/sync", "415"), "1");
     assert_eq!(requests("/ws", "101"), "3");
     assert_eq!(requests("/ws", "503"), "1");
-    assert_eq!(
-        value(
-            "topgun_http_request_duration_seconds_count",
-            &[("route", "/health")]
-        ),
-        "2"
-    );
+    assert_eq!(value("topgun_http_request_duration_seconds_count", &[("route", "/health")]), "2");
     assert_eq!(value("topgun_health_state", &[("state", "ready")]), "1");
     assert_eq!(value("topgun_health_state", &[("state", "draining")]), "0");
     assert_eq!(value("topgun_in_flight_operations", &[]), "0");
@@ -186,10 +140,7 @@ async fn scraped_metrics_match_a_scripted_sequence() {
 #[tokio::test]
 async fn metrics_can_move_to_a_separate_listener_or_be_turned_off() {
     let config = NetworkConfig {
-        metrics: MetricsConfig {
-            enabled: true,
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-        },
+        metrics: MetricsConfig { enabled: true, listen: Some("127.0.0.1:0".parse().unwrap()) },
         ..test_config()
     };
     let mut module = NetworkModule::new(config);
@@ -199,29 +150,13 @@ async fn metrics_can_move_to_a_separate_listener_or_be_turned_off() {
     let main = http().get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(main.status(), 404, "not on the public listener");
     let text = scrape(format!("http://{metrics_addr}/metrics")).await;
-    assert_eq!(
-        sample(&text, "topgun_health_state", &[("state", "ready")]),
-        "1"
-    );
+    assert_eq!(sample(&text, "topgun_health_state", &[("state", "ready")]), "1");
     server.stop().await.unwrap();
 
-    let off = NetworkConfig {
-        metrics: MetricsConfig {
-            enabled: false,
-            listen: None,
-        },
-        ..test_config()
-    };
+    let off =
+        NetworkConfig { metrics: MetricsConfig { enabled: false, listen: None }, ..test_config() };
     let server = TestServer::start(off).await;
-    assert_eq!(
-        http()
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(http().get(server.url("/metrics")).send().await.unwrap().status(), 404);
     server.stop().await.unwrap();
 }
 
@@ -262,12 +197,7 @@ async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let server = TestServer::start(test_config()).await;
-    http()
-        .get(server.url("/health"))
-        .header("x-request-id", "trace-7f3a")
-        .send()
-        .await
-        .unwrap();
+    http().get(server.url("/health")).header("x-request-id", "trace-7f3a").send().await.unwrap();
     let ws = server.ws().await;
     let conn_id = server.registry.iter().next().unwrap().id;
     drop(ws);
@@ -277,35 +207,20 @@ async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
 
     let lines = captured.lines();
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("request_id=trace-7f3a") && l.contains("path=/health")),
+        lines.iter().any(|l| l.contains("request_id=trace-7f3a") && l.contains("path=/health")),
         "no request line with its id:\n{}",
         lines.join("\n")
     );
-    let connection_lines: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains(&format!("conn{{id={conn_id}}}")))
-        .collect();
+    let connection_lines: Vec<&String> =
+        lines.iter().filter(|l| l.contains(&format!("conn{{id={conn_id}}}"))).collect();
+    assert!(connection_lines.iter().any(|l| l.contains("connected")), "{connection_lines:?}");
+    assert!(connection_lines.iter().any(|l| l.contains("disconnected")), "{connection_lines:?}");
     assert!(
-        connection_lines.iter().any(|l| l.contains("connected")),
+        connection_lines.iter().all(|l| l.contains("ws{peer=127.0.0.1:")),
         "{connection_lines:?}"
     );
     assert!(
-        connection_lines.iter().any(|l| l.contains("disconnected")),
-        "{connection_lines:?}"
-    );
-    assert!(
-        connection_lines
-            .iter()
-            .all(|l| l.contains("ws{peer=127.0.0.1:")),
-        "{connection_lines:?}"
-    );
-    assert!(
-        connection_lines
-            .iter()
-            .filter(|l| l.contains("disconnected"))
-            .all(|l| l.contains("DEBUG")),
+        connection_lines.iter().filter(|l| l.contains("disconnected")).all(|l| l.contains("DEBUG")),
         "a client disconnect is logged at debug level"
     );
 }

@@ -15,10 +15,7 @@ use topgun_server::network::{
 };
 
 fn config_with(shutdown: ShutdownConfig) -> NetworkConfig {
-    NetworkConfig {
-        shutdown,
-        ..test_config()
-    }
+    NetworkConfig { shutdown, ..test_config() }
 }
 
 #[tokio::test]
@@ -44,10 +41,8 @@ async fn ac12_ot6_trigger_shutdown_closes_every_websocket_with_1001_and_stops() 
 
 #[tokio::test]
 async fn graceful_shutdown_over_plain_tcp() {
-    let config = config_with(ShutdownConfig {
-        grace_period: Duration::from_secs(1),
-        ..Default::default()
-    });
+    let config =
+        config_with(ShutdownConfig { grace_period: Duration::from_secs(1), ..Default::default() });
     common::graceful_shutdown_scenario(TestServer::start(config).await).await;
 }
 
@@ -59,38 +54,21 @@ async fn ot6_health_reads_draining_during_the_grace_period_then_stopped() {
     }))
     .await;
     let controller = Arc::clone(&server.controller);
-    let ready = http()
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = http().get(server.url("/health/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
 
     controller.trigger_shutdown();
     // The listener still answers during the grace period, reporting the drain.
-    let ready = http()
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = http().get(server.url("/health/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
-    let report: HealthReport = http()
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report: HealthReport =
+        http().get(server.url("/health")).send().await.unwrap().json().await.unwrap();
     assert_eq!(report.state, "draining");
     let url = server.url("/health/live");
 
     server.join().await.unwrap();
     assert_eq!(controller.health_state(), HealthState::Stopped);
-    assert!(
-        http().get(url).send().await.is_err(),
-        "the listener is closed once stopped"
-    );
+    assert!(http().get(url).send().await.is_err(), "the listener is closed once stopped");
 }
 
 #[tokio::test]
@@ -154,19 +132,13 @@ async fn an_in_flight_sync_request_completes_during_shutdown() {
 
     controller.trigger_shutdown();
     let serving = tokio::spawn(server.join());
-    eventually("draining", || {
-        controller.health_state() == HealthState::Draining
-    })
-    .await;
+    eventually("draining", || controller.health_state() == HealthState::Draining).await;
     assert!(!serving.is_finished(), "serve() waits for the request");
     gate.add_permits(1);
 
     let response = request.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.bytes().await.unwrap().as_ref(),
-        common::msgpack(&"pending")
-    );
+    assert_eq!(response.bytes().await.unwrap().as_ref(), common::msgpack(&"pending"));
     serving.await.unwrap().unwrap();
     assert_eq!(controller.health_state(), HealthState::Stopped);
 }

@@ -16,10 +16,7 @@ use topgun_server::network::{
 };
 
 fn tls_config(files: &TlsFiles) -> NetworkConfig {
-    NetworkConfig {
-        tls: Some(files.config.clone()),
-        ..test_config()
-    }
+    NetworkConfig { tls: Some(files.config.clone()), ..test_config() }
 }
 
 async fn tls_server(files: &TlsFiles, ca: &TestCa) -> TestServer {
@@ -36,9 +33,7 @@ async fn tls_connect(
 ) -> std::io::Result<ClientTls> {
     let tcp = TcpStream::connect(server.addr).await?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
+    connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await
 }
 
 /// Sends `GET /health/live` over an HTTP/1.1 TLS stream and checks for `200`. With TLS 1.3 a
@@ -60,9 +55,7 @@ async fn get_live(mut tls: ClientTls) -> std::io::Result<()> {
 
 /// The serial number of the certificate a new handshake is served.
 async fn served_serial(server: &TestServer, ca: &TestCa) -> u64 {
-    let tls = tls_connect(server, (*ca.client_config(None)).clone())
-        .await
-        .unwrap();
+    let tls = tls_connect(server, (*ca.client_config(None)).clone()).await.unwrap();
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     serial_of(&leaf)
 }
@@ -77,12 +70,7 @@ async fn https_serves_health() {
     let ca = TestCa::new("test CA");
     let files = TlsFiles::write(&ca.server_cert(1), None);
     let server = tls_server(&files, &ca).await;
-    let response = server
-        .http()
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http().get(server.url("/health")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["state"], "ready");
@@ -98,14 +86,8 @@ async fn wss_clients_exchange_binary_messages_and_receive_broadcasts() {
     let mut second = server.ws().await;
 
     send_binary(&mut first, vec![0x92, 1, 2]).await;
-    assert_eq!(
-        next_frame(&mut first).await.as_ref(),
-        [0x92, 1, 2],
-        "echoed over wss"
-    );
-    let outcome = server
-        .registry
-        .broadcast(b"to all".to_vec(), ConnectionKind::Client);
+    assert_eq!(next_frame(&mut first).await.as_ref(), [0x92, 1, 2], "echoed over wss");
+    let outcome = server.registry.broadcast(b"to all".to_vec(), ConnectionKind::Client);
     assert_eq!(outcome.queued, 2);
     assert_eq!(next_frame(&mut first).await.as_ref(), b"to all");
     assert_eq!(next_frame(&mut second).await.as_ref(), b"to all");
@@ -122,12 +104,9 @@ async fn tls_1_2_and_1_3_are_offered_with_alpn_for_http_1_1_and_h2() {
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
     ] {
-        let tls = tls_connect(
-            &server,
-            ca.client_config_for(&[version], &[b"http/1.1"], None),
-        )
-        .await
-        .unwrap();
+        let tls = tls_connect(&server, ca.client_config_for(&[version], &[b"http/1.1"], None))
+            .await
+            .unwrap();
         assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
         get_live(tls).await.unwrap();
@@ -157,12 +136,7 @@ async fn mtls_accepts_a_client_certificate_signed_by_the_configured_ca() {
         TestServer::from_module_with_client_tls(module, Some(ca.client_config(Some(&identity))))
             .await;
 
-    let response = server
-        .http()
-        .get(server.url("/health"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http().get(server.url("/health")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let mut ws = server.ws().await;
     send_binary(&mut ws, b"peer hello".to_vec()).await;
@@ -188,10 +162,7 @@ async fn mtls_refuses_clients_without_a_certificate_or_with_one_from_another_ca(
         &[b"http/1.1"],
         Some(&stranger_ca.client_cert("intruder")),
     );
-    for (who, config) in [
-        ("no certificate", anonymous),
-        ("foreign certificate", stranger),
-    ] {
+    for (who, config) in [("no certificate", anonymous), ("foreign certificate", stranger)] {
         let refused = match tls_connect(&server, config).await {
             Ok(tls) => get_live(tls).await,
             Err(err) => Err(err),
@@ -199,39 +170,19 @@ async fn mtls_refuses_clients_without_a_certificate_or_with_one_from_another_ca(
         assert!(refused.is_err(), "{who} must be refused");
     }
     let wss = connect_wss(&server.ws_url(), ca.client_config(None)).await;
-    assert!(
-        wss.is_err(),
-        "a wss client without a certificate is refused"
-    );
+    assert!(wss.is_err(), "a wss client without a certificate is refused");
 
-    let trusted_answer = server
-        .http()
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        trusted_answer.status(),
-        200,
-        "refusals do not disturb trusted clients"
-    );
+    let trusted_answer = server.http().get(server.url("/health/ready")).send().await.unwrap();
+    assert_eq!(trusted_answer.status(), 200, "refusals do not disturb trusted clients");
     // Each refused handshake is counted: no certificate, a foreign one, the wss attempt.
     let deadline = tokio::time::Instant::now() + common::DEADLINE;
     loop {
-        let metrics = server
-            .http()
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap();
+        let metrics = server.http().get(server.url("/metrics")).send().await.unwrap();
         let text = metrics.text().await.unwrap();
         if common::sample(&text, "topgun_tls_handshake_failures_total", &[]) == "3" {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "failures not counted:\n{text}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "failures not counted:\n{text}");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     server.stop().await.unwrap();
@@ -245,31 +196,15 @@ async fn plain_http_on_the_tls_port_fails_cleanly_without_disturbing_others() {
     let mut ws = server.ws().await;
 
     let mut plain = TcpStream::connect(server.addr).await.unwrap();
-    plain
-        .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    plain.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
-    let read = tokio::time::timeout(common::DEADLINE, plain.read_to_end(&mut answer))
-        .await
-        .unwrap();
-    assert!(
-        !answer.starts_with(b"HTTP/1.1 200"),
-        "plain HTTP must not be served: {read:?}"
-    );
+    let read =
+        tokio::time::timeout(common::DEADLINE, plain.read_to_end(&mut answer)).await.unwrap();
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "plain HTTP must not be served: {read:?}");
 
     send_binary(&mut ws, b"still fine".to_vec()).await;
     assert_eq!(next_frame(&mut ws).await.as_ref(), b"still fine");
-    assert_eq!(
-        server
-            .http()
-            .get(server.url("/health/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.http().get(server.url("/health/ready")).send().await.unwrap().status(), 200);
     drop(ws);
     server.stop().await.unwrap();
 }
@@ -289,11 +224,7 @@ async fn reload_serves_the_new_certificate_and_keeps_open_connections() {
     files.replace(&ca.server_cert(2));
     reloader.reload().unwrap();
 
-    assert_eq!(
-        served_serial(&server, &ca).await,
-        2,
-        "new handshakes get the new certificate"
-    );
+    assert_eq!(served_serial(&server, &ca).await, 2, "new handshakes get the new certificate");
     send_binary(&mut before, b"same socket".to_vec()).await;
     assert_eq!(
         next_frame(&mut before).await.as_ref(),
@@ -316,20 +247,14 @@ async fn a_failed_reload_names_the_file_and_keeps_the_current_certificate() {
 
     std::fs::write(&files.config.cert_path, "not a certificate").unwrap();
     let err = reloader.reload().unwrap_err().to_string();
-    assert!(
-        err.contains(&files.config.cert_path.display().to_string()),
-        "{err}"
-    );
+    assert!(err.contains(&files.config.cert_path.display().to_string()), "{err}");
     assert!(err.contains("no PEM certificate"), "{err}");
     assert_eq!(served_serial(&server, &ca).await, 1);
     server.stop().await.unwrap();
 }
 
 async fn start_error(tls: TlsConfig) -> String {
-    let mut module = NetworkModule::new(NetworkConfig {
-        tls: Some(tls),
-        ..test_config()
-    });
+    let mut module = NetworkModule::new(NetworkConfig { tls: Some(tls), ..test_config() });
     let controller = module.shutdown_controller();
     let err = format!("{:#}", module.start().await.unwrap_err());
     assert_eq!(
@@ -346,62 +271,31 @@ async fn bad_certificate_files_fail_start_with_a_message_naming_file_and_problem
     let files = TlsFiles::write(&ca.server_cert(1), None);
     let path = |name: &str| files.dir.path().join(name);
 
-    let missing = TlsConfig {
-        cert_path: path("absent.pem"),
-        ..files.config.clone()
-    };
+    let missing = TlsConfig { cert_path: path("absent.pem"), ..files.config.clone() };
     let err = start_error(missing).await;
     assert!(
         err.contains("cannot read TLS certificate file") && err.contains("absent.pem"),
         "{err}"
     );
 
-    std::fs::write(
-        path("empty.pem"),
-        "-----BEGIN NOTHING-----\n-----END NOTHING-----\n",
-    )
-    .unwrap();
-    let no_cert = TlsConfig {
-        cert_path: path("empty.pem"),
-        ..files.config.clone()
-    };
+    std::fs::write(path("empty.pem"), "-----BEGIN NOTHING-----\n-----END NOTHING-----\n").unwrap();
+    let no_cert = TlsConfig { cert_path: path("empty.pem"), ..files.config.clone() };
     let err = start_error(no_cert).await;
-    assert!(
-        err.contains("empty.pem") && err.contains("no PEM certificate"),
-        "{err}"
-    );
+    assert!(err.contains("empty.pem") && err.contains("no PEM certificate"), "{err}");
 
     std::fs::write(path("other.key"), ca.server_cert(9).key_pem).unwrap();
-    let mismatched = TlsConfig {
-        key_path: path("other.key"),
-        ..files.config.clone()
-    };
+    let mismatched = TlsConfig { key_path: path("other.key"), ..files.config.clone() };
     let err = start_error(mismatched).await;
-    assert!(
-        err.contains("do not work together") && err.contains("other.key"),
-        "{err}"
-    );
+    assert!(err.contains("do not work together") && err.contains("other.key"), "{err}");
 
     std::fs::write(path("garbage.key"), "hello").unwrap();
-    let bad_key = TlsConfig {
-        key_path: path("garbage.key"),
-        ..files.config.clone()
-    };
+    let bad_key = TlsConfig { key_path: path("garbage.key"), ..files.config.clone() };
     let err = start_error(bad_key).await;
-    assert!(
-        err.contains("garbage.key") && err.contains("private key"),
-        "{err}"
-    );
+    assert!(err.contains("garbage.key") && err.contains("private key"), "{err}");
 
-    let missing_ca = TlsConfig {
-        ca_cert_path: Some(path("no-ca.pem")),
-        ..files.config.clone()
-    };
+    let missing_ca = TlsConfig { ca_cert_path: Some(path("no-ca.pem")), ..files.config.clone() };
     let err = start_error(missing_ca).await;
-    assert!(
-        err.contains("client CA") && err.contains("no-ca.pem"),
-        "{err}"
-    );
+    assert!(err.contains("client CA") && err.contains("no-ca.pem"), "{err}");
 }
 
 #[tokio::test]
@@ -409,10 +303,7 @@ async fn graceful_shutdown_over_tls() {
     let ca = TestCa::new("test CA");
     let files = TlsFiles::write(&ca.server_cert(1), None);
     let config = NetworkConfig {
-        shutdown: ShutdownConfig {
-            grace_period: Duration::from_secs(1),
-            ..Default::default()
-        },
+        shutdown: ShutdownConfig { grace_period: Duration::from_secs(1), ..Default::default() },
         ..tls_config(&files)
     };
     let module = NetworkModule::new(config);

@@ -45,10 +45,7 @@ async fn ac09_client_initiated_close_removes_the_connection() {
     client.close(None).await.unwrap();
     let registry = Arc::clone(&server.registry);
     eventually("connection removed", || registry.count() == 0).await;
-    assert!(
-        !handle.is_connected(),
-        "the handle reports the closed connection"
-    );
+    assert!(!handle.is_connected(), "the handle reports the closed connection");
     assert!(!handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"late"))));
     server.stop().await.unwrap();
 }
@@ -81,9 +78,8 @@ async fn binary_messages_reach_the_handler_and_echo_back_in_order() {
 async fn a_lone_message_arrives_unwrapped() {
     let server = TestServer::start(test_config()).await;
     let mut client = server.ws().await;
-    only_connection(&server).try_send(OutboundMessage::Binary(Bytes::from_static(
-        b"\x81\xa1k\x01",
-    )));
+    only_connection(&server)
+        .try_send(OutboundMessage::Binary(Bytes::from_static(b"\x81\xa1k\x01")));
     assert_eq!(next_frame(&mut client).await.as_ref(), b"\x81\xa1k\x01");
     drop(client);
     server.stop().await.unwrap();
@@ -104,20 +100,14 @@ async fn queued_messages_are_coalesced_into_batch_frames_in_order() {
     let server = TestServer::start(test_config()).await;
     let mut client = server.ws().await;
     let handle = only_connection(&server);
-    let sent: Vec<Bytes> = (0..100_u32)
-        .map(|i| Bytes::from(i.to_be_bytes().to_vec()))
-        .collect();
+    let sent: Vec<Bytes> = (0..100_u32).map(|i| Bytes::from(i.to_be_bytes().to_vec())).collect();
     for message in &sent {
         assert!(handle.try_send(OutboundMessage::Binary(message.clone())));
     }
 
     let (received, frames) = next_messages(&mut client, sent.len()).await;
     assert_eq!(received, sent, "complete and in order");
-    assert!(
-        frames < sent.len(),
-        "{frames} frames for {} messages",
-        sent.len()
-    );
+    assert!(frames < sent.len(), "{frames} frames for {} messages", sent.len());
 
     // The frame itself follows TopGun's envelope: a MsgPack map typed BATCH with a count.
     for message in &sent[..3] {
@@ -160,14 +150,8 @@ async fn text_frames_are_refused_with_close_1003() {
     let registry = Arc::clone(&server.registry);
     eventually("offender removed", || registry.count() == 1).await;
 
-    server
-        .registry
-        .broadcast(vec![7_u8], ConnectionKind::Client);
-    assert_eq!(
-        next_frame(&mut bystander).await.as_ref(),
-        [7],
-        "other clients are untouched"
-    );
+    server.registry.broadcast(vec![7_u8], ConnectionKind::Client);
+    assert_eq!(next_frame(&mut bystander).await.as_ref(), [7], "other clients are untouched");
     drop(bystander);
     server.stop().await.unwrap();
 }
@@ -179,9 +163,7 @@ async fn ac15_broadcast_reaches_every_websocket_client() {
     for _ in 0..5 {
         clients.push(server.ws().await);
     }
-    let outcome = server
-        .registry
-        .broadcast(b"news".to_vec(), ConnectionKind::Client);
+    let outcome = server.registry.broadcast(b"news".to_vec(), ConnectionKind::Client);
     assert_eq!((outcome.queued, outcome.dropped), (5, 0));
     for client in &mut clients {
         assert_eq!(next_frame(client).await.as_ref(), b"news");
@@ -198,23 +180,14 @@ struct Recorder {
 #[async_trait::async_trait]
 impl InboundHandler for Recorder {
     async fn on_connect(&self, conn: &Arc<ConnectionHandle>) {
-        self.events
-            .lock()
-            .unwrap()
-            .push(format!("connect {}", conn.id));
+        self.events.lock().unwrap().push(format!("connect {}", conn.id));
     }
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
-        self.events
-            .lock()
-            .unwrap()
-            .push(format!("message {} {payload:?}", conn.id));
+        self.events.lock().unwrap().push(format!("message {} {payload:?}", conn.id));
         assert!(payload.as_ref() != b"boom", "handler bug");
     }
     async fn on_disconnect(&self, conn: &Arc<ConnectionHandle>) {
-        self.events
-            .lock()
-            .unwrap()
-            .push(format!("disconnect {}", conn.id));
+        self.events.lock().unwrap().push(format!("disconnect {}", conn.id));
     }
 }
 
@@ -228,17 +201,10 @@ async fn the_handler_sees_connect_messages_and_one_disconnect() {
     client.close(None).await.unwrap();
     let registry = Arc::clone(&server.registry);
     eventually("connection removed", || registry.count() == 0).await;
-    eventually("disconnect recorded", || {
-        recorder.events.lock().unwrap().len() == 3
-    })
-    .await;
+    eventually("disconnect recorded", || recorder.events.lock().unwrap().len() == 3).await;
     assert_eq!(
         *recorder.events.lock().unwrap(),
-        [
-            format!("connect {id}"),
-            format!("message {id} b\"hi\""),
-            format!("disconnect {id}")
-        ]
+        [format!("connect {id}"), format!("message {id} b\"hi\""), format!("disconnect {id}")]
     );
     server.stop().await.unwrap();
 }
@@ -255,9 +221,7 @@ async fn a_panicking_message_handler_closes_only_that_connection_with_1011() {
     let registry = Arc::clone(&server.registry);
     eventually("victim removed", || registry.count() == 1).await;
     assert_eq!(server.controller.in_flight_count(), 0);
-    server
-        .registry
-        .broadcast(b"still here".to_vec(), ConnectionKind::Client);
+    server.registry.broadcast(b"still here".to_vec(), ConnectionKind::Client);
     assert_eq!(next_frame(&mut bystander).await.as_ref(), b"still here");
     drop(bystander);
     server.stop().await.unwrap();
@@ -289,10 +253,7 @@ async fn a_thousand_connect_disconnect_cycles_leave_no_connection_and_no_task() 
     }
     let registry = Arc::clone(&server.registry);
     eventually("every connection removed", || registry.count() == 0).await;
-    eventually("every connection task ended", || {
-        metrics.num_alive_tasks() <= baseline
-    })
-    .await;
+    eventually("every connection task ended", || metrics.num_alive_tasks() <= baseline).await;
     assert_eq!(server.registry.count_by_kind(ConnectionKind::Client), 0);
     server.stop().await.unwrap();
 }
@@ -308,9 +269,7 @@ async fn upgrades_are_refused_with_503_while_draining() {
     };
     let server = TestServer::start(config).await;
     server.controller.trigger_shutdown();
-    let err = tokio_tungstenite::connect_async(server.ws_url())
-        .await
-        .unwrap_err();
+    let err = tokio_tungstenite::connect_async(server.ws_url()).await.unwrap_err();
     let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
         panic!("expected an HTTP refusal, got {err}");
     };

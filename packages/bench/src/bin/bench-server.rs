@@ -28,7 +28,8 @@ struct Args {
     max_batch_messages: Option<usize>,
 }
 
-/// `{"type": "BROADCAST", "count", "size", "interval_ms"}` starts a broadcast.
+/// `{"type": "BROADCAST", "count", "size", "interval_ms", "cooperative"}` starts a broadcast;
+/// `cooperative` selects `broadcast_cooperative` over the synchronous `broadcast`.
 #[derive(Deserialize)]
 struct Broadcast {
     #[serde(rename = "type")]
@@ -36,6 +37,7 @@ struct Broadcast {
     count: u32,
     size: usize,
     interval_ms: u64,
+    cooperative: bool,
 }
 
 struct BenchHandler {
@@ -64,21 +66,20 @@ async fn broadcast(registry: Arc<ConnectionRegistry>, request: Broadcast) {
     let mut dropped = 0;
     for seq in 0..request.count {
         let mut payload = vec![0_u8; request.size.max(12)];
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         payload[..8].copy_from_slice(&nanos.to_le_bytes());
         payload[8..12].copy_from_slice(&seq.to_le_bytes());
-        dropped += registry.broadcast(payload, ConnectionKind::Client).dropped;
+        dropped += if request.cooperative {
+            registry.broadcast_cooperative(payload, ConnectionKind::Client).await.dropped
+        } else {
+            registry.broadcast(payload, ConnectionKind::Client).dropped
+        };
         if request.interval_ms > 0 {
             tokio::time::sleep(Duration::from_millis(request.interval_ms)).await;
         }
     }
-    eprintln!(
-        "broadcast done: {} messages, {dropped} dropped",
-        request.count
-    );
+    eprintln!("broadcast done: {} messages, {dropped} dropped", request.count);
 }
 
 async fn terminate() {
@@ -105,16 +106,11 @@ async fn main() -> anyhow::Result<()> {
         );
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
         println!("LISTENING {}", listener.local_addr()?.port());
-        axum::serve(listener, router)
-            .with_graceful_shutdown(terminate())
-            .await?;
+        axum::serve(listener, router).with_graceful_shutdown(terminate()).await?;
         return Ok(());
     }
-    let mut config = NetworkConfig {
-        host: "127.0.0.1".into(),
-        port: args.port,
-        ..NetworkConfig::default()
-    };
+    let mut config =
+        NetworkConfig { host: "127.0.0.1".into(), port: args.port, ..NetworkConfig::default() };
     if let Some(size) = args.read_buffer {
         config.connection.ws_read_buffer_size = size;
     }

@@ -115,13 +115,7 @@ mod tests {
     fn batch_is_a_msgpack_map_with_type_count_and_data() {
         let frame = encode_batch(&[Bytes::from_static(b"ab"), Bytes::from_static(b"c")]);
         let header: Header = rmp_serde::from_slice(&frame).unwrap();
-        assert_eq!(
-            header,
-            Header {
-                kind: "BATCH".into(),
-                count: 2
-            }
-        );
+        assert_eq!(header, Header { kind: "BATCH".into(), count: 2 });
         // data = count (2 LE) + len 2 + "ab" + len 1 + "c"
         let expected_data = [2, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 1, 0, 0, 0, b'c'];
         assert!(frame.ends_with(&expected_data));
@@ -129,16 +123,9 @@ mod tests {
 
     #[test]
     fn a_frame_that_is_not_a_batch_is_one_message() {
-        let single = rmp_serde::to_vec_named(&Header {
-            kind: "OP".into(),
-            count: 1,
-        })
-        .unwrap();
+        let single = rmp_serde::to_vec_named(&Header { kind: "OP".into(), count: 1 }).unwrap();
         assert_eq!(decode_frame(&single).unwrap(), vec![Bytes::from(single)]);
-        assert_eq!(
-            decode_frame(b"\x01\x02").unwrap(),
-            vec![Bytes::from_static(b"\x01\x02")]
-        );
+        assert_eq!(decode_frame(b"\x01\x02").unwrap(), vec![Bytes::from_static(b"\x01\x02")]);
     }
 
     #[test]
@@ -156,11 +143,8 @@ mod tests {
 
     #[test]
     fn empty_and_large_messages_round_trip() {
-        let messages = vec![
-            Bytes::new(),
-            Bytes::from(vec![0xAB; 70_000]),
-            Bytes::from_static(b"z"),
-        ];
+        let messages =
+            vec![Bytes::new(), Bytes::from(vec![0xAB; 70_000]), Bytes::from_static(b"z")];
         assert_eq!(decode_frame(&encode_batch(&messages)).unwrap(), messages);
     }
 }

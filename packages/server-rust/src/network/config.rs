@@ -66,10 +66,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: None,
-        }
+        Self { enabled: true, listen: None }
     }
 }
 
@@ -123,14 +120,10 @@ impl NetworkConfig {
             )));
         }
         if c.ws_read_buffer_size == 0 {
-            return Err(ConfigError(
-                "connection.ws_read_buffer_size must be at least 1".into(),
-            ));
+            return Err(ConfigError("connection.ws_read_buffer_size must be at least 1".into()));
         }
         if c.max_batch_messages == 0 {
-            return Err(ConfigError(
-                "connection.max_batch_messages must be at least 1".into(),
-            ));
+            return Err(ConfigError("connection.max_batch_messages must be at least 1".into()));
         }
         if c.ping_interval.is_zero() || c.ping_interval >= c.idle_timeout {
             return Err(ConfigError(format!(
@@ -152,15 +145,9 @@ impl NetworkConfig {
             )));
         }
         if self.request_timeout.is_zero() {
-            return Err(ConfigError(
-                "request_timeout must be greater than zero".into(),
-            ));
+            return Err(ConfigError("request_timeout must be greater than zero".into()));
         }
-        if self
-            .cors_origins
-            .iter()
-            .any(|o| o != "*" && http::HeaderValue::from_str(o).is_err())
-        {
+        if self.cors_origins.iter().any(|o| o != "*" && http::HeaderValue::from_str(o).is_err()) {
             return Err(ConfigError(format!(
                 "cors_origins contains a value that is not a valid origin: {:?}",
                 self.cors_origins
@@ -264,10 +251,7 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self {
-            grace_period: Duration::ZERO,
-            drain_timeout: Duration::from_secs(30),
-        }
+        Self { grace_period: Duration::ZERO, drain_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -304,50 +288,27 @@ mod tests {
             ..Default::default()
         };
         let err = config.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("ws_max_write_buffer_size (1024) must be greater"),
-            "{err}"
-        );
+        assert!(err.contains("ws_max_write_buffer_size (1024) must be greater"), "{err}");
     }
 
     #[test]
     fn validate_rejects_a_batch_that_cannot_fit_the_write_buffer() {
         let config = NetworkConfig {
-            connection: ConnectionConfig {
-                max_batch_bytes: 1 << 20,
-                ..Default::default()
-            },
+            connection: ConnectionConfig { max_batch_bytes: 1 << 20, ..Default::default() },
             ..Default::default()
         };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("max_batch_bytes")
-        );
+        assert!(config.validate().unwrap_err().to_string().contains("max_batch_bytes"));
     }
 
     #[test]
     fn validate_rejects_zero_capacity_and_bad_origins() {
         let zero = NetworkConfig {
-            connection: ConnectionConfig {
-                outbound_channel_capacity: 0,
-                ..Default::default()
-            },
+            connection: ConnectionConfig { outbound_channel_capacity: 0, ..Default::default() },
             ..Default::default()
         };
         assert!(zero.validate().is_err());
-        let origin = NetworkConfig {
-            cors_origins: vec!["bad\norigin".into()],
-            ..Default::default()
-        };
-        assert!(
-            origin
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("cors_origins")
-        );
+        let origin =
+            NetworkConfig { cors_origins: vec!["bad\norigin".into()], ..Default::default() };
+        assert!(origin.validate().unwrap_err().to_string().contains("cors_origins"));
     }
 }

@@ -185,14 +185,23 @@ impl ConnectionHandle {
                 self.record_drop();
                 Err(SendError::Full)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Disconnected),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.record_undelivered(1);
+                Err(SendError::Disconnected)
+            }
         }
+    }
+
+    /// Counts messages that were handed to this connection but will never reach the client
+    /// (queued when it closed, or offered after it closed).
+    pub(crate) fn record_undelivered(&self, count: u64) {
+        self.control.dropped.fetch_add(count, Ordering::Relaxed);
+        self.control.registry_dropped.fetch_add(count, Ordering::Relaxed);
     }
 
     fn record_drop(&self) {
         let control = &self.control;
-        control.dropped.fetch_add(1, Ordering::Relaxed);
-        control.registry_dropped.fetch_add(1, Ordering::Relaxed);
+        self.record_undelivered(1);
         let in_a_row = control.consecutive_drops.fetch_add(1, Ordering::Relaxed) + 1;
         if in_a_row >= control.max_consecutive_drops && !control.close_requested.is_cancelled() {
             tracing::info!(conn_id = %self.id, dropped = in_a_row, "closing slow consumer");
@@ -207,10 +216,7 @@ impl ConnectionHandle {
     /// (unlike [`OutboundMessage::Close`], which is sent after the queue). The first request
     /// wins; later ones are ignored.
     pub fn close_with(&self, code: u16, reason: impl Into<String>) {
-        let request = CloseRequest {
-            code,
-            reason: reason.into(),
-        };
+        let request = CloseRequest { code, reason: reason.into() };
         if self.control.close_request.set(request).is_ok() {
             self.note_disconnect(match code {
                 close::TRY_AGAIN_LATER => DisconnectReason::SlowConsumer,
@@ -229,14 +235,11 @@ impl ConnectionHandle {
 
     /// Why the connection ended: the first reason recorded, or the client leaving.
     pub(crate) fn disconnect_reason(&self) -> DisconnectReason {
-        self.control
-            .disconnect_reason
-            .get()
-            .copied()
-            .unwrap_or(DisconnectReason::ClientClose)
+        self.control.disconnect_reason.get().copied().unwrap_or(DisconnectReason::ClientClose)
     }
 
-    /// Messages that did not fit this connection's queue since it opened.
+    /// Messages handed to this connection that never reached the client: dropped on a full
+    /// queue, still queued when it closed, or offered after it closed.
     pub fn dropped_messages(&self) -> u64 {
         self.control.dropped.load(Ordering::Relaxed)
     }
@@ -250,9 +253,7 @@ impl ConnectionHandle {
     /// Records inbound activity; called for every frame read.
     pub(crate) fn touch(&self) {
         let elapsed = u64::try_from(self.connected_at.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.control
-            .last_activity_ms
-            .store(elapsed, Ordering::Relaxed);
+        self.control.last_activity_ms.store(elapsed, Ordering::Relaxed);
     }
 
     pub(crate) fn close_request(&self) -> Option<&CloseRequest> {
@@ -359,9 +360,7 @@ impl ConnectionRegistry {
 
     /// Looks up a connection by id.
     pub fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
-        self.connections
-            .get(&id)
-            .map(|entry| Arc::clone(entry.value()))
+        self.connections.get(&id).map(|entry| Arc::clone(entry.value()))
     }
 
     /// Number of live connections.
@@ -434,6 +433,22 @@ impl ConnectionRegistry {
         }
     }
 
+    /// [`broadcast`](Self::broadcast), then yields to the runtime once, so the connection
+    /// writers the message woke can drain their queues before the caller broadcasts again.
+    ///
+    /// Use it from async code that broadcasts in a loop: a tight loop of the synchronous
+    /// `broadcast` can fill every queue before any writer runs, and then drops messages even
+    /// for clients that read everything promptly.
+    pub async fn broadcast_cooperative(
+        &self,
+        msg_bytes: impl Into<Bytes>,
+        kind: ConnectionKind,
+    ) -> BroadcastOutcome {
+        let outcome = self.broadcast(msg_bytes, kind);
+        tokio::task::yield_now().await;
+        outcome
+    }
+
     /// Removes and returns every connection, for shutdown.
     pub fn drain_all(&self) -> Vec<Arc<ConnectionHandle>> {
         let ids: Vec<ConnectionId> = self.connections.iter().map(|entry| *entry.key()).collect();
@@ -446,10 +461,7 @@ mod tests {
     use super::*;
 
     fn config_with_capacity(capacity: usize) -> ConnectionConfig {
-        ConnectionConfig {
-            outbound_channel_capacity: capacity,
-            ..Default::default()
-        }
+        ConnectionConfig { outbound_channel_capacity: capacity, ..Default::default() }
     }
 
     fn binary(byte: u8) -> OutboundMessage {
@@ -477,50 +489,31 @@ mod tests {
                 "message {i} must fit"
             );
         }
-        assert!(
-            !handle.try_send(binary(0)),
-            "the 257th message must be refused"
-        );
+        assert!(!handle.try_send(binary(0)), "the 257th message must be refused");
         assert_eq!(handle.try_enqueue(binary(0)), Err(SendError::Full));
         rx.try_recv().unwrap();
-        assert!(
-            handle.try_send(binary(1)),
-            "space freed by the reader is usable again"
-        );
+        assert!(handle.try_send(binary(1)), "space freed by the reader is usable again");
     }
 
     #[test]
     fn consecutive_drops_past_the_limit_request_a_1013_close() {
         let registry = ConnectionRegistry::new();
-        let config = ConnectionConfig {
-            max_consecutive_drops: 3,
-            ..config_with_capacity(1)
-        };
+        let config = ConnectionConfig { max_consecutive_drops: 3, ..config_with_capacity(1) };
         let (handle, mut rx) = registry.register(ConnectionKind::Client, &config);
         assert!(handle.try_send(binary(0)));
         assert!(!handle.try_send(binary(1)));
         assert!(!handle.try_send(binary(2)));
         rx.try_recv().unwrap();
-        assert!(
-            handle.try_send(binary(3)),
-            "a delivered message resets the streak"
-        );
+        assert!(handle.try_send(binary(3)), "a delivered message resets the streak");
         for _ in 0..2 {
             assert!(!handle.try_send(binary(4)));
         }
-        assert!(
-            handle.close_request().is_none(),
-            "two in a row is under the limit"
-        );
+        assert!(handle.close_request().is_none(), "two in a row is under the limit");
         assert!(!handle.try_send(binary(5)));
         assert_eq!(handle.dropped_messages(), 5);
         let request = handle.close_request().expect("close requested");
         assert_eq!(request.code, 1013);
-        assert!(
-            request.reason.contains("3 messages dropped"),
-            "{}",
-            request.reason
-        );
+        assert!(request.reason.contains("3 messages dropped"), "{}", request.reason);
         assert!(handle.close_requested().is_cancelled());
     }
 
@@ -550,14 +543,8 @@ mod tests {
     async fn send_timeout_waits_then_times_out_or_reports_disconnect() {
         let registry = ConnectionRegistry::new();
         let (handle, mut rx) = registry.register(ConnectionKind::Client, &config_with_capacity(1));
-        handle
-            .send_timeout(binary(1), Duration::from_millis(50))
-            .await
-            .unwrap();
-        let err = handle
-            .send_timeout(binary(2), Duration::from_millis(20))
-            .await
-            .unwrap_err();
+        handle.send_timeout(binary(1), Duration::from_millis(50)).await.unwrap();
+        let err = handle.send_timeout(binary(2), Duration::from_millis(20)).await.unwrap_err();
         assert_eq!(err, SendError::Timeout);
         let reader = tokio::spawn(async move {
             let first = rx.recv().await;
@@ -565,10 +552,7 @@ mod tests {
             first
         });
         assert_eq!(reader.await.unwrap(), Some(binary(1)));
-        let err = handle
-            .send_timeout(binary(3), Duration::from_millis(20))
-            .await
-            .unwrap_err();
+        let err = handle.send_timeout(binary(3), Duration::from_millis(20)).await.unwrap_err();
         assert_eq!(err, SendError::Disconnected);
     }
 
@@ -582,16 +566,10 @@ mod tests {
         assert_eq!(registry.count_by_kind(ConnectionKind::Client), 2);
         assert_eq!(registry.count_by_kind(ConnectionKind::ClusterPeer), 1);
         assert_eq!(registry.remove(a.id).map(|h| h.id), Some(a.id));
-        assert!(
-            registry.remove(a.id).is_none(),
-            "a second remove is a no-op"
-        );
+        assert!(registry.remove(a.id).is_none(), "a second remove is a no-op");
         assert_eq!(registry.count(), 2);
         assert_eq!(registry.count_by_kind(ConnectionKind::Client), 1);
-        assert_eq!(
-            registry.get(b.id).map(|h| h.kind),
-            Some(ConnectionKind::ClusterPeer)
-        );
+        assert_eq!(registry.get(b.id).map(|h| h.kind), Some(ConnectionKind::ClusterPeer));
         assert!(registry.get(a.id).is_none());
         assert_eq!(registry.iter().count(), 2);
         let drained = registry.drain_all();
@@ -613,22 +591,9 @@ mod tests {
 
         let outcome = registry.broadcast(vec![7_u8, 7], ConnectionKind::Client);
 
-        assert_eq!(
-            outcome,
-            BroadcastOutcome {
-                queued: 1,
-                dropped: 1
-            }
-        );
-        assert_eq!(
-            rx1.try_recv().unwrap(),
-            OutboundMessage::Binary(Bytes::from_static(&[7, 7]))
-        );
-        assert_eq!(
-            rx_full.try_recv().unwrap(),
-            binary(9),
-            "the full queue keeps its own message"
-        );
+        assert_eq!(outcome, BroadcastOutcome { queued: 1, dropped: 1 });
+        assert_eq!(rx1.try_recv().unwrap(), OutboundMessage::Binary(Bytes::from_static(&[7, 7])));
+        assert_eq!(rx_full.try_recv().unwrap(), binary(9), "the full queue keeps its own message");
         assert!(rx_full.try_recv().is_err());
         assert!(rx_peer.try_recv().is_err(), "peers are not clients");
     }
@@ -660,10 +625,7 @@ mod tests {
         });
         registry.remove(a.id);
         registry.remove(b.id);
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
     }
 
     #[test]

@@ -64,9 +64,7 @@ pub trait InboundHandler: Send + Sync + 'static {
     /// A [`SyncError`], which becomes the HTTP status and a JSON error body.
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
         let _ = body;
-        Err(SyncError::NotImplemented(
-            "this server does not handle HTTP sync".into(),
-        ))
+        Err(SyncError::NotImplemented("this server does not handle HTTP sync".into()))
     }
 }
 
@@ -136,11 +134,7 @@ impl IntoResponse for SyncError {
         } else {
             tracing::debug!(%status, error = %self, "sync request refused");
         }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
 }
 
@@ -170,10 +164,7 @@ mod tests {
 
     #[test]
     fn stub_answer_is_an_empty_msgpack_array() {
-        assert_eq!(
-            EMPTY_MSGPACK_ARRAY,
-            rmp_serde::to_vec_named(&Vec::<()>::new()).unwrap()
-        );
+        assert_eq!(EMPTY_MSGPACK_ARRAY, rmp_serde::to_vec_named(&Vec::<()>::new()).unwrap());
     }
 
     #[test]

@@ -116,12 +116,8 @@ fn kind_index(kind: ConnectionKind) -> usize {
     }
 }
 
-const HEALTH_STATES: [HealthState; 4] = [
-    HealthState::Starting,
-    HealthState::Ready,
-    HealthState::Draining,
-    HealthState::Stopped,
-];
+const HEALTH_STATES: [HealthState; 4] =
+    [HealthState::Starting, HealthState::Ready, HealthState::Draining, HealthState::Stopped];
 
 /// The transport's metrics and the recorder that renders them.
 pub struct TransportMetrics {
@@ -158,99 +154,30 @@ impl fmt::Debug for TransportMetrics {
 
 const METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
-const DURATION_BUCKETS: [f64; 12] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+const DURATION_BUCKETS: [f64; 12] =
+    [0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// `# HELP` text and unit of every metric.
 const DESCRIPTIONS: [(&str, &str, Option<Unit>); 18] = [
     ("topgun_connections_open", "Open connections.", None),
-    (
-        "topgun_connections_opened_total",
-        "Connections opened.",
-        None,
-    ),
-    (
-        "topgun_connections_closed_total",
-        "Connections closed, by reason.",
-        None,
-    ),
-    (
-        "topgun_websocket_upgrades_refused_total",
-        "WebSocket upgrades refused with 503.",
-        None,
-    ),
-    (
-        "topgun_websocket_messages_received_total",
-        "Binary messages received.",
-        None,
-    ),
-    (
-        "topgun_websocket_received_bytes_total",
-        "Payload bytes received.",
-        Some(Unit::Bytes),
-    ),
-    (
-        "topgun_websocket_messages_sent_total",
-        "Messages sent, batched or alone.",
-        None,
-    ),
-    (
-        "topgun_websocket_sent_bytes_total",
-        "Data frame bytes sent.",
-        Some(Unit::Bytes),
-    ),
-    (
-        "topgun_websocket_frames_sent_total",
-        "Data frames sent.",
-        None,
-    ),
-    (
-        "topgun_websocket_batch_messages",
-        "Messages per data frame.",
-        None,
-    ),
-    (
-        "topgun_websocket_outbound_queue_depth",
-        "Queued messages when a writer wakes.",
-        None,
-    ),
-    (
-        "topgun_outbound_dropped_messages_total",
-        "Messages dropped on a full outbound queue.",
-        None,
-    ),
-    (
-        "topgun_tls_handshake_failures_total",
-        "Failed TLS handshakes.",
-        None,
-    ),
-    (
-        "topgun_http_requests_total",
-        "HTTP requests answered.",
-        None,
-    ),
-    (
-        "topgun_http_request_duration_seconds",
-        "HTTP request latency.",
-        Some(Unit::Seconds),
-    ),
-    (
-        "topgun_in_flight_operations",
-        "Handler calls and requests in progress.",
-        None,
-    ),
-    (
-        "topgun_health_state",
-        "1 for the current health state.",
-        None,
-    ),
-    (
-        "topgun_uptime_seconds",
-        "Seconds since the server was built.",
-        Some(Unit::Seconds),
-    ),
+    ("topgun_connections_opened_total", "Connections opened.", None),
+    ("topgun_connections_closed_total", "Connections closed, by reason.", None),
+    ("topgun_websocket_upgrades_refused_total", "WebSocket upgrades refused with 503.", None),
+    ("topgun_websocket_messages_received_total", "Binary messages received.", None),
+    ("topgun_websocket_received_bytes_total", "Payload bytes received.", Some(Unit::Bytes)),
+    ("topgun_websocket_messages_sent_total", "Messages sent, batched or alone.", None),
+    ("topgun_websocket_sent_bytes_total", "Data frame bytes sent.", Some(Unit::Bytes)),
+    ("topgun_websocket_frames_sent_total", "Data frames sent.", None),
+    ("topgun_websocket_batch_messages", "Messages per data frame.", None),
+    ("topgun_websocket_outbound_queue_depth", "Queued messages when a writer wakes.", None),
+    ("topgun_outbound_dropped_messages_total", "Messages dropped on a full outbound queue.", None),
+    ("topgun_tls_handshake_failures_total", "Failed TLS handshakes.", None),
+    ("topgun_http_requests_total", "HTTP requests answered.", None),
+    ("topgun_http_request_duration_seconds", "HTTP request latency.", Some(Unit::Seconds)),
+    ("topgun_in_flight_operations", "Handler calls and requests in progress.", None),
+    ("topgun_health_state", "1 for the current health state.", None),
+    ("topgun_uptime_seconds", "Seconds since the server was built.", Some(Unit::Seconds)),
 ];
 
 impl Default for TransportMetrics {
@@ -356,18 +283,14 @@ impl TransportMetrics {
 
     /// Records one answered HTTP request.
     fn http_request(&self, route: usize, status: u16, elapsed: Duration) {
-        let slot = usize::from(status)
-            .saturating_sub(STATUS_BASE)
-            .min(STATUS_SLOTS - 1);
+        let slot = usize::from(status).saturating_sub(STATUS_BASE).min(STATUS_SLOTS - 1);
         let counter = self.http_requests[route][slot].get_or_init(|| {
             let labels = vec![
                 Label::new("route", route_name(route)),
                 Label::new("status", status.to_string()),
             ];
-            self.recorder.register_counter(
-                &Key::from_parts("topgun_http_requests_total", labels),
-                &METADATA,
-            )
+            self.recorder
+                .register_counter(&Key::from_parts("topgun_http_requests_total", labels), &METADATA)
         });
         counter.increment(1);
         self.http_latency[route].record(elapsed.as_secs_f64());
@@ -405,14 +328,8 @@ impl TransportMetrics {
 
 /// `GET /metrics`: the Prometheus text exposition.
 pub async fn metrics_handler(State(state): State<AppState>) -> Response {
-    let body = state
-        .metrics
-        .render(&state.registry, &state.shutdown, state.start_time);
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        body,
-    )
-        .into_response()
+    let body = state.metrics.render(&state.registry, &state.shutdown, state.start_time);
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 /// Middleware recording `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
@@ -431,23 +348,13 @@ pub(crate) async fn record_http_metrics(
 
 /// The server's routes; any other path is labelled `unmatched`, so scanning clients cannot
 /// create unbounded label values.
-const ROUTES: [&str; 6] = [
-    "/health",
-    "/health/live",
-    "/health/ready",
-    "/ws",
-    "/sync",
-    "/metrics",
-];
+const ROUTES: [&str; 6] = ["/health", "/health/live", "/health/ready", "/ws", "/sync", "/metrics"];
 /// Statuses 100 to 599 get their own slot; anything else shares the last one.
 const STATUS_BASE: usize = 100;
 const STATUS_SLOTS: usize = 500;
 
 fn route_index(path: &str) -> usize {
-    ROUTES
-        .iter()
-        .position(|route| *route == path)
-        .unwrap_or(ROUTES.len())
+    ROUTES.iter().position(|route| *route == path).unwrap_or(ROUTES.len())
 }
 
 fn route_name(index: usize) -> &'static str {

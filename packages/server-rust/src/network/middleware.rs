@@ -72,10 +72,7 @@ pub fn build_http_layers(config: &NetworkConfig) -> HttpLayers {
         .layer(TraceLayer::new_for_http().make_span_with(request_span as MakeSpan))
         .layer(CompressionLayer::new())
         .layer(cors_layer(&config.cors_origins))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            config.request_timeout,
-        ))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
 }
 
 fn request_span(request: &Request<Body>) -> Span {

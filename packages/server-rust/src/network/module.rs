@@ -138,9 +138,7 @@ impl NetworkModule {
     /// Where `/metrics` is served when it has its own listener, once [`start`](Self::start)
     /// has bound it.
     pub fn metrics_local_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The configuration this module was built with.
@@ -167,11 +165,8 @@ impl NetworkModule {
         let state = self.app_state();
         let metrics_here = self.config.metrics.enabled && self.config.metrics.listen.is_none();
         let router = Router::new();
-        let router = if metrics_here {
-            router.route("/metrics", get(metrics_handler))
-        } else {
-            router
-        };
+        let router =
+            if metrics_here { router.route("/metrics", get(metrics_handler)) } else { router };
         router
             .route("/health", get(health_handler))
             .route("/health/live", get(liveness_handler))
@@ -184,10 +179,7 @@ impl NetworkModule {
             )
             .fallback(not_found)
             .layer(build_http_layers(&self.config))
-            .layer(middleware::from_fn_with_state(
-                Arc::clone(&self.metrics),
-                record_http_metrics,
-            ))
+            .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), record_http_metrics))
             .with_state(state)
     }
 
@@ -205,9 +197,7 @@ impl NetworkModule {
 
     /// The router of the separate metrics listener: `/metrics` only.
     fn metrics_router(&self) -> Router {
-        Router::new()
-            .route("/metrics", get(metrics_handler))
-            .with_state(self.app_state())
+        Router::new().route("/metrics", get(metrics_handler)).with_state(self.app_state())
     }
 
     /// Validates the configuration, loads TLS certificates if configured, and binds the port.
@@ -256,9 +246,7 @@ impl NetworkModule {
         )?;
         let local_addr = listener.local_addr()?;
         let listener = listener.into_std()?;
-        let app = self
-            .build_router()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app = self.build_router().into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
             None => {
@@ -386,11 +374,7 @@ impl NetworkModule {
 
 /// Unknown routes get a JSON body, like every other error this server returns.
 async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        axum::Json(serde_json::json!({ "error": "not found" })),
-    )
-        .into_response()
+    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": "not found" }))).into_response()
 }
 
 /// Wraps the TLS acceptor to count (and log at debug level) failed handshakes, which

@@ -166,9 +166,7 @@ impl ShutdownController {
     /// Counts one unit of in-flight work until the returned guard is dropped.
     pub fn in_flight_guard(&self) -> InFlightGuard {
         self.in_flight.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard {
-            counter: Arc::clone(&self.in_flight),
-        }
+        InFlightGuard { counter: Arc::clone(&self.in_flight) }
     }
 
     /// Units of work currently in flight.
@@ -235,19 +233,11 @@ mod tests {
         controller.trigger_shutdown();
         assert_eq!(controller.health_state(), HealthState::Draining);
         controller.set_ready();
-        assert_eq!(
-            controller.health_state(),
-            HealthState::Draining,
-            "no way back to ready"
-        );
+        assert_eq!(controller.health_state(), HealthState::Draining, "no way back to ready");
         controller.set_stopped();
         assert_eq!(controller.health_state(), HealthState::Stopped);
         controller.trigger_shutdown();
-        assert_eq!(
-            controller.health_state(),
-            HealthState::Stopped,
-            "stopped is final"
-        );
+        assert_eq!(controller.health_state(), HealthState::Stopped, "stopped is final");
     }
 
     #[test]
@@ -267,10 +257,7 @@ mod tests {
             async move { controller.shutdown_requested().await }
         });
         controller.trigger_shutdown();
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
         // Already signalled: completes at once.
         tokio::time::timeout(Duration::from_secs(5), controller.shutdown_requested())
             .await
@@ -290,10 +277,7 @@ mod tests {
         drop(first);
         assert_eq!(controller.in_flight_count(), 1);
         drop(second);
-        assert!(
-            waiter.await.unwrap(),
-            "drain must complete once both guards are gone"
-        );
+        assert!(waiter.await.unwrap(), "drain must complete once both guards are gone");
         assert_eq!(controller.in_flight_count(), 0);
     }
 
@@ -306,10 +290,7 @@ mod tests {
 
     #[test]
     fn health_state_serializes_lowercase() {
-        assert_eq!(
-            serde_json::to_string(&HealthState::Draining).unwrap(),
-            r#""draining""#
-        );
+        assert_eq!(serde_json::to_string(&HealthState::Draining).unwrap(), r#""draining""#);
         assert_eq!(HealthState::Ready.as_str(), "ready");
     }
 }

@@ -64,19 +64,14 @@ pub struct TlsReloader {
 
 impl std::fmt::Debug for TlsReloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsReloader")
-            .field("paths", &self.paths)
-            .finish_non_exhaustive()
+        f.debug_struct("TlsReloader").field("paths", &self.paths).finish_non_exhaustive()
     }
 }
 
 impl TlsReloader {
     pub(crate) fn load(paths: &TlsConfig) -> Result<Self, TlsError> {
         let config = server_config(paths)?;
-        Ok(Self {
-            paths: paths.clone(),
-            live: RustlsConfig::from_config(config),
-        })
+        Ok(Self { paths: paths.clone(), live: RustlsConfig::from_config(config) })
     }
 
     /// Re-reads the certificate, key and client CA from their paths and swaps them in.
@@ -141,11 +136,7 @@ fn server_config(paths: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|error| TlsError::Read {
-        what,
-        path: path.to_owned(),
-        error,
-    })
+    std::fs::read(path).map_err(|error| TlsError::Read { what, path: path.to_owned(), error })
 }
 
 fn read_certificates(
@@ -153,11 +144,7 @@ fn read_certificates(
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_file(what, path)?;
-    let invalid = |problem: String| TlsError::Invalid {
-        what,
-        path: path.to_owned(),
-        problem,
-    };
+    let invalid = |problem: String| TlsError::Invalid { what, path: path.to_owned(), problem };
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| invalid(format!("unreadable PEM ({err})")))?;

@@ -53,9 +53,7 @@ impl TestCa {
     /// A certificate for `localhost` and 127.0.0.1 with the given serial number.
     pub fn server_cert(&self, serial: u64) -> Issued {
         let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
         params.serial_number = Some(SerialNumber::from(serial));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(params)
@@ -71,21 +69,14 @@ impl TestCa {
 
     fn issue(&self, params: CertificateParams) -> Issued {
         let key = KeyPair::generate().expect("key");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("signed certificate");
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("signed certificate");
+        Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
     }
 
     /// Trust anchors holding just this CA.
     pub fn roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(self.cert.der().to_vec()))
-            .expect("CA root");
+        roots.add(CertificateDer::from(self.cert.der().to_vec())).expect("CA root");
         roots
     }
 
@@ -134,11 +125,8 @@ impl TlsFiles {
             std::fs::write(path("client-ca.pem"), ca.pem()).expect("write CA");
             path("client-ca.pem")
         });
-        let config = TlsConfig {
-            cert_path: path("server.pem"),
-            key_path: path("server.key"),
-            ca_cert_path,
-        };
+        let config =
+            TlsConfig { cert_path: path("server.pem"), key_path: path("server.key"), ca_cert_path };
         Self { dir, config }
     }
 

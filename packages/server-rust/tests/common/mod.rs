@@ -28,11 +28,7 @@ pub type WsClient = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A config bound to an OS-chosen loopback port.
 pub fn test_config() -> NetworkConfig {
-    NetworkConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        ..Default::default()
-    }
+    NetworkConfig { host: "127.0.0.1".into(), port: 0, ..Default::default() }
 }
 
 /// A running `NetworkModule::serve`, stopped by dropping or by [`TestServer::stop`].
@@ -66,11 +62,7 @@ impl TestServer {
         mut module: NetworkModule,
         client_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
-        let scheme = if module.config().tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let scheme = if module.config().tls.is_some() { "https" } else { "http" };
         let port = match module.local_addr() {
             Some(addr) => addr.port(),
             None => module.start().await.expect("server starts"),
@@ -123,9 +115,7 @@ impl TestServer {
     pub async fn ws(&self) -> WsClient {
         let before = self.registry.count();
         let client = match &self.client_tls {
-            Some(tls) => connect_wss(&self.ws_url(), Arc::clone(tls))
-                .await
-                .expect("wss connects"),
+            Some(tls) => connect_wss(&self.ws_url(), Arc::clone(tls)).await.expect("wss connects"),
             None => connect_ws(&self.ws_url()).await,
         };
         let registry = Arc::clone(&self.registry);
@@ -176,9 +166,8 @@ pub async fn connect_wss(
     let connector = tokio_tungstenite::Connector::Rustls(tls);
     let connect =
         tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector));
-    let (client, _) = tokio::time::timeout(DEADLINE, connect)
-        .await
-        .expect("wss connect in time")?;
+    let (client, _) =
+        tokio::time::timeout(DEADLINE, connect).await.expect("wss connect in time")?;
     Ok(client)
 }
 
@@ -186,10 +175,7 @@ pub async fn connect_wss(
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -226,15 +212,11 @@ pub async fn next_messages(ws: &mut WsClient, count: usize) -> (Vec<Bytes>, usiz
 /// then keeps reading so the client's automatic acknowledgement is sent, as a real client's is.
 pub async fn expect_close(ws: &mut WsClient) -> CloseFrame {
     loop {
-        let message = tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("close in time");
+        let message = tokio::time::timeout(DEADLINE, ws.next()).await.expect("close in time");
         match message {
             Some(Ok(Message::Close(Some(frame)))) => {
                 let finish = async { while let Some(Ok(_)) = ws.next().await {} };
-                tokio::time::timeout(DEADLINE, finish)
-                    .await
-                    .expect("close handshake completes");
+                tokio::time::timeout(DEADLINE, finish).await.expect("close handshake completes");
                 return frame;
             }
             Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
@@ -245,9 +227,7 @@ pub async fn expect_close(ws: &mut WsClient) -> CloseFrame {
 }
 
 pub async fn send_binary(ws: &mut WsClient, payload: impl Into<Bytes>) {
-    ws.send(Message::Binary(payload.into()))
-        .await
-        .expect("send");
+    ws.send(Message::Binary(payload.into())).await.expect("send");
 }
 
 /// Installs the process-wide rustls crypto provider the test clients use.
@@ -266,18 +246,12 @@ pub fn post_sync(
     url: String,
     body: &impl serde::Serialize,
 ) -> reqwest::RequestBuilder {
-    client
-        .post(url)
-        .header("content-type", "application/msgpack")
-        .body(msgpack(body))
+    client.post(url).header("content-type", "application/msgpack").body(msgpack(body))
 }
 
 pub fn http() -> reqwest::Client {
     install_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(DEADLINE)
-        .build()
-        .expect("http client")
+    reqwest::Client::builder().timeout(DEADLINE).build().expect("http client")
 }
 
 /// Echoes WebSocket messages and `/sync` bodies.
@@ -287,10 +261,7 @@ pub struct EchoHandler;
 impl InboundHandler for EchoHandler {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         let _ = conn
-            .send_timeout(
-                topgun_server::network::OutboundMessage::Binary(payload),
-                DEADLINE,
-            )
+            .send_timeout(topgun_server::network::OutboundMessage::Binary(payload), DEADLINE)
             .await;
     }
 
@@ -314,9 +285,7 @@ pub async fn graceful_shutdown_scenario(server: TestServer) {
     for conn in server.registry.iter() {
         for message in &expected {
             assert!(
-                conn.try_send(topgun_server::network::OutboundMessage::Binary(
-                    message.clone()
-                ))
+                conn.try_send(topgun_server::network::OutboundMessage::Binary(message.clone()))
             );
         }
     }
@@ -325,11 +294,7 @@ pub async fn graceful_shutdown_scenario(server: TestServer) {
     let client = server.http();
 
     controller.trigger_shutdown();
-    let ready = client
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .expect("readiness answers");
+    let ready = client.get(server.url("/health/ready")).send().await.expect("readiness answers");
     assert_eq!(ready.status(), 503);
     let health: serde_json::Value = client
         .get(server.url("/health"))
@@ -349,10 +314,7 @@ pub async fn graceful_shutdown_scenario(server: TestServer) {
         assert_eq!(close.reason.as_str(), "server shutting down");
     }
     server.join().await.expect("serve() returns Ok");
-    assert_eq!(
-        controller.health_state(),
-        topgun_server::network::HealthState::Stopped
-    );
+    assert_eq!(controller.health_state(), topgun_server::network::HealthState::Stopped);
     assert_eq!(registry.count(), 0);
 }
 
@@ -370,28 +332,17 @@ pub async fn raw_ws_client(addr: SocketAddr, recv_buffer: Option<u32>) -> TcpStr
         "GET /ws HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
     );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send handshake");
+    stream.write_all(request.as_bytes()).await.expect("send handshake");
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0_u8; 1];
         let read = tokio::time::timeout(DEADLINE, stream.read(&mut byte))
             .await
             .expect("handshake in time");
-        assert_eq!(
-            read.expect("read handshake"),
-            1,
-            "server closed during the handshake"
-        );
+        assert_eq!(read.expect("read handshake"), 1, "server closed during the handshake");
         head.push(byte[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     stream
 }
 
@@ -413,17 +364,12 @@ pub fn raw_close_code(bytes: &[u8]) -> Option<u16> {
         let opcode = rest[0] & 0x0f;
         let (len, header) = match rest[1] & 0x7f {
             126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
-            127 => (
-                usize::try_from(u64::from_be_bytes(rest[2..10].try_into().ok()?)).ok()?,
-                10,
-            ),
+            127 => (usize::try_from(u64::from_be_bytes(rest[2..10].try_into().ok()?)).ok()?, 10),
             len => (usize::from(len), 2),
         };
         let payload = rest.get(header..header + len)?;
         if opcode == 0x8 {
-            return payload
-                .get(..2)
-                .map(|code| u16::from_be_bytes([code[0], code[1]]));
+            return payload.get(..2).map(|code| u16::from_be_bytes([code[0], code[1]]));
         }
         rest = &rest[header + len..];
     }
@@ -452,11 +398,8 @@ pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> String {
         };
         let (metric, found) = match series.split_once('{') {
             Some((metric, rest)) => {
-                let mut found: Vec<String> = rest
-                    .trim_end_matches('}')
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect();
+                let mut found: Vec<String> =
+                    rest.trim_end_matches('}').split(',').map(str::to_owned).collect();
                 found.sort();
                 (metric, found)
             }

@@ -44,9 +44,7 @@ pub async fn http_sync_handler(
     }
     let _in_flight = state.shutdown.in_flight_guard();
     // A panicking handler must cost this request, not the connection or the server.
-    let result = AssertUnwindSafe(state.handler.on_http_sync(body))
-        .catch_unwind()
-        .await;
+    let result = AssertUnwindSafe(state.handler.on_http_sync(body)).catch_unwind().await;
     match result {
         Ok(Ok(response)) => ([(CONTENT_TYPE, MSGPACK_CONTENT_TYPE)], response).into_response(),
         Ok(Err(err)) => err.into_response(),
@@ -63,14 +61,7 @@ fn check_content_type(
     let essence = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .map(|value| {
-            value
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
+        .map(|value| value.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     match essence {
         Some(essence) if ACCEPTED_SYNC_CONTENT_TYPES.contains(&essence.as_str()) => Ok(()),
         other => {
@@ -121,31 +112,16 @@ mod tests {
             rmp_serde::to_vec_named(&serde_json::json!({"type": "OP", "n": [1, 2]})).unwrap();
         assert!(check_msgpack(&valid).is_ok());
         assert!(check_msgpack(&[0x90]).is_ok());
-        assert!(
-            check_msgpack(&[])
-                .unwrap_err()
-                .contains("not valid MsgPack")
-        );
-        assert!(
-            check_msgpack(&valid[..valid.len() - 1]).is_err(),
-            "truncated"
-        );
+        assert!(check_msgpack(&[]).unwrap_err().contains("not valid MsgPack"));
+        assert!(check_msgpack(&valid[..valid.len() - 1]).is_err(), "truncated");
         assert!(check_msgpack(&[0xc1]).is_err(), "0xc1 is never used");
         let mut trailing = valid.clone();
         trailing.push(0x01);
-        assert!(
-            check_msgpack(&trailing)
-                .unwrap_err()
-                .contains("1 trailing bytes")
-        );
+        assert!(check_msgpack(&trailing).unwrap_err().contains("1 trailing bytes"));
         // Deep nesting is refused by the depth limit rather than overflowing the stack.
         let mut nested = vec![0x91; 100_000];
         nested.push(0xc0);
-        assert!(
-            check_msgpack(&nested)
-                .unwrap_err()
-                .contains("depth limit exceeded")
-        );
+        assert!(check_msgpack(&nested).unwrap_err().contains("depth limit exceeded"));
         let mut shallow = vec![0x91; MAX_SYNC_NESTING - 1];
         shallow.push(0xc0);
         assert!(check_msgpack(&shallow).is_ok());

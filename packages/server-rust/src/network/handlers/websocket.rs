@@ -47,9 +47,7 @@ pub async fn ws_upgrade_handler(
         return unavailable("server is shutting down");
     }
     let Ok(slot) = Arc::clone(&state.connection_slots).try_acquire_owned() else {
-        state
-            .metrics
-            .upgrade_refused(RefusedUpgrade::ConnectionLimit);
+        state.metrics.upgrade_refused(RefusedUpgrade::ConnectionLimit);
         tracing::info!(
             limit = state.config.max_connections,
             "connection limit reached; upgrade refused"
@@ -69,12 +67,7 @@ pub async fn ws_upgrade_handler(
 }
 
 fn unavailable(reason: &'static str) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        [(RETRY_AFTER, "1")],
-        format!("{reason}\n"),
-    )
-        .into_response()
+    (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], format!("{reason}\n")).into_response()
 }
 
 /// Holds the connection-limit slot for exactly as long as the connection lives.
@@ -86,9 +79,8 @@ async fn run_with_slot(socket: WebSocket, state: AppState, _slot: OwnedSemaphore
 /// client leaves or the server closes it, then removes it from the registry exactly once.
 pub async fn handle_socket(socket: WebSocket, state: AppState) {
     let (sink, stream) = socket.split();
-    let (conn, outbound) = state
-        .registry
-        .register(ConnectionKind::Client, &state.config.connection);
+    let (conn, outbound) =
+        state.registry.register(ConnectionKind::Client, &state.config.connection);
     let span = tracing::info_span!("conn", id = %conn.id);
     state.metrics.connection_opened(conn.kind);
     async {
@@ -112,13 +104,7 @@ pub async fn handle_socket(socket: WebSocket, state: AppState) {
             let _in_flight = state.shutdown.in_flight_guard();
             guarded("on_connect", state.handler.on_connect(&conn)).await;
         }
-        Reader {
-            conn: &conn,
-            state: &state,
-            force_close: &force_close,
-        }
-        .run(stream)
-        .await;
+        Reader { conn: &conn, state: &state, force_close: &force_close }.run(stream).await;
         reader_done.cancel();
 
         // The writer ends promptly once the reader is done: it only finishes a close frame,
@@ -181,19 +167,14 @@ impl Reader<'_> {
                 }
                 Some(Ok(Message::Binary(payload))) if !closing => {
                     self.state.metrics.messages_received.increment(1);
-                    self.state
-                        .metrics
-                        .bytes_received
-                        .increment(payload.len() as u64);
+                    self.state.metrics.bytes_received.increment(payload.len() as u64);
                     if !self.dispatch(payload).await {
-                        self.conn
-                            .close_with(close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
+                        self.conn.close_with(close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
                     }
                 }
                 Some(Ok(Message::Text(_))) if !closing => {
                     tracing::debug!("text frame on a binary-only protocol");
-                    self.conn
-                        .close_with(close::UNSUPPORTED_DATA, close::TEXT_FRAME_REASON);
+                    self.conn.close_with(close::UNSUPPORTED_DATA, close::TEXT_FRAME_REASON);
                 }
                 Some(Ok(Message::Close(frame))) => {
                     tracing::debug!(code = frame.as_ref().map(|f| f.code), "client sent close");
@@ -206,11 +187,7 @@ impl Reader<'_> {
 
     async fn dispatch(&self, payload: Bytes) -> bool {
         let _in_flight = self.state.shutdown.in_flight_guard();
-        guarded(
-            "on_message",
-            self.state.handler.on_message(self.conn, payload),
-        )
-        .await
+        guarded("on_message", self.state.handler.on_message(self.conn, payload)).await
     }
 
     /// A read error ends the connection; an over-limit message is answered with 1009 first.
@@ -259,15 +236,28 @@ type Sink = SplitSink<WebSocket, Message>;
 impl Writer {
     /// Drains the outbound queue onto the socket, pings, and closes the connection when asked.
     async fn run(self, mut sink: Sink, mut queue: mpsc::Receiver<OutboundMessage>) {
-        let Some(close) = self.write_until_close(&mut sink, &mut queue).await else {
+        self.write_and_close(&mut sink, &mut queue).await;
+        // Whatever is still queued will never be delivered: count it rather than lose it
+        // silently. Closing first makes later sends fail (and count) instead of queueing.
+        queue.close();
+        let mut undelivered = 0;
+        while let Ok(message) = queue.try_recv() {
+            undelivered += u64::from(matches!(message, OutboundMessage::Binary(_)));
+        }
+        if undelivered > 0 {
+            tracing::debug!(undelivered, "messages still queued at close");
+            self.conn.record_undelivered(undelivered);
+        }
+    }
+
+    async fn write_and_close(&self, sink: &mut Sink, queue: &mut mpsc::Receiver<OutboundMessage>) {
+        let Some(close) = self.write_until_close(sink, queue).await else {
             // The socket failed or stopped draining: stop the reader too.
             self.force_close.cancel();
             return;
         };
-        let sent = tokio::time::timeout(
-            self.config.send_timeout,
-            sink.send(Message::Close(Some(close))),
-        );
+        let sent =
+            tokio::time::timeout(self.config.send_timeout, sink.send(Message::Close(Some(close))));
         if sent.await.is_ok_and(|result| result.is_ok()) {
             // The reader finishes once the client acknowledges the close.
             let acknowledged = tokio::time::timeout(self.config.close_timeout, async {
@@ -417,11 +407,7 @@ async fn write_burst(
             }
         }
         taken += 1;
-        next = if taken < config.outbound_channel_capacity {
-            queue.try_recv().ok()
-        } else {
-            None
-        };
+        next = if taken < config.outbound_channel_capacity { queue.try_recv().ok() } else { None };
     }
     if let Some(frame) = frames.finish() {
         feed(sink, frame, metrics).await?;
@@ -512,10 +498,7 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    CloseFrame {
-        code,
-        reason: Utf8Bytes::from(&reason[..end]),
-    }
+    CloseFrame { code, reason: Utf8Bytes::from(&reason[..end]) }
 }
 
 #[cfg(test)]
@@ -543,10 +526,7 @@ mod tests {
         assert!(builder.push(Bytes::from_static(b"solo")).is_none());
         assert_eq!(
             builder.finish(),
-            Some(Frame {
-                bytes: Bytes::from_static(b"solo"),
-                messages: 1
-            })
+            Some(Frame { bytes: Bytes::from_static(b"solo"), messages: 1 })
         );
         assert!(builder.finish().is_none());
     }
@@ -555,15 +535,9 @@ mod tests {
     fn batches_split_at_the_message_limit() {
         let mut builder = FrameBuilder::new(&config(2, 1024));
         let msgs: Vec<Bytes> = (0..5_u8).map(|i| Bytes::from(vec![i])).collect();
-        let mut frames: Vec<Frame> = msgs
-            .iter()
-            .filter_map(|m| builder.push(m.clone()))
-            .collect();
+        let mut frames: Vec<Frame> = msgs.iter().filter_map(|m| builder.push(m.clone())).collect();
         frames.extend(builder.finish());
-        let sizes: Vec<usize> = frames
-            .into_iter()
-            .map(|f| frame_messages(&f).len())
-            .collect();
+        let sizes: Vec<usize> = frames.into_iter().map(|f| frame_messages(&f).len()).collect();
         assert_eq!(sizes, [2, 2, 1]);
     }
 
@@ -587,9 +561,6 @@ mod tests {
         let reason = "é".repeat(100);
         let frame = close_frame(close::GOING_AWAY, &reason);
         assert_eq!(frame.reason.len(), 122);
-        assert_eq!(
-            close_frame(close::GOING_AWAY, "short").reason.as_str(),
-            "short"
-        );
+        assert_eq!(close_frame(close::GOING_AWAY, "short").reason.as_str(), "short");
     }
 }
