@@ -598,6 +598,16 @@ mod tests {
         assert!(rx_peer.try_recv().is_err(), "peers are not clients");
     }
 
+    #[tokio::test]
+    async fn broadcast_cooperative_queues_like_broadcast() {
+        let registry = ConnectionRegistry::new();
+        let (_a, mut rx) = registry.register(ConnectionKind::Client, &config_with_capacity(1));
+        let first = registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
+        let second = registry.broadcast_cooperative(vec![2_u8], ConnectionKind::Client).await;
+        assert_eq!((first.queued, second.dropped), (1, 1));
+        assert_eq!(rx.try_recv().unwrap(), binary(1));
+    }
+
     #[test]
     fn broadcast_shares_one_payload_allocation() {
         let registry = ConnectionRegistry::new();

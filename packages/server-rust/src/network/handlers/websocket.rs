@@ -2,9 +2,11 @@
 //!
 //! The reader hands binary messages to the [`InboundHandler`](crate::network::InboundHandler) in
 //! order. The writer owns the socket's sending half and drains the connection's outbound queue,
-//! coalescing whatever is ready into `BATCH` frames and flushing once per burst. A per-connection
-//! cancellation token ties the two together: whichever side ends first stops the other, and the
-//! server's force-close token is its parent.
+//! coalescing whatever is ready into `BATCH` frames and flushing once per burst; it also pings
+//! and closes idle connections. Two cancellation tokens tie the pair together: `reader_done`
+//! tells the writer the client is gone, and `force_close` (a child of the server's force-close
+//! token) stops both at once. Close requests from anywhere ([`ConnectionHandle::close_with`])
+//! reach the writer through the connection itself.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
