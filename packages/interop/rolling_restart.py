@@ -23,17 +23,12 @@ import http.client
 import msgpack
 import websockets
 
+from support import STEP_TIMEOUT, free_port, wait_for
+
 CLIENTS = 200
 GRACE = "2s"
-STEP_TIMEOUT = 60
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAPROXY_CFG = os.path.join(HERE, "..", "..", "deploy", "haproxy.cfg")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(port: int, path: str):
@@ -44,19 +39,6 @@ def get_json(port: int, path: str):
         return response.status, json.loads(response.read() or b"null")
     finally:
         conn.close()
-
-
-def wait_for(what: str, condition, timeout: float = STEP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Node:

@@ -8,11 +8,12 @@ Usage: python3 run_clients.py PATH/TO/interop_server
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from support import STEP_TIMEOUT, free_port, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENTS = {
@@ -21,33 +22,19 @@ CLIENTS = {
     "websocat": ["python3", "clients/websocat_client.py", "{ws}"],
     "chromium": ["node", "clients/browser_client.mjs", "{http}"],
 }
-STEP_TIMEOUT = 60
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, deadline: float) -> None:
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not ready")
-        time.sleep(0.05)
+def is_ready(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
 
 
 def run_client(name: str, command: list, server_bin: str) -> bool:
     port = free_port()
     server = subprocess.Popen([server_bin, "--port", str(port)], stdout=subprocess.DEVNULL)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/health/ready", time.monotonic() + STEP_TIMEOUT)
+        ready = f"http://127.0.0.1:{port}/health/ready"
+        wait_for(ready, lambda: is_ready(ready))
         args = [a.format(ws=f"ws://127.0.0.1:{port}/ws", http=f"http://127.0.0.1:{port}") for a in command]
         client = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, text=True)
         lines = []
