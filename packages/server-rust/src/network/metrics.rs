@@ -19,7 +19,7 @@
 //! | `topgun_websocket_frames_sent_total` | counter | | data frames sent |
 //! | `topgun_websocket_batch_messages` | histogram | | messages per data frame |
 //! | `topgun_websocket_outbound_queue_depth` | histogram | | queued messages when the writer wakes |
-//! | `topgun_outbound_dropped_messages_total` | counter | | messages dropped because a queue was full |
+//! | `topgun_outbound_dropped_messages_total` | counter | | messages that never reached their connection: full queue, queued at close, sent after close |
 //! | `topgun_tls_handshake_failures_total` | counter | | TLS handshakes that failed |
 //! | `topgun_http_requests_total` | counter | `route`, `status` | HTTP requests answered |
 //! | `topgun_http_request_duration_seconds` | histogram | `route` | HTTP request latency |
@@ -171,7 +171,11 @@ const DESCRIPTIONS: [(&str, &str, Option<Unit>); 18] = [
     ("topgun_websocket_frames_sent_total", "Data frames sent.", None),
     ("topgun_websocket_batch_messages", "Messages per data frame.", None),
     ("topgun_websocket_outbound_queue_depth", "Queued messages when a writer wakes.", None),
-    ("topgun_outbound_dropped_messages_total", "Messages dropped on a full outbound queue.", None),
+    (
+        "topgun_outbound_dropped_messages_total",
+        "Messages that never reached their connection.",
+        None,
+    ),
     ("topgun_tls_handshake_failures_total", "Failed TLS handshakes.", None),
     ("topgun_http_requests_total", "HTTP requests answered.", None),
     ("topgun_http_request_duration_seconds", "HTTP request latency.", Some(Unit::Seconds)),

@@ -2,17 +2,17 @@
 //!
 //! | file | concern |
 //! |---|---|
-//! | [`config`](self::config) | [`NetworkConfig`] and its parts, with defaults and validation |
-//! | [`connection`](self::connection) | [`ConnectionHandle`], [`ConnectionRegistry`], outbound queues |
-//! | [`shutdown`](self::shutdown) | [`HealthState`] and [`ShutdownController`] |
-//! | [`inbound`](self::inbound) | [`InboundHandler`]: where decoded traffic leaves the transport |
-//! | [`batch`](self::batch) | the `BATCH` frame envelope |
-//! | [`close`](self::close) | the WebSocket close codes the server sends |
+//! | [`config`] | [`NetworkConfig`] and its parts, with defaults and validation |
+//! | [`connection`] | [`ConnectionHandle`], [`ConnectionRegistry`], outbound queues |
+//! | [`shutdown`] | [`HealthState`] and [`ShutdownController`] |
+//! | [`inbound`] | [`InboundHandler`]: where decoded traffic leaves the transport |
+//! | [`batch`] | the `BATCH` frame envelope |
+//! | [`close`] | the WebSocket close codes the server sends |
 //! | [`handlers`] | one axum handler per route, and [`AppState`] |
-//! | [`middleware`](self::middleware) | the HTTP middleware stack |
-//! | [`metrics`](self::metrics) | Prometheus metrics and `GET /metrics` |
-//! | [`tls`](self::tls) | loading and reloading certificates |
-//! | [`module`](self::module) | [`NetworkModule`]: router, bind, serve, shutdown |
+//! | [`middleware`] | the HTTP middleware stack |
+//! | [`metrics`] | Prometheus metrics and `GET /metrics` |
+//! | [`tls`] | loading and reloading certificates |
+//! | [`module`] | [`NetworkModule`]: router, bind, serve, shutdown |
 
 pub mod batch;
 pub mod close;
