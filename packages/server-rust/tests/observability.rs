@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use common::{
@@ -158,69 +157,4 @@ async fn metrics_can_move_to_a_separate_listener_or_be_turned_off() {
     let server = TestServer::start(off).await;
     assert_eq!(http().get(server.url("/metrics")).send().await.unwrap().status(), 404);
     server.stop().await.unwrap();
-}
-
-/// Captures formatted log lines in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-// Current-thread runtime: the server runs on this thread, under this thread's subscriber.
-#[tokio::test]
-async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let server = TestServer::start(test_config()).await;
-    http().get(server.url("/health")).header("x-request-id", "trace-7f3a").send().await.unwrap();
-    let ws = server.ws().await;
-    let conn_id = server.registry.iter().next().unwrap().id;
-    drop(ws);
-    let registry = Arc::clone(&server.registry);
-    eventually("disconnected", || registry.count() == 0).await;
-    server.stop().await.unwrap();
-
-    let lines = captured.lines();
-    assert!(
-        lines.iter().any(|l| l.contains("request_id=trace-7f3a") && l.contains("path=/health")),
-        "no request line with its id:\n{}",
-        lines.join("\n")
-    );
-    let connection_lines: Vec<&String> =
-        lines.iter().filter(|l| l.contains(&format!("conn{{id={conn_id}}}"))).collect();
-    assert!(connection_lines.iter().any(|l| l.contains("connected")), "{connection_lines:?}");
-    assert!(connection_lines.iter().any(|l| l.contains("disconnected")), "{connection_lines:?}");
-    assert!(
-        connection_lines.iter().all(|l| l.contains("ws{peer=127.0.0.1:")),
-        "{connection_lines:?}"
-    );
-    assert!(
-        connection_lines.iter().filter(|l| l.contains("disconnected")).all(|l| l.contains("DEBUG")),
-        "a client disconnect is logged at debug level"
-    );
 }

@@ -376,14 +376,14 @@ pub fn raw_close_code(bytes: &[u8]) -> Option<u16> {
     None
 }
 
-/// This process's resident memory in bytes (Linux).
-pub fn resident_bytes() -> u64 {
+/// This process's resident memory in bytes (Linux): `VmRSS` now, or `VmHWM`, the peak so far.
+pub fn resident_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     let kib: u64 = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
+        .expect("memory line");
     kib * 1024
 }
 
