@@ -42,7 +42,7 @@ async fn ac12_ot6_trigger_shutdown_closes_every_websocket_with_1001_and_stops() 
 #[tokio::test]
 async fn graceful_shutdown_over_plain_tcp() {
     let config =
-        config_with(ShutdownConfig { grace_period: Duration::from_secs(1), ..Default::default() });
+        config_with(ShutdownConfig { grace_period: Duration::from_secs(2), ..Default::default() });
     common::graceful_shutdown_scenario(TestServer::start(config).await).await;
 }
 

@@ -303,7 +303,7 @@ async fn graceful_shutdown_over_tls() {
     let ca = TestCa::new("test CA");
     let files = TlsFiles::write(&ca.server_cert(1), None);
     let config = NetworkConfig {
-        shutdown: ShutdownConfig { grace_period: Duration::from_secs(1), ..Default::default() },
+        shutdown: ShutdownConfig { grace_period: Duration::from_secs(2), ..Default::default() },
         ..tls_config(&files)
     };
     let module = NetworkModule::new(config);

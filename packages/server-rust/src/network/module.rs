@@ -273,6 +273,9 @@ impl NetworkModule {
             result = &mut server => {
                 self.shutdown.trigger_shutdown();
                 self.shutdown.set_stopped();
+                for task in background {
+                    task.abort();
+                }
                 return match result {
                     Ok(Ok(())) => Err(anyhow::anyhow!("server stopped without a shutdown request")),
                     Ok(Err(err)) => Err(err).context("server failed"),

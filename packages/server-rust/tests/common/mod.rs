@@ -271,7 +271,8 @@ impl InboundHandler for EchoHandler {
 }
 
 /// The graceful shutdown as a client sees it, over whichever transport `server` speaks. The
-/// server must be configured with a grace period of at least a second.
+/// server must be configured with a grace period long enough for two health requests (two
+/// seconds leaves a loaded machine plenty of room).
 ///
 /// Readiness turns `503` and `/health` reads `draining` while the listener still answers; every
 /// WebSocket receives the messages queued for it, in order, then Close 1001; `serve()` returns
