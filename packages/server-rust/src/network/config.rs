@@ -187,9 +187,11 @@ pub struct ConnectionConfig {
     /// How often the server pings each connection; any frame the client sends, pongs
     /// included, counts as activity. Must be shorter than `idle_timeout`. Default: 20 s.
     pub ping_interval: Duration,
-    /// Initial size of each connection's WebSocket read buffer; it grows to fit a larger
-    /// message. Every open connection holds one, so this dominates the memory of idle
-    /// connections. Default: 4 KiB (tungstenite alone would take 128 KiB).
+    /// Size of each connection's WebSocket read buffer, and so the most read from the socket
+    /// in one system call; a larger message still arrives whole, over several reads. Every
+    /// open connection holds one, so it dominates the memory of idle connections: raise it
+    /// for peers that mostly send large messages. Default: 2 KiB (tungstenite's own default
+    /// is 128 KiB).
     pub ws_read_buffer_size: usize,
     /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
     pub ws_write_buffer_size: usize,
@@ -221,7 +223,7 @@ impl Default for ConnectionConfig {
             send_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(20),
-            ws_read_buffer_size: 4096,
+            ws_read_buffer_size: 2048,
             ws_write_buffer_size: 131_072,
             ws_max_write_buffer_size: 524_288,
             max_batch_messages: 256,

@@ -21,7 +21,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::StatusCode;
 use http::header::RETRY_AFTER;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -29,7 +29,7 @@ use tracing::Instrument;
 use super::AppState;
 use crate::network::batch::encode_batch;
 use crate::network::close::{self, CloseRequest};
-use crate::network::config::ConnectionConfig;
+use crate::network::config::{ConnectionConfig, NetworkConfig};
 use crate::network::connection::{ConnectionHandle, ConnectionKind, OutboundMessage};
 use crate::network::metrics::{DisconnectReason, RefusedUpgrade, TransportMetrics};
 
@@ -65,72 +65,77 @@ pub async fn ws_upgrade_handler(
         .max_message_size(config.max_message_size)
         .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"))
-        .on_upgrade(move |socket| run_with_slot(socket, state, slot).instrument(span))
+        // The slot is released when the connection's future completes.
+        .on_upgrade(move |socket| {
+            handle_socket(socket, state).inspect(move |()| drop(slot)).instrument(span)
+        })
 }
 
 fn unavailable(reason: &'static str) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], format!("{reason}\n")).into_response()
 }
 
-/// Holds the connection-limit slot for exactly as long as the connection lives.
-async fn run_with_slot(socket: WebSocket, state: AppState, _slot: OwnedSemaphorePermit) {
-    handle_socket(socket, state).await;
-}
-
 /// Runs one upgraded connection to its end: registers it, spawns the writer, reads until the
 /// client leaves or the server closes it, then removes it from the registry exactly once.
-pub async fn handle_socket(socket: WebSocket, state: AppState) {
+///
+/// Every open connection holds this future and its writer's, so both are kept small: the
+/// socket is split before the future is built, and rarely taken paths are boxed.
+pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    let (conn, outbound) =
-        state.registry.register(ConnectionKind::Client, &state.config.connection);
-    let span = tracing::info_span!("conn", id = %conn.id);
-    state.metrics.connection_opened(conn.kind);
-    async {
-        tracing::debug!("connected");
-        let force_close = state.shutdown.force_close_token().child_token();
-        let reader_done = CancellationToken::new();
-        let writer = tokio::spawn(
-            Writer {
-                conn: Arc::clone(&conn),
-                config: state.config.connection.clone(),
-                force_close: force_close.clone(),
-                reader_done: reader_done.clone(),
-                server_closing: state.shutdown.close_connections_token().clone(),
-                metrics: Arc::clone(&state.metrics),
-            }
-            .run(sink, outbound)
-            .in_current_span(),
-        );
-
-        {
-            let _in_flight = state.shutdown.in_flight_guard();
-            guarded("on_connect", state.handler.on_connect(&conn)).await;
-        }
-        Reader { conn: &conn, state: &state, force_close: &force_close }.run(stream).await;
-        reader_done.cancel();
-
-        // The writer ends promptly once the reader is done: it only finishes a close frame,
-        // itself bounded by `send_timeout`.
-        if let Err(err) = writer.await {
-            tracing::error!(%err, "websocket writer task failed");
-        }
-        if state.shutdown.force_close_token().is_cancelled() {
-            conn.note_disconnect(DisconnectReason::Shutdown);
-        }
-        let reason = conn.disconnect_reason();
-        if state.registry.remove(conn.id).is_some() {
-            state.metrics.connection_closed(conn.kind, reason);
-            let _in_flight = state.shutdown.in_flight_guard();
-            guarded("on_disconnect", state.handler.on_disconnect(&conn)).await;
-        }
-        tracing::debug!(
-            reason = reason.as_str(),
-            dropped = conn.dropped_messages(),
-            "disconnected"
-        );
+    async move {
+        let (conn, outbound) =
+            state.registry.register(ConnectionKind::Client, &state.config.connection);
+        let span = tracing::info_span!("conn", id = %conn.id);
+        state.metrics.connection_opened(conn.kind);
+        serve_connection(&state, &conn, sink, stream, outbound).instrument(span).await;
     }
-    .instrument(span)
-    .await;
+}
+
+async fn serve_connection(
+    state: &AppState,
+    conn: &Arc<ConnectionHandle>,
+    sink: Sink,
+    stream: SplitStream<WebSocket>,
+    outbound: mpsc::Receiver<OutboundMessage>,
+) {
+    tracing::debug!("connected");
+    let force_close = state.shutdown.force_close_token().child_token();
+    let reader_done = CancellationToken::new();
+    let writer = tokio::spawn(
+        Writer {
+            conn: Arc::clone(conn),
+            config: Arc::clone(&state.config),
+            force_close: force_close.clone(),
+            reader_done: reader_done.clone(),
+            server_closing: state.shutdown.close_connections_token().clone(),
+            metrics: Arc::clone(&state.metrics),
+        }
+        .run(sink, outbound)
+        .in_current_span(),
+    );
+
+    {
+        let _in_flight = state.shutdown.in_flight_guard();
+        guarded("on_connect", state.handler.on_connect(conn)).await;
+    }
+    Reader { conn, state, force_close: &force_close }.run(stream).await;
+    reader_done.cancel();
+
+    // The writer ends promptly once the reader is done: it only finishes a close frame,
+    // itself bounded by `send_timeout`.
+    if let Err(err) = writer.await {
+        tracing::error!(%err, "websocket writer task failed");
+    }
+    if state.shutdown.force_close_token().is_cancelled() {
+        conn.note_disconnect(DisconnectReason::Shutdown);
+    }
+    let reason = conn.disconnect_reason();
+    if state.registry.remove(conn.id).is_some() {
+        state.metrics.connection_closed(conn.kind, reason);
+        let _in_flight = state.shutdown.in_flight_guard();
+        guarded("on_disconnect", state.handler.on_disconnect(conn)).await;
+    }
+    tracing::debug!(reason = reason.as_str(), dropped = conn.dropped_messages(), "disconnected");
 }
 
 /// Awaits a handler call, turning a panic into an error log. Returns `false` if it panicked.
@@ -215,7 +220,8 @@ impl Reader<'_> {
 
 struct Writer {
     conn: Arc<ConnectionHandle>,
-    config: ConnectionConfig,
+    /// Shared rather than cloned: every open connection's writer holds this.
+    config: Arc<NetworkConfig>,
     /// Drop everything now (drain deadline passed).
     force_close: CancellationToken,
     /// The reader has finished: the client is gone or will not acknowledge anything more.
@@ -237,8 +243,24 @@ type Sink = SplitSink<WebSocket, Message>;
 
 impl Writer {
     /// Drains the outbound queue onto the socket, pings, and closes the connection when asked.
-    async fn run(self, mut sink: Sink, mut queue: mpsc::Receiver<OutboundMessage>) {
-        self.write_and_close(&mut sink, &mut queue).await;
+    ///
+    /// A plain `fn` returning an `async move` block: the block uses its captures in place,
+    /// where an `async fn` would also keep a second copy of each argument in its state.
+    #[allow(clippy::manual_async_fn)]
+    fn run(
+        self,
+        mut sink: Sink,
+        mut queue: mpsc::Receiver<OutboundMessage>,
+    ) -> impl Future<Output = ()> + Send {
+        async move { self.write_then_count_leftovers(&mut sink, &mut queue).await }
+    }
+
+    async fn write_then_count_leftovers(
+        &self,
+        sink: &mut Sink,
+        queue: &mut mpsc::Receiver<OutboundMessage>,
+    ) {
+        self.write_and_close(sink, queue).await;
         // Whatever is still queued will never be delivered: count it rather than lose it
         // silently. Closing first makes later sends fail (and count) instead of queueing.
         queue.close();
@@ -258,11 +280,13 @@ impl Writer {
             self.force_close.cancel();
             return;
         };
-        let sent =
-            tokio::time::timeout(self.config.send_timeout, sink.send(Message::Close(Some(close))));
+        let sent = tokio::time::timeout(
+            self.config.connection.send_timeout,
+            sink.send(Message::Close(Some(close))),
+        );
         if sent.await.is_ok_and(|result| result.is_ok()) {
             // The reader finishes once the client acknowledges the close.
-            let acknowledged = tokio::time::timeout(self.config.close_timeout, async {
+            let acknowledged = tokio::time::timeout(self.config.connection.close_timeout, async {
                 tokio::select! {
                     () = self.reader_done.cancelled() => {}
                     () = self.force_close.cancelled() => {}
@@ -283,8 +307,8 @@ impl Writer {
         queue: &mut mpsc::Receiver<OutboundMessage>,
     ) -> Option<CloseFrame> {
         let mut ping = tokio::time::interval_at(
-            Instant::now() + self.config.ping_interval,
-            self.config.ping_interval,
+            Instant::now() + self.config.connection.ping_interval,
+            self.config.connection.ping_interval,
         );
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -300,13 +324,13 @@ impl Writer {
                 }
                 () = self.server_closing.cancelled() => {
                     self.conn.note_disconnect(DisconnectReason::Shutdown);
-                    return match self.write_with_deadline(sink, queue, None).await? {
+                    return match Box::pin(self.write_with_deadline(sink, queue, None)).await? {
                         Burst::CloseRequested(reason) => Some(normal_close(reason.as_deref())),
                         Burst::Drained => Some(close_frame(close::GOING_AWAY, close::SHUTDOWN_REASON)),
                     };
                 }
                 _ = ping.tick() => {
-                    if self.conn.last_activity().elapsed() >= self.config.idle_timeout {
+                    if self.conn.last_activity().elapsed() >= self.config.connection.idle_timeout {
                         tracing::debug!(idle = ?self.conn.last_activity().elapsed(), "closing idle connection");
                         self.conn.note_disconnect(DisconnectReason::IdleTimeout);
                         return Some(close_frame(close::GOING_AWAY, close::IDLE_REASON));
@@ -316,7 +340,9 @@ impl Writer {
                     Burst::Drained
                 }
                 message = queue.recv() => match message {
-                    Some(first) => self.write_with_deadline(sink, queue, Some(first)).await?,
+                    // Boxed: a burst's state is large and only exists while writing, so it
+                    // should not sit in every idle connection's future.
+                    Some(first) => Box::pin(self.write_with_deadline(sink, queue, Some(first))).await?,
                     // Every sender is gone: nobody can queue anything for this connection again.
                     None => Burst::CloseRequested(None),
                 },
@@ -337,7 +363,7 @@ impl Writer {
     }
 
     async fn send_with_deadline(&self, sink: &mut Sink, message: Message) -> Option<()> {
-        let send = tokio::time::timeout(self.config.send_timeout, sink.send(message));
+        let send = tokio::time::timeout(self.config.connection.send_timeout, sink.send(message));
         self.finish_write(send.await)
     }
 
@@ -350,11 +376,11 @@ impl Writer {
         queue: &mut mpsc::Receiver<OutboundMessage>,
         first: Option<OutboundMessage>,
     ) -> Option<Burst> {
-        let burst = write_burst(sink, queue, first, &self.config, &self.metrics);
+        let burst = write_burst(sink, queue, first, &self.config.connection, &self.metrics);
         let result = tokio::select! {
             biased;
             () = self.force_close.cancelled() => return None,
-            result = tokio::time::timeout(self.config.send_timeout, burst) => result,
+            result = tokio::time::timeout(self.config.connection.send_timeout, burst) => result,
         };
         self.finish_write(result)
     }
@@ -371,7 +397,7 @@ impl Writer {
                 None
             }
             Err(_) => {
-                tracing::info!(timeout = ?self.config.send_timeout, "closing slow consumer: socket write blocked");
+                tracing::info!(timeout = ?self.config.connection.send_timeout, "closing slow consumer: socket write blocked");
                 self.conn.note_disconnect(DisconnectReason::SlowConsumer);
                 None
             }
