@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use futures_util::{SinkExt, StreamExt, stream};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
@@ -245,16 +245,24 @@ async fn connect_one(port: u16, index: usize) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
-/// Opens `count` connections, 256 handshakes at a time; returns them and the time it took.
+/// Opens `count` connections, 256 handshakes in flight, each handshake a task of its own so
+/// the client side uses every worker thread; returns them (in order) and the time it took.
 async fn connect_many(port: u16, count: usize) -> anyhow::Result<(Vec<Ws>, Duration)> {
     let started = Instant::now();
-    let connections: Vec<Ws> = stream::iter(0..count)
-        .map(|i| connect_one(port, i))
-        .buffer_unordered(256)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let permit = std::sync::Arc::clone(&in_flight).acquire_owned().await?;
+        tasks.push(tokio::spawn(async move {
+            let ws = connect_one(port, index).await;
+            drop(permit);
+            ws
+        }));
+    }
+    let mut connections = Vec::with_capacity(count);
+    for task in tasks {
+        connections.push(task.await??);
+    }
     Ok((connections, started.elapsed()))
 }
 
