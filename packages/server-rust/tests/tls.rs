@@ -19,6 +19,15 @@ fn tls_config(files: &TlsFiles) -> NetworkConfig {
     NetworkConfig { tls: Some(files.config.clone()), ..test_config() }
 }
 
+/// A CA, a certificate with serial 1 on disk, and an echo server using it. Keep the files
+/// alive as long as the server.
+async fn echo_tls_server() -> (TestCa, TlsFiles, TestServer) {
+    let ca = TestCa::new("test CA");
+    let files = TlsFiles::write(&ca.server_cert(1), None);
+    let server = tls_server(&files, &ca).await;
+    (ca, files, server)
+}
+
 async fn tls_server(files: &TlsFiles, ca: &TestCa) -> TestServer {
     let module = NetworkModule::new(tls_config(files)).with_handler(EchoHandler);
     TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await
@@ -67,9 +76,7 @@ fn serial_of(der: &[u8]) -> u64 {
 
 #[tokio::test]
 async fn https_serves_health() {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let server = tls_server(&files, &ca).await;
+    let (_ca, _files, server) = echo_tls_server().await;
     let response = server.http().get(server.url("/health")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -79,9 +86,7 @@ async fn https_serves_health() {
 
 #[tokio::test]
 async fn wss_clients_exchange_binary_messages_and_receive_broadcasts() {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let server = tls_server(&files, &ca).await;
+    let (_ca, _files, server) = echo_tls_server().await;
     let mut first = server.ws().await;
     let mut second = server.ws().await;
 
@@ -97,9 +102,7 @@ async fn wss_clients_exchange_binary_messages_and_receive_broadcasts() {
 
 #[tokio::test]
 async fn tls_1_2_and_1_3_are_offered_with_alpn_for_http_1_1_and_h2() {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let server = tls_server(&files, &ca).await;
+    let (ca, _files, server) = echo_tls_server().await;
     for (version, expected) in [
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
@@ -190,9 +193,7 @@ async fn mtls_refuses_clients_without_a_certificate_or_with_one_from_another_ca(
 
 #[tokio::test]
 async fn plain_http_on_the_tls_port_fails_cleanly_without_disturbing_others() {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let server = tls_server(&files, &ca).await;
+    let (_ca, _files, server) = echo_tls_server().await;
     let mut ws = server.ws().await;
 
     let mut plain = TcpStream::connect(server.addr).await.unwrap();
