@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use topgun_server::network::decode_frame;
+use topgun_server::network::decode_frame_shared;
 
 /// Longest any one scenario may run before it gives up.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
@@ -352,7 +352,7 @@ async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> Received {
         };
         let arrived = now_nanos();
         seen.frames += 1;
-        for message in decode_frame(&frame).unwrap_or_default() {
+        for message in decode_frame_shared(&frame).unwrap_or_default() {
             seen.messages += 1;
             if let Some(sent) = message.get(..8) {
                 let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());

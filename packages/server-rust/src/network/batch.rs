@@ -14,6 +14,8 @@
 //! assert_eq!(decode_frame(&frame).unwrap(), messages);
 //! ```
 
+use std::ops::Range;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The `type` value that marks a batch frame.
@@ -65,33 +67,60 @@ struct Envelope<'a> {
 }
 
 /// Splits a received frame into its messages: the contents of a `BATCH` frame, or the frame
-/// itself when it is not one.
+/// itself when it is not one. The messages are copied out; see [`decode_frame_shared`] to
+/// share the frame's buffer instead.
 ///
 /// # Errors
 ///
 /// [`BatchDecodeError`] when a frame typed `BATCH` has a truncated or inconsistent payload.
 pub fn decode_frame(frame: &[u8]) -> Result<Vec<Bytes>, BatchDecodeError> {
+    Ok(match message_ranges(frame)? {
+        Some(ranges) => ranges.into_iter().map(|r| Bytes::copy_from_slice(&frame[r])).collect(),
+        None => vec![Bytes::copy_from_slice(frame)],
+    })
+}
+
+/// Like [`decode_frame`], but every message is a slice of `frame`'s buffer: no copies, which
+/// matters to a reader receiving many small messages per frame.
+///
+/// # Errors
+///
+/// [`BatchDecodeError`] when a frame typed `BATCH` has a truncated or inconsistent payload.
+pub fn decode_frame_shared(frame: &Bytes) -> Result<Vec<Bytes>, BatchDecodeError> {
+    Ok(match message_ranges(frame)? {
+        Some(ranges) => ranges.into_iter().map(|r| frame.slice(r)).collect(),
+        None => vec![frame.clone()],
+    })
+}
+
+/// Where each message of a `BATCH` frame lies in `frame`; `None` when it is not a batch.
+fn message_ranges(frame: &[u8]) -> Result<Option<Vec<Range<usize>>>, BatchDecodeError> {
     let envelope = match rmp_serde::from_slice::<Envelope<'_>>(frame) {
         Ok(envelope) if envelope.kind == BATCH_TYPE => envelope,
-        _ => return Ok(vec![Bytes::copy_from_slice(frame)]),
+        _ => return Ok(None),
     };
-    let mut rest: &[u8] = envelope.data;
+    let data: &[u8] = envelope.data;
+    // `data` borrows from `frame`, so its offset there is the distance between the two.
+    let mut offset = data.as_ptr().addr() - frame.as_ptr().addr();
+    let mut rest = data;
     let count = take_u32(&mut rest).ok_or(BatchDecodeError("missing message count"))?;
-    let mut messages = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(rest.len() / 4));
+    offset += 4;
+    let mut ranges = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(rest.len() / 4));
     for _ in 0..count {
         let len = take_u32(&mut rest).ok_or(BatchDecodeError("missing message length"))?;
         let len = usize::try_from(len).map_err(|_| BatchDecodeError("message length overflows"))?;
         if rest.len() < len {
             return Err(BatchDecodeError("message runs past the end of the batch"));
         }
-        let (message, tail) = rest.split_at(len);
-        messages.push(Bytes::copy_from_slice(message));
-        rest = tail;
+        offset += 4;
+        ranges.push(offset..offset + len);
+        offset += len;
+        rest = &rest[len..];
     }
     if !rest.is_empty() {
         return Err(BatchDecodeError("trailing bytes after the last message"));
     }
-    Ok(messages)
+    Ok(Some(ranges))
 }
 
 fn take_u32(buf: &mut &[u8]) -> Option<u32> {

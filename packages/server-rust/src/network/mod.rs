@@ -26,7 +26,7 @@ pub mod module;
 pub mod shutdown;
 pub mod tls;
 
-pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, encode_batch};
+pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, decode_frame_shared, encode_batch};
 pub use close::CloseRequest;
 pub use config::{
     ConfigError, ConnectionConfig, MetricsConfig, NetworkConfig, ShutdownConfig, TlsConfig,
