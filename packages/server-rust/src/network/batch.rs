@@ -176,4 +176,16 @@ mod tests {
             vec![Bytes::new(), Bytes::from(vec![0xAB; 70_000]), Bytes::from_static(b"z")];
         assert_eq!(decode_frame(&encode_batch(&messages)).unwrap(), messages);
     }
+
+    #[test]
+    fn shared_decoding_slices_the_frame_without_copying() {
+        let messages = vec![Bytes::from_static(b"first"), Bytes::from_static(b"second")];
+        let frame = encode_batch(&messages);
+        let shared = decode_frame_shared(&frame).unwrap();
+        assert_eq!(shared, messages);
+        let frame_range = frame.as_ptr_range();
+        assert!(shared.iter().all(|m| frame_range.contains(&m.as_ptr())), "slices of the frame");
+        let single = Bytes::from_static(b"\xc0");
+        assert_eq!(decode_frame_shared(&single).unwrap(), vec![single.clone()]);
+    }
 }
