@@ -352,7 +352,7 @@ impl ConnectionRegistry {
     pub fn remove(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
         let (_, handle) = self.connections.remove(&id)?;
         self.counts_by_kind[handle.kind.index()].fetch_sub(1, Ordering::Relaxed);
-        if self.connections.is_empty() {
+        if self.count() == 0 {
             self.emptied.notify_waiters();
         }
         Some(handle)
@@ -364,8 +364,11 @@ impl ConnectionRegistry {
     }
 
     /// Number of live connections.
+    ///
+    /// Read from the per-kind counters, so it takes none of the map's shard locks: `/health`
+    /// and every removal ask for it.
     pub fn count(&self) -> usize {
-        self.connections.len()
+        self.counts_by_kind.iter().map(|count| count.load(Ordering::Relaxed)).sum()
     }
 
     /// Number of live connections of one kind, without scanning the registry.
@@ -426,7 +429,7 @@ impl ConnectionRegistry {
             tokio::pin!(emptied);
             // Register interest before checking, so a removal in between still wakes us.
             emptied.as_mut().enable();
-            if self.connections.is_empty() {
+            if self.count() == 0 {
                 return;
             }
             emptied.await;

@@ -320,7 +320,7 @@ impl TransportMetrics {
             gauge.set(if state == current { 1.0 } else { 0.0 });
         }
         self.uptime.set(start_time.elapsed().as_secs_f64());
-        self.handle.run_upkeep();
+        // Rendering folds pending histogram samples itself.
         self.handle.render()
     }
 
