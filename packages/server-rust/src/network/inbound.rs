@@ -5,12 +5,14 @@
 //! operation pipeline, cluster and storage crates plug in by implementing this trait; until one
 //! is installed, [`StubHandler`] logs messages and answers `/sync` with an empty MsgPack array.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::Json;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::StatusCode;
 
 use super::connection::ConnectionHandle;
@@ -100,6 +102,9 @@ pub enum SyncError {
     /// `403`: the credentials do not allow this request.
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// `415`: the body is not sent as MsgPack (raised by the transport, before the handler).
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
     /// `501`: the installed handler does not support HTTP sync.
     #[error("not implemented: {0}")]
     NotImplemented(String),
@@ -119,6 +124,7 @@ impl SyncError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -134,8 +140,23 @@ impl IntoResponse for SyncError {
         } else {
             tracing::debug!(%status, error = %self, "sync request refused");
         }
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        json_error(status, &self.to_string())
     }
+}
+
+/// The JSON error body every refusal of this server carries: `{"error": "..."}`.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Awaits a call into the installed handler, turning a panic into an error log and `None`:
+/// a handler bug costs that one call, never the connection task or the server.
+pub(crate) async fn call_guarded<T>(call: &'static str, fut: impl Future<Output = T>) -> Option<T> {
+    let result = AssertUnwindSafe(fut).catch_unwind().await;
+    if result.is_err() {
+        tracing::error!(call, "inbound handler panicked");
+    }
+    result.ok()
 }
 
 /// The handler used until a real one is installed: logs each binary message at debug level and
@@ -173,6 +194,7 @@ mod tests {
             (SyncError::BadRequest(String::new()), 400),
             (SyncError::Unauthorized(String::new()), 401),
             (SyncError::Forbidden(String::new()), 403),
+            (SyncError::UnsupportedMediaType(String::new()), 415),
             (SyncError::NotImplemented(String::new()), 501),
             (SyncError::Unavailable(String::new()), 503),
             (SyncError::Internal(String::new()), 500),

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use http::StatusCode;
 use tokio::net::TcpListener;
@@ -23,7 +23,7 @@ use super::handlers::{
     AppState, health_handler, http_sync_handler, liveness_handler, readiness_handler,
     ws_upgrade_handler,
 };
-use super::inbound::{InboundHandler, StubHandler};
+use super::inbound::{InboundHandler, StubHandler, json_error};
 use super::metrics::{TransportMetrics, metrics_handler, record_http_metrics};
 use super::middleware::build_http_layers;
 use super::shutdown::ShutdownController;
@@ -377,7 +377,7 @@ impl NetworkModule {
 
 /// Unknown routes get a JSON body, like every other error this server returns.
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": "not found" }))).into_response()
+    json_error(StatusCode::NOT_FOUND, "not found")
 }
 
 /// Wraps the TLS acceptor to count (and log at debug level) failed handshakes, which

@@ -1,16 +1,14 @@
 use std::io::Cursor;
-use std::panic::AssertUnwindSafe;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::FutureExt;
+use http::HeaderMap;
 use http::header::CONTENT_TYPE;
-use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 use super::AppState;
-use crate::network::inbound::SyncError;
+use crate::network::inbound::{SyncError, call_guarded};
 
 /// The content type of MsgPack responses.
 pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
@@ -43,40 +41,30 @@ pub async fn http_sync_handler(
         return SyncError::BadRequest(problem).into_response();
     }
     let _in_flight = state.shutdown.in_flight_guard();
-    // A panicking handler must cost this request, not the connection or the server.
-    let result = AssertUnwindSafe(state.handler.on_http_sync(body)).catch_unwind().await;
-    match result {
-        Ok(Ok(response)) => ([(CONTENT_TYPE, MSGPACK_CONTENT_TYPE)], response).into_response(),
-        Ok(Err(err)) => err.into_response(),
-        Err(_) => {
-            tracing::error!("sync handler panicked");
-            SyncError::Internal("the sync handler failed".into()).into_response()
-        }
+    match call_guarded("on_http_sync", state.handler.on_http_sync(body)).await {
+        Some(Ok(response)) => ([(CONTENT_TYPE, MSGPACK_CONTENT_TYPE)], response).into_response(),
+        Some(Err(err)) => err.into_response(),
+        None => SyncError::Internal("the sync handler failed".into()).into_response(),
     }
 }
 
-fn check_content_type(
-    headers: &HeaderMap,
-) -> Result<(), (StatusCode, axum::Json<serde_json::Value>)> {
+/// Accepts the MsgPack and binary content types, parameters and case aside.
+fn check_content_type(headers: &HeaderMap) -> Result<(), SyncError> {
     let essence = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .map(|value| value.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        .map(|value| value.split(';').next().unwrap_or("").trim());
     match essence {
-        Some(essence) if ACCEPTED_SYNC_CONTENT_TYPES.contains(&essence.as_str()) => Ok(()),
-        other => {
-            let got = other.unwrap_or_else(|| "no content type".into());
-            tracing::debug!(content_type = %got, "sync request with unsupported content type");
-            Err((
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                axum::Json(serde_json::json!({
-                    "error": format!(
-                        "unsupported content type ({got}): send {}",
-                        ACCEPTED_SYNC_CONTENT_TYPES.join(", ")
-                    )
-                })),
-            ))
+        Some(essence)
+            if ACCEPTED_SYNC_CONTENT_TYPES.iter().any(|t| t.eq_ignore_ascii_case(essence)) =>
+        {
+            Ok(())
         }
+        other => Err(SyncError::UnsupportedMediaType(format!(
+            "got {}; send {}",
+            other.unwrap_or("no content type"),
+            ACCEPTED_SYNC_CONTENT_TYPES.join(", ")
+        ))),
     }
 }
 

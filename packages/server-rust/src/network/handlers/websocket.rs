@@ -9,7 +9,6 @@
 //! reach the writer through the connection itself.
 
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::Extension;
@@ -19,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+
 use http::StatusCode;
 use http::header::RETRY_AFTER;
 use tokio::sync::mpsc;
@@ -31,6 +31,7 @@ use crate::network::batch::encode_batch;
 use crate::network::close::{self, CloseRequest};
 use crate::network::config::{ConnectionConfig, NetworkConfig};
 use crate::network::connection::{ConnectionHandle, ConnectionKind, OutboundMessage};
+use crate::network::inbound::call_guarded;
 use crate::network::metrics::{DisconnectReason, RefusedUpgrade, TransportMetrics};
 
 /// `GET /ws`: upgrades to a WebSocket configured from
@@ -116,7 +117,7 @@ async fn serve_connection(
 
     {
         let _in_flight = state.shutdown.in_flight_guard();
-        guarded("on_connect", state.handler.on_connect(conn)).await;
+        call_guarded("on_connect", state.handler.on_connect(conn)).await;
     }
     Reader { conn, state, force_close: &force_close }.run(stream).await;
     reader_done.cancel();
@@ -133,18 +134,9 @@ async fn serve_connection(
     if state.registry.remove(conn.id).is_some() {
         state.metrics.connection_closed(conn.kind, reason);
         let _in_flight = state.shutdown.in_flight_guard();
-        guarded("on_disconnect", state.handler.on_disconnect(conn)).await;
+        call_guarded("on_disconnect", state.handler.on_disconnect(conn)).await;
     }
     tracing::debug!(reason = reason.as_str(), dropped = conn.dropped_messages(), "disconnected");
-}
-
-/// Awaits a handler call, turning a panic into an error log. Returns `false` if it panicked.
-async fn guarded(call: &'static str, fut: impl Future<Output = ()>) -> bool {
-    let ok = AssertUnwindSafe(fut).catch_unwind().await.is_ok();
-    if !ok {
-        tracing::error!(call, "inbound handler panicked");
-    }
-    ok
 }
 
 struct Reader<'a> {
@@ -194,7 +186,9 @@ impl Reader<'_> {
 
     async fn dispatch(&self, payload: Bytes) -> bool {
         let _in_flight = self.state.shutdown.in_flight_guard();
-        guarded("on_message", self.state.handler.on_message(self.conn, payload)).await
+        call_guarded("on_message", self.state.handler.on_message(self.conn, payload))
+            .await
+            .is_some()
     }
 
     /// A read error ends the connection; an over-limit message is answered with 1009 first.
