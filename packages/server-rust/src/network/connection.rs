@@ -42,12 +42,23 @@ pub enum ConnectionKind {
 }
 
 impl ConnectionKind {
-    const ALL: [Self; 2] = [Self::Client, Self::ClusterPeer];
+    /// Every kind, in [`index`](Self::index) order.
+    pub(crate) const ALL: [Self; 2] = [Self::Client, Self::ClusterPeer];
 
-    fn index(self) -> usize {
+    /// Position in [`ALL`](Self::ALL), for per-kind arrays.
+    pub(crate) fn index(self) -> usize {
         match self {
             Self::Client => 0,
             Self::ClusterPeer => 1,
+        }
+    }
+
+    /// The lowercase name used in logs and metric labels.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::ClusterPeer => "cluster_peer",
         }
     }
 }

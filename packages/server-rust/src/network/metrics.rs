@@ -100,22 +100,6 @@ pub(crate) enum RefusedUpgrade {
     ConnectionLimit,
 }
 
-const KINDS: [ConnectionKind; 2] = [ConnectionKind::Client, ConnectionKind::ClusterPeer];
-
-fn kind_label(kind: ConnectionKind) -> &'static str {
-    match kind {
-        ConnectionKind::Client => "client",
-        ConnectionKind::ClusterPeer => "cluster_peer",
-    }
-}
-
-fn kind_index(kind: ConnectionKind) -> usize {
-    match kind {
-        ConnectionKind::Client => 0,
-        ConnectionKind::ClusterPeer => 1,
-    }
-}
-
 const HEALTH_STATES: [HealthState; 4] =
     [HealthState::Starting, HealthState::Ready, HealthState::Draining, HealthState::Stopped];
 
@@ -224,10 +208,11 @@ impl TransportMetrics {
             r.register_gauge(&Key::from_parts(name, labels), &METADATA)
         };
         let histogram = |name: &'static str| r.register_histogram(&Key::from_name(name), &METADATA);
-        let kind = |k: ConnectionKind| Label::new("kind", kind_label(k));
+        let kind = |k: ConnectionKind| Label::new("kind", k.as_str());
         Self {
-            opened: KINDS.map(|k| counter("topgun_connections_opened_total", vec![kind(k)])),
-            closed: KINDS.map(|k| {
+            opened: ConnectionKind::ALL
+                .map(|k| counter("topgun_connections_opened_total", vec![kind(k)])),
+            closed: ConnectionKind::ALL.map(|k| {
                 DisconnectReason::ALL.map(|reason| {
                     counter(
                         "topgun_connections_closed_total",
@@ -235,7 +220,7 @@ impl TransportMetrics {
                     )
                 })
             }),
-            open: KINDS.map(|k| gauge("topgun_connections_open", vec![kind(k)])),
+            open: ConnectionKind::ALL.map(|k| gauge("topgun_connections_open", vec![kind(k)])),
             refused_draining: counter(
                 "topgun_websocket_upgrades_refused_total",
                 vec![Label::new("reason", "draining")],
@@ -271,11 +256,11 @@ impl TransportMetrics {
     }
 
     pub(crate) fn connection_opened(&self, kind: ConnectionKind) {
-        self.opened[kind_index(kind)].increment(1);
+        self.opened[kind.index()].increment(1);
     }
 
     pub(crate) fn connection_closed(&self, kind: ConnectionKind, reason: DisconnectReason) {
-        self.closed[kind_index(kind)][reason.index()].increment(1);
+        self.closed[kind.index()][reason.index()].increment(1);
     }
 
     pub(crate) fn upgrade_refused(&self, why: RefusedUpgrade) {
@@ -308,9 +293,9 @@ impl TransportMetrics {
         shutdown: &ShutdownController,
         start_time: Instant,
     ) -> String {
-        for kind in KINDS {
+        for kind in ConnectionKind::ALL {
             #[allow(clippy::cast_precision_loss)] // connection counts are far below 2^52
-            self.open[kind_index(kind)].set(registry.count_by_kind(kind) as f64);
+            self.open[kind.index()].set(registry.count_by_kind(kind) as f64);
         }
         self.dropped.absolute(registry.dropped_messages_total());
         #[allow(clippy::cast_precision_loss)]
