@@ -52,6 +52,9 @@ struct Args {
     /// Time a client has to send a complete request head.
     #[arg(long, env = "TOPGUN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     header_read_timeout: Duration,
+    /// Connections the kernel queues before they are accepted (capped by `net.core.somaxconn`).
+    #[arg(long, env = "TOPGUN_LISTEN_BACKLOG", default_value_t = NetworkConfig::default().listen_backlog)]
+    listen_backlog: u32,
     /// Close a WebSocket from which nothing arrived for this long.
     #[arg(long, env = "TOPGUN_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     idle_timeout: Duration,
@@ -103,6 +106,8 @@ impl Args {
             max_connections: self.max_connections,
             max_sync_body_bytes: self.max_sync_body,
             header_read_timeout: self.header_read_timeout,
+            listen_backlog: self.listen_backlog,
+            tcp_nodelay: true,
             metrics: MetricsConfig { enabled: !self.no_metrics, listen: self.metrics_listen },
             connection: ConnectionConfig {
                 idle_timeout: self.idle_timeout,

@@ -167,6 +167,27 @@ async fn cors_allows_only_the_configured_origins() {
 }
 
 #[tokio::test]
+async fn requests_without_an_origin_skip_cors_but_keep_its_vary_header() {
+    let server = TestServer::start(test_config()).await;
+    let plain = http().get(server.url("/health")).send().await.unwrap();
+    let browser = http()
+        .get(server.url("/health"))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((plain.status().as_u16(), browser.status().as_u16()), (200, 200));
+    assert!(plain.headers().get("access-control-allow-origin").is_none());
+    assert_eq!(browser.headers()["access-control-allow-origin"], "*");
+    let vary = |response: &reqwest::Response| -> Vec<String> {
+        response.headers().get_all("vary").iter().map(|v| v.to_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(vary(&plain), vary(&browser), "a cache keys both on the same headers");
+    assert!(vary(&plain).join(",").contains("origin"), "{:?}", vary(&plain));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn responses_are_gzip_compressed_for_clients_that_accept_it() {
     let server = TestServer::start(test_config()).await;
     common::install_crypto_provider();

@@ -29,6 +29,39 @@ async fn ac11_ot5_start_binds_port_zero_then_serve_accepts_connections() {
 }
 
 #[tokio::test]
+async fn a_reconnect_storm_waits_in_the_listen_backlog_instead_of_being_dropped() {
+    // Every client of a restarted node reconnects at once. Before serve() nothing accepts,
+    // so the connections that complete their TCP handshake are exactly those the kernel
+    // queues for the listener; with `TcpListener::bind`'s 128 the rest would have their
+    // SYNs dropped and retry only after a second or more.
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .unwrap_or(4096);
+    let storm = 600.min(somaxconn);
+    let mut module = NetworkModule::new(test_config());
+    let port = module.start().await.unwrap();
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..storm {
+        connects.spawn(tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        ));
+    }
+    let mut queued = Vec::with_capacity(storm);
+    while let Some(connected) = connects.join_next().await {
+        queued.push(connected.unwrap().expect("connected before the deadline").unwrap());
+    }
+    assert_eq!(queued.len(), storm);
+
+    let server = TestServer::from_module(module).await;
+    let live = http().get(server.url("/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    drop(queued);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn serve_before_start_is_an_error_not_a_panic() {
     let err = NetworkModule::new(test_config()).serve(async {}).await.unwrap_err();
     assert!(err.to_string().contains("before start()"), "{err}");

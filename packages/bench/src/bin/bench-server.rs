@@ -26,6 +26,12 @@ struct Args {
     /// Override `ConnectionConfig::max_batch_messages`; 1 turns coalescing off.
     #[arg(long)]
     max_batch_messages: Option<usize>,
+    /// Override `NetworkConfig::listen_backlog` (128 is what `TcpListener::bind` uses).
+    #[arg(long)]
+    listen_backlog: Option<u32>,
+    /// Leave Nagle's algorithm on for accepted sockets (`NetworkConfig::tcp_nodelay = false`).
+    #[arg(long)]
+    no_tcp_nodelay: bool,
 }
 
 /// `{"type": "BROADCAST", "count", "size", "interval_ms", "cooperative"}` starts a broadcast;
@@ -117,6 +123,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(max) = args.max_batch_messages {
         config.connection.max_batch_messages = max;
     }
+    if let Some(backlog) = args.listen_backlog {
+        config.listen_backlog = backlog;
+    }
+    config.tcp_nodelay = !args.no_tcp_nodelay;
     let module = NetworkModule::new(config);
     let registry = module.registry();
     let mut module = module.with_handler(BenchHandler { registry });

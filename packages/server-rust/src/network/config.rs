@@ -50,6 +50,14 @@ pub struct NetworkConfig {
     /// Time a client has to send a complete request head; a slower one (slowloris) is
     /// disconnected. Default: 10 s.
     pub header_read_timeout: Duration,
+    /// Connections the kernel queues before the server accepts them. A node that restarts
+    /// is hit by every client reconnecting at once; with a short queue the overflow's SYNs
+    /// are dropped and those clients wait for a retransmission (a second or more). Linux
+    /// caps it at `net.core.somaxconn`. Default: 4 096.
+    pub listen_backlog: u32,
+    /// Sets `TCP_NODELAY` on accepted sockets, so small frames leave at once instead of
+    /// waiting for the acknowledgement of earlier ones (Nagle's algorithm). Default: `true`.
+    pub tcp_nodelay: bool,
     /// Where Prometheus metrics are served.
     pub metrics: MetricsConfig,
 }
@@ -83,6 +91,8 @@ impl Default for NetworkConfig {
             max_connections: 16_384,
             max_sync_body_bytes: 4 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            listen_backlog: 4096,
+            tcp_nodelay: true,
             metrics: MetricsConfig::default(),
         }
     }

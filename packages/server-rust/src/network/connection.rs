@@ -267,6 +267,11 @@ impl ConnectionHandle {
         self.control.last_activity_ms.store(elapsed, Ordering::Relaxed);
     }
 
+    /// Messages waiting in the outbound queue; 0 once the connection's writer has gone.
+    pub(crate) fn queued(&self) -> usize {
+        if self.tx.is_closed() { 0 } else { self.tx.max_capacity() - self.tx.capacity() }
+    }
+
     pub(crate) fn close_request(&self) -> Option<&CloseRequest> {
         self.control.close_request.get()
     }
@@ -405,7 +410,17 @@ impl ConnectionRegistry {
     /// payload is shared, not copied, across connections. Connections whose queue is full miss
     /// the message and are counted in [`BroadcastOutcome::dropped`].
     pub fn broadcast(&self, msg_bytes: impl Into<Bytes>, kind: ConnectionKind) -> BroadcastOutcome {
-        let payload: Bytes = msg_bytes.into();
+        self.broadcast_inspecting(&msg_bytes.into(), kind, |_| {})
+    }
+
+    /// Queues `payload` on every connection of `kind`, calling `queued` with each connection
+    /// that took it.
+    fn broadcast_inspecting(
+        &self,
+        payload: &Bytes,
+        kind: ConnectionKind,
+        mut queued: impl FnMut(&Arc<ConnectionHandle>),
+    ) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         for entry in &self.connections {
             let handle = entry.value();
@@ -414,6 +429,7 @@ impl ConnectionRegistry {
             }
             if handle.try_send(OutboundMessage::Binary(payload.clone())) {
                 outcome.queued += 1;
+                queued(handle);
             } else {
                 outcome.dropped += 1;
             }
@@ -447,21 +463,49 @@ impl ConnectionRegistry {
         }
     }
 
-    /// [`broadcast`](Self::broadcast), then yields to the runtime once, so the connection
-    /// writers the message woke can drain their queues before the caller broadcasts again.
+    /// [`broadcast`](Self::broadcast), then waits until the connection writers have caught
+    /// up: until at most 1 % of the recipients (plus one) still hold more than
+    /// [`COOPERATIVE_BACKLOG`](Self::COOPERATIVE_BACKLOG) queued messages, for at most
+    /// [`COOPERATIVE_MAX_WAIT`](Self::COOPERATIVE_MAX_WAIT). It yields to the runtime at
+    /// least once either way.
     ///
-    /// Use it from async code that broadcasts in a loop: a tight loop of the synchronous
-    /// `broadcast` can fill every queue before any writer runs, and then drops messages even
-    /// for clients that read everything promptly.
+    /// Use it from async code that broadcasts in a loop. A tight loop of the synchronous
+    /// `broadcast` fills every queue before the writers run: messages are then dropped even
+    /// for clients that read everything promptly, and those that do arrive have waited
+    /// behind a full queue. Bounding the backlog keeps the delay of every message to a few
+    /// writer rounds and the memory held per connection small, while writers still coalesce
+    /// what piles up into `BATCH` frames. A stalled client does not hold the caller back:
+    /// it is one of the tolerated laggards, and its writer closes it after `send_timeout`.
     pub async fn broadcast_cooperative(
         &self,
         msg_bytes: impl Into<Bytes>,
         kind: ConnectionKind,
     ) -> BroadcastOutcome {
-        let outcome = self.broadcast(msg_bytes, kind);
+        let mut lagging = Vec::new();
+        let outcome = self.broadcast_inspecting(&msg_bytes.into(), kind, |handle| {
+            if handle.queued() > Self::COOPERATIVE_BACKLOG {
+                lagging.push(Arc::clone(handle));
+            }
+        });
         tokio::task::yield_now().await;
+        let tolerated = outcome.queued / 100 + 1;
+        let deadline = tokio::time::Instant::now() + Self::COOPERATIVE_MAX_WAIT;
+        while lagging.len() > tolerated && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Self::COOPERATIVE_RECHECK).await;
+            lagging.retain(|handle| handle.queued() > Self::COOPERATIVE_BACKLOG);
+        }
         outcome
     }
+
+    /// Queued messages beyond which [`broadcast_cooperative`](Self::broadcast_cooperative)
+    /// counts a recipient as lagging.
+    pub const COOPERATIVE_BACKLOG: usize = 16;
+    /// Longest [`broadcast_cooperative`](Self::broadcast_cooperative) waits for lagging
+    /// recipients before it returns anyway.
+    pub const COOPERATIVE_MAX_WAIT: Duration = Duration::from_secs(1);
+    /// How often a waiting [`broadcast_cooperative`](Self::broadcast_cooperative) looks at
+    /// the lagging queues again.
+    const COOPERATIVE_RECHECK: Duration = Duration::from_millis(1);
 
     /// Removes and returns every connection, for shutdown.
     pub fn drain_all(&self) -> Vec<Arc<ConnectionHandle>> {
@@ -620,6 +664,68 @@ mod tests {
         let second = registry.broadcast_cooperative(vec![2_u8], ConnectionKind::Client).await;
         assert_eq!((first.queued, second.dropped), (1, 1));
         assert_eq!(rx.try_recv().unwrap(), binary(1));
+    }
+
+    /// Registers `count` connections whose queues already hold `backlog` messages.
+    fn backlogged(
+        registry: &ConnectionRegistry,
+        count: usize,
+        backlog: usize,
+    ) -> Vec<mpsc::Receiver<OutboundMessage>> {
+        (0..count)
+            .map(|_| {
+                let (handle, rx) =
+                    registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+                for _ in 0..backlog {
+                    assert!(handle.try_send(binary(0)));
+                }
+                rx
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn broadcast_cooperative_waits_for_lagging_writers_at_most_the_max_wait() {
+        let registry = ConnectionRegistry::new();
+        let _stalled = backlogged(&registry, 3, ConnectionRegistry::COOPERATIVE_BACKLOG);
+        let started = tokio::time::Instant::now();
+        let outcome = registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
+        assert_eq!(outcome.queued, 3);
+        assert_eq!(started.elapsed(), ConnectionRegistry::COOPERATIVE_MAX_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn broadcast_cooperative_returns_once_the_writers_catch_up() {
+        let registry = ConnectionRegistry::new();
+        let receivers = backlogged(&registry, 3, ConnectionRegistry::COOPERATIVE_BACKLOG);
+        let writers: Vec<_> = receivers
+            .into_iter()
+            .map(|mut rx| {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    while rx.recv().await.is_some() {}
+                })
+            })
+            .collect();
+        let started = tokio::time::Instant::now();
+        registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(30), "returned before the writers ran: {waited:?}");
+        assert!(
+            waited < Duration::from_millis(40),
+            "kept waiting after they caught up: {waited:?}"
+        );
+        drop(writers);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_stalled_recipient_does_not_hold_broadcast_cooperative_back() {
+        let registry = ConnectionRegistry::new();
+        let _stalled = backlogged(&registry, 1, ConnectionRegistry::COOPERATIVE_BACKLOG);
+        let _healthy = backlogged(&registry, 2, 0);
+        let started = tokio::time::Instant::now();
+        let outcome = registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
+        assert_eq!((outcome.queued, started.elapsed()), (3, Duration::ZERO));
     }
 
     #[test]

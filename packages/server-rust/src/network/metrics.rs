@@ -28,11 +28,10 @@
 //! | `topgun_uptime_seconds` | gauge | | seconds since the server was built |
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::header::CONTENT_TYPE;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
@@ -271,7 +270,7 @@ impl TransportMetrics {
     }
 
     /// Records one answered HTTP request.
-    fn http_request(&self, route: usize, status: u16, elapsed: Duration) {
+    pub(crate) fn http_request(&self, route: usize, status: u16, elapsed: Duration) {
         let slot = usize::from(status).saturating_sub(STATUS_BASE).min(STATUS_SLOTS - 1);
         let counter = self.http_requests[route][slot].get_or_init(|| {
             let labels = vec![
@@ -321,20 +320,6 @@ pub async fn metrics_handler(State(state): State<AppState>) -> Response {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
-/// Middleware recording `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
-/// It sits outside every other layer, so CORS preflights, timeouts and `404`s are counted too.
-pub(crate) async fn record_http_metrics(
-    State(metrics): State<Arc<TransportMetrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_index(request.uri().path());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    metrics.http_request(route, response.status().as_u16(), started.elapsed());
-    response
-}
-
 /// The server's routes; any other path is labelled `unmatched`, so scanning clients cannot
 /// create unbounded label values.
 const ROUTES: [&str; 6] = ["/health", "/health/live", "/health/ready", "/ws", "/sync", "/metrics"];
@@ -342,7 +327,7 @@ const ROUTES: [&str; 6] = ["/health", "/health/live", "/health/ready", "/ws", "/
 const STATUS_BASE: usize = 100;
 const STATUS_SLOTS: usize = 500;
 
-fn route_index(path: &str) -> usize {
+pub(crate) fn route_index(path: &str) -> usize {
     ROUTES.iter().position(|route| *route == path).unwrap_or(ROUTES.len())
 }
 

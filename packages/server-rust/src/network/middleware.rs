@@ -7,8 +7,10 @@
 //!    timeout, it also stamps the responses those layers produce themselves (preflights, `408`s)
 //!    and `404`s.
 //! 3. **Trace**: one span per request carrying method, path and request id.
-//! 4. **Compression**: gzip when the client accepts it.
-//! 5. **CORS**: origins from [`NetworkConfig::cors_origins`].
+//! 4. **CORS**: origins from [`NetworkConfig::cors_origins`], for requests that carry an
+//!    `Origin` header (see [`CrossOriginLayer`]).
+//! 5. **Compression**: gzip when the client accepts it. Inside CORS, so it never scans the
+//!    `Vary` values CORS adds.
 //! 6. **Timeout**: `408 Request Timeout` after [`NetworkConfig::request_timeout`].
 //!
 //! ```
@@ -20,16 +22,21 @@
 //!     .layer(build_http_layers(&NetworkConfig::default()));
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
-use tower::ServiceBuilder;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, ORIGIN, VARY};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::compression::CompressionLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowOrigin, CorsLayer, ResponseFuture as CorsResponseFuture};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -49,9 +56,9 @@ pub type HttpLayers = ServiceBuilder<
     Stack<
         TimeoutLayer,
         Stack<
-            CorsLayer,
+            CompressionLayer,
             Stack<
-                CompressionLayer,
+                CrossOriginLayer,
                 Stack<
                     TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan>,
                     Stack<
@@ -70,8 +77,8 @@ pub fn build_http_layers(config: &NetworkConfig) -> HttpLayers {
         .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
         .layer(TraceLayer::new_for_http().make_span_with(request_span as MakeSpan))
+        .layer(CrossOriginLayer::new(cors_layer(&config.cors_origins)))
         .layer(CompressionLayer::new())
-        .layer(cors_layer(&config.cors_origins))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
 }
 
@@ -104,4 +111,117 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
         .allow_headers([CONTENT_TYPE, AUTHORIZATION, REQUEST_ID_HEADER])
         .expose_headers([REQUEST_ID_HEADER])
         .max_age(Duration::from_secs(3600))
+}
+
+/// The `Vary` value tower-http's CORS layer sets, which the responses it skips carry too.
+const CORS_VARY: HeaderValue = HeaderValue::from_static(
+    "origin, access-control-request-method, access-control-request-headers",
+);
+
+/// Applies a [`CorsLayer`] to the requests that carry an `Origin` header: browsers send it on
+/// every cross-origin request, and the CORS response headers mean nothing to anyone else.
+///
+/// Requests without `Origin` (other nodes, TopGun's non-browser clients, health probes) skip
+/// the CORS work, which costs more per request than any other layer here, and their responses
+/// still carry the `Vary` header CORS would have set, so a cache never hands such a response
+/// to a browser.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_http::cors::CorsLayer;
+/// use topgun_server::network::middleware::CrossOriginLayer;
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "hi" }))
+///     .layer(CrossOriginLayer::new(CorsLayer::permissive()));
+/// ```
+#[derive(Clone, Debug)]
+pub struct CrossOriginLayer {
+    cors: Arc<CorsLayer>,
+}
+
+impl CrossOriginLayer {
+    /// Wraps `cors`, to run only for requests with an `Origin` header.
+    pub fn new(cors: CorsLayer) -> Self {
+        Self { cors: Arc::new(cors) }
+    }
+}
+
+impl<S> Layer<S> for CrossOriginLayer {
+    type Service = CrossOrigin<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CrossOrigin { inner, cors: Arc::clone(&self.cors) }
+    }
+}
+
+/// The service built by [`CrossOriginLayer`].
+#[derive(Clone, Debug)]
+pub struct CrossOrigin<S> {
+    inner: S,
+    /// Shared, not cloned per request: only requests with an `Origin` header build a CORS
+    /// service from it.
+    cors: Arc<CorsLayer>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CrossOrigin<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Default,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = CrossOriginFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if request.headers().contains_key(ORIGIN) {
+            // The CORS service takes the instance `poll_ready` prepared.
+            let fresh = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, fresh);
+            CrossOriginFuture { kind: Kind::Cors { future: self.cors.layer(ready).call(request) } }
+        } else {
+            CrossOriginFuture { kind: Kind::SameOrigin { future: self.inner.call(request) } }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`CrossOrigin`].
+    pub struct CrossOriginFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        // A request with an `Origin` header, answered through CORS.
+        Cors { #[pin] future: CorsResponseFuture<F> },
+        // A request without one.
+        SameOrigin { #[pin] future: F },
+    }
+}
+
+impl<F, ResBody, E> Future for CrossOriginFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Default,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Cors { future } => future.poll(cx),
+            KindProj::SameOrigin { future } => {
+                let mut response = ready!(future.poll(cx))?;
+                response.headers_mut().append(VARY, CORS_VARY);
+                Poll::Ready(Ok(response))
+            }
+        }
+    }
 }

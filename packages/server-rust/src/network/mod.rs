@@ -11,6 +11,7 @@
 //! | [`handlers`] | one axum handler per route, and [`AppState`] |
 //! | [`middleware`] | the HTTP middleware stack |
 //! | [`metrics`] | Prometheus metrics and `GET /metrics` |
+//! | `http_metrics` | the layer counting and timing HTTP requests |
 //! | [`tls`] | loading and reloading certificates |
 //! | [`module`] | [`NetworkModule`]: router, bind, serve, shutdown |
 
@@ -19,6 +20,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod handlers;
+mod http_metrics;
 pub mod inbound;
 pub mod metrics;
 pub mod middleware;
@@ -41,7 +43,7 @@ pub use handlers::{
 };
 pub use inbound::{InboundHandler, StubHandler, SyncError};
 pub use metrics::{DisconnectReason, TransportMetrics, metrics_handler};
-pub use middleware::{HttpLayers, REQUEST_ID_HEADER, build_http_layers};
+pub use middleware::{CrossOriginLayer, HttpLayers, REQUEST_ID_HEADER, build_http_layers};
 pub use module::NetworkModule;
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController};
 pub use tls::{TlsError, TlsReloader};

@@ -7,15 +7,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::Router;
+use std::convert::Infallible;
+
+use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
-use axum::middleware;
+use axum::extract::Request;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::{Router, ServiceExt as _};
 use http::StatusCode;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tower::{Service, ServiceBuilder};
 
 use super::config::NetworkConfig;
 use super::connection::ConnectionRegistry;
@@ -23,8 +28,9 @@ use super::handlers::{
     AppState, health_handler, http_sync_handler, liveness_handler, readiness_handler,
     ws_upgrade_handler,
 };
+use super::http_metrics::HttpMetricsLayer;
 use super::inbound::{InboundHandler, StubHandler, json_error};
-use super::metrics::{TransportMetrics, metrics_handler, record_http_metrics};
+use super::metrics::{TransportMetrics, metrics_handler};
 use super::middleware::build_http_layers;
 use super::shutdown::ShutdownController;
 use super::tls::TlsReloader;
@@ -161,13 +167,31 @@ impl NetworkModule {
     ///
     /// Serve it yourself to embed the transport in a larger router; [`serve`](Self::serve)
     /// additionally runs the shutdown sequence.
+    ///
+    /// The stack wraps the routes once, as a whole: `Router::layer` would wrap every route
+    /// separately, and each request would then clone the stack once per layer.
     pub fn build_router(&self) -> Router {
-        let state = self.app_state();
+        Router::new().fallback_service(self.build_service())
+    }
+
+    /// The routes behind the middleware stack, as the service [`serve`](Self::serve) runs
+    /// without wrapping it in another router.
+    fn build_service(
+        &self,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
         let metrics_here = self.config.metrics.enabled && self.config.metrics.listen.is_none();
-        let router = Router::new();
-        let router =
-            if metrics_here { router.route("/metrics", get(metrics_handler)) } else { router };
-        router
+        let routes = Router::new();
+        let routes =
+            if metrics_here { routes.route("/metrics", get(metrics_handler)) } else { routes };
+        let routes = routes
             .route("/health", get(health_handler))
             .route("/health/live", get(liveness_handler))
             .route("/health/ready", get(readiness_handler))
@@ -178,9 +202,12 @@ impl NetworkModule {
                     .layer(DefaultBodyLimit::max(self.config.max_sync_body_bytes)),
             )
             .fallback(not_found)
+            .with_state(self.app_state());
+        ServiceBuilder::new()
+            .map_response(IntoResponse::into_response)
+            .layer(HttpMetricsLayer::new(Arc::clone(&self.metrics)))
             .layer(build_http_layers(&self.config))
-            .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), record_http_metrics))
-            .with_state(state)
+            .service(routes)
     }
 
     fn app_state(&self) -> AppState {
@@ -212,13 +239,12 @@ impl NetworkModule {
         if let Some(tls) = &self.config.tls {
             self.tls = Some(TlsReloader::load(tls)?);
         }
-        let addr = (self.config.host.as_str(), self.config.port);
-        let listener = TcpListener::bind(addr)
+        let listener = bind((self.config.host.as_str(), self.config.port), &self.config)
             .await
             .with_context(|| format!("cannot bind {}:{}", self.config.host, self.config.port))?;
         let port = listener.local_addr()?.port();
         if let (true, Some(addr)) = (self.config.metrics.enabled, self.config.metrics.listen) {
-            let metrics = TcpListener::bind(addr)
+            let metrics = bind(addr, &self.config)
                 .await
                 .with_context(|| format!("cannot bind the metrics listener {addr}"))?;
             self.metrics_listener = Some(metrics);
@@ -246,11 +272,16 @@ impl NetworkModule {
         )?;
         let local_addr = listener.local_addr()?;
         let listener = listener.into_std()?;
-        let app = self.build_router().into_make_service_with_connect_info::<SocketAddr>();
+        let app = ServiceBuilder::new()
+            .map_request(|request: Request<hyper::body::Incoming>| request.map(Body::new))
+            .service(self.build_service())
+            .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
             None => {
-                let mut server = axum_server::from_tcp(listener).handle(handle.clone());
+                let mut server = axum_server::from_tcp(listener)
+                    .acceptor(axum_server::accept::NoDelayAcceptor)
+                    .handle(handle.clone());
                 self.configure_http(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
@@ -375,6 +406,25 @@ impl NetworkModule {
     }
 }
 
+/// Binds the first address `addr` resolves to that can be bound, with the configured
+/// listen backlog (`TcpListener::bind` would use a fixed one).
+async fn bind(addr: impl ToSocketAddrs, config: &NetworkConfig) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // Rebinding right after a restart must not fail on connections in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.set_nodelay(config.tcp_nodelay)?;
+        match socket.bind(addr).and_then(|()| socket.listen(config.listen_backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolved to nothing")
+    }))
+}
+
 /// Unknown routes get a JSON body, like every other error this server returns.
 async fn not_found() -> Response {
     json_error(StatusCode::NOT_FOUND, "not found")
@@ -409,5 +459,25 @@ where
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accepted_nodelay(tcp_nodelay: bool) -> bool {
+        let config = NetworkConfig { tcp_nodelay, ..NetworkConfig::default() };
+        let listener = bind(("127.0.0.1", 0), &config).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        accepted.nodelay().unwrap()
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_follow_the_tcp_nodelay_setting() {
+        assert!(accepted_nodelay(true).await);
+        assert!(!accepted_nodelay(false).await);
     }
 }
