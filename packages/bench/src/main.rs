@@ -60,6 +60,10 @@ enum Scenario {
         /// Fire with the synchronous `broadcast` instead of `broadcast_cooperative`.
         #[arg(long)]
         sync: bool,
+        /// Fire from the floor server (one blocking write per connection, no transport), to
+        /// see what the kernel and the client alone cost on this machine.
+        #[arg(long, conflicts_with = "sync")]
+        floor: bool,
     },
     /// (c) More broadcasts than a queue holds, fired at once to healthy clients.
     Burst {
@@ -90,7 +94,8 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
     },
-    /// Every scenario with its defaults, plus the paced fan-out.
+    /// Every scenario with its defaults, plus the paced fan-out from the transport and from
+    /// the floor server.
     All,
 }
 
@@ -107,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
                 size: 256,
                 interval_ms: 0,
                 sync: false,
+                floor: false,
             },
             Scenario::Fanout {
                 connections: 10_000,
@@ -114,6 +120,15 @@ async fn main() -> anyhow::Result<()> {
                 size: 256,
                 interval_ms: 100,
                 sync: false,
+                floor: false,
+            },
+            Scenario::Fanout {
+                connections: 10_000,
+                broadcasts: 50,
+                size: 256,
+                interval_ms: 100,
+                sync: false,
+                floor: true,
             },
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: false },
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: true },
@@ -135,11 +150,17 @@ async fn main() -> anyhow::Result<()> {
 async fn run(scenario: Scenario) -> anyhow::Result<Row> {
     match scenario {
         Scenario::Idle { connections } => idle(connections).await,
-        Scenario::Fanout { connections, broadcasts, size, interval_ms, sync } => {
-            fanout("fanout", connections, Firing { broadcasts, size, interval_ms, sync }).await
+        Scenario::Fanout { connections, broadcasts, size, interval_ms, sync, floor } => {
+            let sender = match (floor, sync) {
+                (true, _) => Sender::Floor,
+                (false, true) => Sender::Sync,
+                (false, false) => Sender::Cooperative,
+            };
+            fanout("fanout", connections, Firing { broadcasts, size, interval_ms, sender }).await
         }
         Scenario::Burst { connections, broadcasts, size, sync } => {
-            fanout("burst", connections, Firing { broadcasts, size, interval_ms: 0, sync }).await
+            let sender = if sync { Sender::Sync } else { Sender::Cooperative };
+            fanout("burst", connections, Firing { broadcasts, size, interval_ms: 0, sender }).await
         }
         Scenario::Echo { connections, round_trips } => echo(connections, round_trips).await,
         Scenario::Http { seconds } => http(seconds).await,
@@ -186,15 +207,32 @@ struct Server {
 }
 
 impl Server {
-    async fn spawn(bare: bool) -> anyhow::Result<Self> {
+    /// The transport, with the extra arguments of this run.
+    async fn transport() -> anyhow::Result<Self> {
+        Self::spawn(SERVER_ARGS.get().cloned().unwrap_or_default()).await
+    }
+
+    /// A bare axum router, the HTTP baseline.
+    async fn bare() -> anyhow::Result<Self> {
+        Self::spawn(vec!["--bare".into()]).await
+    }
+
+    /// The fan-out floor: hand-made handshakes and one blocking write per connection.
+    async fn floor(receivers: usize, firing: &Firing) -> anyhow::Result<Self> {
+        Self::spawn(vec![
+            format!("--floor={receivers}"),
+            format!("--broadcasts={}", firing.broadcasts),
+            format!("--size={}", firing.size),
+            format!("--interval-ms={}", firing.interval_ms),
+        ])
+        .await
+    }
+
+    async fn spawn(args: Vec<String>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let binary = exe.with_file_name("bench-server");
         let mut command = Command::new(&binary);
-        if bare {
-            command.arg("--bare");
-        } else {
-            command.args(SERVER_ARGS.get().into_iter().flatten());
-        }
+        command.args(args);
         let mut child = command
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -228,7 +266,9 @@ impl Server {
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
-        self.terminate()?;
+        if self.child.try_wait()?.is_none() {
+            self.terminate()?;
+        }
         self.child.wait().await?;
         Ok(())
     }
@@ -329,7 +369,7 @@ fn per_second(count: usize, elapsed: Duration) -> f64 {
 }
 
 async fn idle(connections: usize) -> anyhow::Result<Row> {
-    let server = Server::spawn(false).await?;
+    let server = Server::transport().await?;
     let (before, _) = server.memory()?;
     let (clients, took) = connect_many(server.port, connections).await?;
     wait_for_connections(server.port, connections).await?;
@@ -395,17 +435,36 @@ struct Firing {
     broadcasts: u32,
     size: usize,
     interval_ms: u64,
-    /// The synchronous `broadcast` in a tight loop, rather than `broadcast_cooperative`.
-    sync: bool,
+    sender: Sender,
+}
+
+/// Which server sends the broadcasts, and how.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    /// The transport's `broadcast_cooperative`.
+    Cooperative,
+    /// The transport's synchronous `broadcast` in a tight loop.
+    Sync,
+    /// The floor server: one blocking write per connection, nothing else.
+    Floor,
 }
 
 async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Result<Row> {
-    let Firing { broadcasts, size, interval_ms, sync } = firing;
-    let server = Server::spawn(false).await?;
+    let floor = firing.sender == Sender::Floor;
+    let server = if floor {
+        Server::floor(connections, &firing).await?
+    } else {
+        Server::transport().await?
+    };
+    let Firing { broadcasts, size, interval_ms, sender } = firing;
     let (clients, _) = connect_many(server.port, connections).await?;
-    wait_for_connections(server.port, connections).await?;
+    if !floor {
+        wait_for_connections(server.port, connections).await?;
+    }
     let mut control = connect_one(server.port, connections).await?;
-    wait_for_connections(server.port, connections + 1).await?;
+    if !floor {
+        wait_for_connections(server.port, connections + 1).await?;
+    }
     let expected = usize::try_from(broadcasts)?;
     let quiet = Duration::from_secs(5) + Duration::from_millis(interval_ms * 2);
     let receivers: Vec<_> =
@@ -416,7 +475,7 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         "count": broadcasts,
         "size": size,
         "interval_ms": interval_ms,
-        "cooperative": !sync,
+        "cooperative": sender == Sender::Cooperative,
     });
     let started = Instant::now();
     control.send(Message::Binary(rmp_serde::to_vec_named(&request)?.into())).await?;
@@ -428,19 +487,26 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         total.latencies_us.extend(seen.latencies_us);
     }
     let elapsed = started.elapsed();
-    let (_, peak) = server.memory()?;
-    // Let closing connections finish (their leftover queues are counted as they close).
-    drop(control);
-    wait_for_connections(server.port, 0).await?;
-    let counted = server_dropped(server.port).await?;
+    // The floor server exits once it has sent everything and counts nothing.
+    let peak = server.memory().ok().map(|(_, peak)| peak / (1 << 20));
+    let counted = if floor {
+        None
+    } else {
+        // Let closing connections finish (their leftover queues are counted as they close).
+        drop(control);
+        wait_for_connections(server.port, 0).await?;
+        Some(server_dropped(server.port).await?)
+    };
     server.stop().await?;
     total.latencies_us.sort_unstable();
     let wanted = connections * expected;
     let mut name = 1000_u64
         .checked_div(interval_ms)
         .map_or_else(|| label.to_owned(), |rate| format!("{label} paced {rate}/s"));
-    if sync {
-        name.push_str(" (sync broadcast)");
+    match sender {
+        Sender::Cooperative => {}
+        Sender::Sync => name.push_str(" (sync broadcast)"),
+        Sender::Floor => name.push_str(" (floor: blocking writes)"),
     }
     #[allow(clippy::cast_precision_loss)]
     let delivered = total.messages as f64 / wanted as f64;
@@ -458,11 +524,11 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         .with("p99_ms", percentile(&total.latencies_us, 0.99))
         .with("max_ms", percentile(&total.latencies_us, 1.0))
         .with("frames_per_message", (frames_per_message * 1000.0).round() / 1000.0)
-        .with("server_peak_rss_mib", peak / (1 << 20)))
+        .with("server_peak_rss_mib", peak))
 }
 
 async fn echo(connections: usize, round_trips: usize) -> anyhow::Result<Row> {
-    let server = Server::spawn(false).await?;
+    let server = Server::transport().await?;
     let (clients, _) = connect_many(server.port, connections).await?;
     let started = Instant::now();
     let sessions: Vec<_> = clients
@@ -516,10 +582,10 @@ async fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
 }
 
 async fn http(seconds: u64) -> anyhow::Result<Row> {
-    let full = Server::spawn(false).await?;
+    let full = Server::transport().await?;
     let full_rps = wrk(full.port, seconds).await?;
     full.stop().await?;
-    let bare = Server::spawn(true).await?;
+    let bare = Server::bare().await?;
     let bare_rps = wrk(bare.port, seconds).await?;
     bare.stop().await?;
     Ok(Row::new("http /health")
@@ -529,7 +595,7 @@ async fn http(seconds: u64) -> anyhow::Result<Row> {
 }
 
 async fn drain(connections: usize) -> anyhow::Result<Row> {
-    let mut server = Server::spawn(false).await?;
+    let mut server = Server::transport().await?;
     let (clients, _) = connect_many(server.port, connections).await?;
     wait_for_connections(server.port, connections).await?;
     let watchers: Vec<_> = clients

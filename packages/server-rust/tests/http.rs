@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{EchoHandler, TestServer, http, post_sync, test_config};
-use topgun_server::network::{ConnectionHandle, InboundHandler, NetworkConfig, SyncError};
+use topgun_server::network::{
+    ConnectionHandle, InboundHandler, MIN_COMPRESSED_SIZE, NetworkConfig, SyncError,
+};
 
 #[tokio::test]
 async fn ac10_ot7_post_sync_answers_msgpack_with_its_content_type() {
@@ -192,13 +194,25 @@ async fn responses_are_gzip_compressed_for_clients_that_accept_it() {
     let server = TestServer::start(test_config()).await;
     common::install_crypto_provider();
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
-    let compressed =
-        raw.get(server.url("/health")).header("accept-encoding", "gzip").send().await.unwrap();
-    assert_eq!(compressed.headers()["content-encoding"], "gzip");
-    let plain = raw.get(server.url("/health")).send().await.unwrap();
-    assert!(plain.headers().get("content-encoding").is_none());
-    let decoded: serde_json::Value =
-        http().get(server.url("/health")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(decoded["state"], "ready");
+    let get = |path: &str, gzip: bool| {
+        let request = raw.get(server.url(path));
+        if gzip { request.header("accept-encoding", "gzip") } else { request }.send()
+    };
+    let encoding = |response: &reqwest::Response| {
+        response.headers().get("content-encoding").map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let metrics = get("/metrics", true).await.unwrap();
+    assert_eq!(encoding(&metrics).as_deref(), Some("gzip"));
+    let uncompressed = get("/metrics", false).await.unwrap();
+    assert_eq!(encoding(&uncompressed), None);
+    let size = uncompressed.bytes().await.unwrap().len();
+    assert!(size >= usize::from(MIN_COMPRESSED_SIZE), "/metrics is {size} bytes");
+    // Small answers are not worth compressing.
+    let health = get("/health", true).await.unwrap();
+    assert_eq!(encoding(&health), None);
+
+    let decoded = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(decoded.contains("topgun_connections_opened_total"), "{decoded}");
     server.stop().await.unwrap();
 }

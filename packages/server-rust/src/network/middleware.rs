@@ -9,8 +9,8 @@
 //! 3. **Trace**: one span per request carrying method, path and request id.
 //! 4. **CORS**: origins from [`NetworkConfig::cors_origins`], for requests that carry an
 //!    `Origin` header (see [`CrossOriginLayer`]).
-//! 5. **Compression**: gzip when the client accepts it. Inside CORS, so it never scans the
-//!    `Vary` values CORS adds.
+//! 5. **Compression**: gzip when the client accepts it, for responses of at least
+//!    [`MIN_COMPRESSED_SIZE`] bytes. Inside CORS, so it never scans the `Vary` values CORS adds.
 //! 6. **Timeout**: `408 Request Timeout` after [`NetworkConfig::request_timeout`].
 //!
 //! ```
@@ -36,6 +36,7 @@ use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{And, NotForContentType, Predicate as _, SizeAbove};
 use tower_http::cors::{AllowOrigin, CorsLayer, ResponseFuture as CorsResponseFuture};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -51,12 +52,21 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 
 type MakeSpan = fn(&Request<Body>) -> Span;
 
+/// Smallest response body that is gzip-compressed. Below it, gzip's framing and CPU cost more
+/// than they save; health answers and error bodies all stay under it.
+pub const MIN_COMPRESSED_SIZE: u16 = 1024;
+
+/// The predicate deciding which responses are compressed (tower-http's default exclusions
+/// with a larger minimum size, checked first).
+pub type CompressWhen =
+    And<And<And<SizeAbove, NotForContentType>, NotForContentType>, NotForContentType>;
+
 /// The layer stack built by [`build_http_layers`], named so it can be stored or returned.
 pub type HttpLayers = ServiceBuilder<
     Stack<
         TimeoutLayer,
         Stack<
-            CompressionLayer,
+            CompressionLayer<CompressWhen>,
             Stack<
                 CrossOriginLayer,
                 Stack<
@@ -78,7 +88,14 @@ pub fn build_http_layers(config: &NetworkConfig) -> HttpLayers {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
         .layer(TraceLayer::new_for_http().make_span_with(request_span as MakeSpan))
         .layer(CrossOriginLayer::new(cors_layer(&config.cors_origins)))
-        .layer(CompressionLayer::new())
+        .layer(
+            CompressionLayer::new().compress_when(
+                SizeAbove::new(MIN_COMPRESSED_SIZE)
+                    .and(NotForContentType::GRPC)
+                    .and(NotForContentType::IMAGES)
+                    .and(NotForContentType::SSE),
+            ),
+        )
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout))
 }
 

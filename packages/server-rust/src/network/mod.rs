@@ -43,7 +43,10 @@ pub use handlers::{
 };
 pub use inbound::{InboundHandler, StubHandler, SyncError};
 pub use metrics::{DisconnectReason, TransportMetrics, metrics_handler};
-pub use middleware::{CrossOriginLayer, HttpLayers, REQUEST_ID_HEADER, build_http_layers};
+pub use middleware::{
+    CompressWhen, CrossOriginLayer, HttpLayers, MIN_COMPRESSED_SIZE, REQUEST_ID_HEADER,
+    build_http_layers,
+};
 pub use module::NetworkModule;
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController};
 pub use tls::{TlsError, TlsReloader};

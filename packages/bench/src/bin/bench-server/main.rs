@@ -1,6 +1,9 @@
 //! The server side of the load harness: the TopGun transport with a handler that echoes and,
 //! on request, broadcasts timestamped messages. `--bare` serves a plain axum router answering
-//! `GET /health` with the same JSON shape and no middleware, as the HTTP baseline.
+//! `GET /health` with the same JSON shape and no middleware, as the HTTP baseline; `--floor`
+//! serves the fan-out floor (see `floor.rs`).
+
+mod floor;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,6 +35,16 @@ struct Args {
     /// Leave Nagle's algorithm on for accepted sockets (`NetworkConfig::tcp_nodelay = false`).
     #[arg(long)]
     no_tcp_nodelay: bool,
+    /// Serve the fan-out floor instead of the transport: accept this many receivers and a
+    /// control connection, then send `--broadcasts` frames with plain blocking writes.
+    #[arg(long)]
+    floor: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    broadcasts: u32,
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
 }
 
 /// `{"type": "BROADCAST", "count", "size", "interval_ms", "cooperative"}` starts a broadcast;
@@ -97,6 +110,20 @@ async fn terminate() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(receivers) = args.floor {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(([127, 0, 0, 1], args.port).into())?;
+        let listener = socket.listen(4096)?.into_std()?;
+        listener.set_nonblocking(false)?;
+        println!("LISTENING {}", listener.local_addr()?.port());
+        let plan = floor::Plan {
+            receivers,
+            broadcasts: args.broadcasts,
+            size: args.size,
+            interval: Duration::from_millis(args.interval_ms),
+        };
+        return tokio::task::spawn_blocking(move || floor::run(&listener, &plan)).await?;
+    }
     if args.bare {
         let started = std::time::Instant::now();
         let router = axum::Router::new().route(
