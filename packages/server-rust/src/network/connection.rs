@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,9 @@ struct ConnectionControl {
     registry_dropped: Arc<AtomicU64>,
     consecutive_drops: AtomicU32,
     max_consecutive_drops: u32,
+    /// Still behind after a `broadcast_cooperative` waited its longest for it: later
+    /// broadcasts do not wait for this connection again until it has caught up.
+    slow_for_broadcasts: AtomicBool,
     disconnect_reason: OnceLock<DisconnectReason>,
 }
 
@@ -356,6 +359,7 @@ impl ConnectionRegistry {
                 registry_dropped: Arc::clone(&self.dropped_total),
                 consecutive_drops: AtomicU32::new(0),
                 max_consecutive_drops: config.max_consecutive_drops.max(1),
+                slow_for_broadcasts: AtomicBool::new(false),
                 disconnect_reason: OnceLock::new(),
             },
         });
@@ -474,8 +478,12 @@ impl ConnectionRegistry {
     /// for clients that read everything promptly, and those that do arrive have waited
     /// behind a full queue. Bounding the backlog keeps the delay of every message to a few
     /// writer rounds and the memory held per connection small, while writers still coalesce
-    /// what piles up into `BATCH` frames. A stalled client does not hold the caller back:
-    /// it is one of the tolerated laggards, and its writer closes it after `send_timeout`.
+    /// what piles up into `BATCH` frames.
+    ///
+    /// Slow clients do not set everyone's pace: a connection still behind when a call has
+    /// waited its longest is not waited for again until it has caught up. Its queue then fills
+    /// like any other slow consumer's (drops, and close `1013` after `max_consecutive_drops`),
+    /// and a client that stops reading is closed by its writer after `send_timeout`.
     pub async fn broadcast_cooperative(
         &self,
         msg_bytes: impl Into<Bytes>,
@@ -483,14 +491,26 @@ impl ConnectionRegistry {
     ) -> BroadcastOutcome {
         let mut lagging = Vec::new();
         let outcome = self.broadcast_inspecting(&msg_bytes.into(), kind, |handle| {
-            if handle.queued() > Self::COOPERATIVE_BACKLOG {
+            let slow = &handle.control.slow_for_broadcasts;
+            if handle.queued() <= Self::COOPERATIVE_BACKLOG {
+                // Read first: the common case then never writes the shared line.
+                if slow.load(Ordering::Relaxed) {
+                    slow.store(false, Ordering::Relaxed);
+                }
+            } else if !slow.load(Ordering::Relaxed) {
                 lagging.push(Arc::clone(handle));
             }
         });
         tokio::task::yield_now().await;
         let tolerated = outcome.queued / 100 + 1;
         let deadline = tokio::time::Instant::now() + Self::COOPERATIVE_MAX_WAIT;
-        while lagging.len() > tolerated && tokio::time::Instant::now() < deadline {
+        while lagging.len() > tolerated {
+            if tokio::time::Instant::now() >= deadline {
+                for handle in &lagging {
+                    handle.control.slow_for_broadcasts.store(true, Ordering::Relaxed);
+                }
+                break;
+            }
             tokio::time::sleep(Self::COOPERATIVE_RECHECK).await;
             lagging.retain(|handle| handle.queued() > Self::COOPERATIVE_BACKLOG);
         }
@@ -502,7 +522,7 @@ impl ConnectionRegistry {
     pub const COOPERATIVE_BACKLOG: usize = 16;
     /// Longest [`broadcast_cooperative`](Self::broadcast_cooperative) waits for lagging
     /// recipients before it returns anyway.
-    pub const COOPERATIVE_MAX_WAIT: Duration = Duration::from_secs(1);
+    pub const COOPERATIVE_MAX_WAIT: Duration = Duration::from_millis(250);
     /// How often a waiting [`broadcast_cooperative`](Self::broadcast_cooperative) looks at
     /// the lagging queues again.
     const COOPERATIVE_RECHECK: Duration = Duration::from_millis(1);
@@ -691,6 +711,29 @@ mod tests {
         let started = tokio::time::Instant::now();
         let outcome = registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
         assert_eq!(outcome.queued, 3);
+        assert_eq!(started.elapsed(), ConnectionRegistry::COOPERATIVE_MAX_WAIT);
+
+        // Those that stayed behind do not hold the next broadcasts back.
+        let started = tokio::time::Instant::now();
+        registry.broadcast_cooperative(vec![2_u8], ConnectionKind::Client).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_recipient_that_caught_up_is_waited_for_again() {
+        let registry = ConnectionRegistry::new();
+        let mut receivers = backlogged(&registry, 3, ConnectionRegistry::COOPERATIVE_BACKLOG);
+        registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
+        for rx in &mut receivers {
+            while rx.try_recv().is_ok() {}
+        }
+        // Caught up: the next broadcast sees it; lagging again: the one after waits.
+        registry.broadcast_cooperative(vec![2_u8], ConnectionKind::Client).await;
+        for _ in 0..ConnectionRegistry::COOPERATIVE_BACKLOG {
+            registry.broadcast(vec![3_u8], ConnectionKind::Client);
+        }
+        let started = tokio::time::Instant::now();
+        registry.broadcast_cooperative(vec![4_u8], ConnectionKind::Client).await;
         assert_eq!(started.elapsed(), ConnectionRegistry::COOPERATIVE_MAX_WAIT);
     }
 
