@@ -1,14 +1,13 @@
 //! [`NetworkModule`]: builds the router, binds the port and runs the server through its whole
 //! lifecycle, from `Starting` to `Stopped`.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use std::convert::Infallible;
-
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::Request;
@@ -279,9 +278,7 @@ impl NetworkModule {
         let handle = axum_server::Handle::new();
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
             None => {
-                let mut server = axum_server::from_tcp(listener)
-                    .acceptor(axum_server::accept::NoDelayAcceptor)
-                    .handle(handle.clone());
+                let mut server = axum_server::from_tcp(listener).handle(handle.clone());
                 self.configure_http(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
