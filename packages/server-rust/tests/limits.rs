@@ -17,8 +17,8 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use topgun_server::network::{
-    ConnectionConfig, ConnectionHandle, ConnectionKind, InboundHandler, NetworkConfig,
-    OutboundMessage, SyncError,
+    ConnectionConfig, ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler,
+    NetworkConfig, OutboundMessage, ShutdownConfig, SyncError,
 };
 
 fn with_connection(connection: ConnectionConfig) -> NetworkConfig {
@@ -102,7 +102,11 @@ async fn a_socket_write_blocked_past_send_timeout_closes_the_connection() {
 }
 
 fn sequence_payload(seq: u32) -> Bytes {
-    let mut payload = vec![0_u8; 1024];
+    sized_sequence_payload(seq, 1024)
+}
+
+fn sized_sequence_payload(seq: u32, size: usize) -> Bytes {
+    let mut payload = vec![0_u8; size];
     payload[..4].copy_from_slice(&seq.to_be_bytes());
     Bytes::from(payload)
 }
@@ -160,6 +164,54 @@ async fn one_stalled_client_among_a_hundred_is_closed_and_the_rest_get_everythin
     eprintln!("peak resident memory growth (server and 99 clients): {} KiB", growth / 1024);
     assert!(growth < 200 * 1024 * 1024, "memory peaked {growth} bytes above the start");
     drop(healthy);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_cost_a_cooperative_broadcaster_one_bounded_wait() {
+    const BROADCASTS: u32 = 1_000;
+    // Stalled clients that stay connected for the whole test: nothing evicts them.
+    let config = with_connection(ConnectionConfig {
+        send_timeout: Duration::from_secs(120),
+        max_consecutive_drops: u32::MAX,
+        ..Default::default()
+    });
+    let server = TestServer::start(NetworkConfig {
+        shutdown: ShutdownConfig {
+            drain_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..config
+    })
+    .await;
+    // Two stalled among twenty: more than broadcast_cooperative tolerates (1 % plus one).
+    let _stalled = [
+        raw_ws_client(server.addr, Some(4096)).await,
+        raw_ws_client(server.addr, Some(4096)).await,
+    ];
+    let registry = Arc::clone(&server.registry);
+    eventually("stalled pair registered", || registry.count() == 2).await;
+    let stalled: Vec<_> = registry.iter().map(|c| c.id).collect();
+    let mut readers = Vec::new();
+    for _ in 0..18 {
+        readers.push(tokio::spawn(expect_sequence(server.ws().await, BROADCASTS)));
+    }
+    eventually("twenty registered", || registry.count() == 20).await;
+
+    // 16 MiB in all: far more than the kernel buffers of a client that does not read.
+    let started = Instant::now();
+    for seq in 0..BROADCASTS {
+        let payload = sized_sequence_payload(seq, 16 * 1024);
+        registry.broadcast_cooperative(payload, ConnectionKind::Client).await;
+    }
+    let took = started.elapsed();
+    // Waiting the longest for the stalled pair on every broadcast would take 250 s.
+    let every_time = ConnectionRegistry::COOPERATIVE_MAX_WAIT * BROADCASTS;
+    assert!(took < every_time / 10, "{BROADCASTS} broadcasts took {took:?}");
+    for reader in readers {
+        tokio::time::timeout(DEADLINE, reader).await.expect("readers finish").unwrap();
+    }
+    assert!(stalled.iter().all(|id| registry.get(*id).is_some()), "the stalled pair stayed");
     server.stop().await.unwrap();
 }
 
