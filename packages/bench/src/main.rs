@@ -86,8 +86,12 @@ enum Scenario {
     },
     /// (e) `GET /health` with the full middleware stack against a bare axum router (needs wrk).
     Http {
-        #[arg(long, default_value_t = 5)]
+        /// Seconds of load per wrk run.
+        #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Full-stack and bare runs, alternated; the ratio reported is the median pair's.
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
     },
     /// (f) Time from SIGTERM to every connection closed with 1001 and the server exited.
     Drain {
@@ -133,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: false },
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: true },
             Scenario::Echo { connections: 1_000, round_trips: 100 },
-            Scenario::Http { seconds: 5 },
+            Scenario::Http { seconds: 3, pairs: 3 },
             Scenario::Drain { connections: 10_000 },
         ],
         one => vec![one],
@@ -163,7 +167,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<Row> {
             fanout("burst", connections, Firing { broadcasts, size, interval_ms: 0, sender }).await
         }
         Scenario::Echo { connections, round_trips } => echo(connections, round_trips).await,
-        Scenario::Http { seconds } => http(seconds).await,
+        Scenario::Http { seconds, pairs } => http(seconds, pairs).await,
         Scenario::Drain { connections } => drain(connections).await,
         Scenario::All => unreachable!("expanded in main"),
     }
@@ -581,17 +585,27 @@ async fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
     Ok(line["Requests/sec:".len()..].trim().parse()?)
 }
 
-async fn http(seconds: u64) -> anyhow::Result<Row> {
+/// Runs wrk against the full stack and the bare router in turn, `pairs` times, so drift in the
+/// machine's load affects both sides alike; reports the pair with the median ratio.
+async fn http(seconds: u64, pairs: usize) -> anyhow::Result<Row> {
     let full = Server::transport().await?;
-    let full_rps = wrk(full.port, seconds).await?;
-    full.stop().await?;
     let bare = Server::bare().await?;
-    let bare_rps = wrk(bare.port, seconds).await?;
+    let mut runs = Vec::with_capacity(pairs);
+    for _ in 0..pairs.max(1) {
+        let full_rps = wrk(full.port, seconds).await?;
+        let bare_rps = wrk(bare.port, seconds).await?;
+        runs.push((full_rps / bare_rps, full_rps, bare_rps));
+    }
+    full.stop().await?;
     bare.stop().await?;
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let ratios: Vec<f64> = runs.iter().map(|run| (run.0 * 1000.0).round() / 1000.0).collect();
+    let (ratio, full_rps, bare_rps) = runs[runs.len() / 2];
     Ok(Row::new("http /health")
         .with("full_stack_req_per_sec", full_rps.round())
         .with("bare_axum_req_per_sec", bare_rps.round())
-        .with("ratio", (full_rps / bare_rps * 1000.0).round() / 1000.0))
+        .with("ratio", (ratio * 1000.0).round() / 1000.0)
+        .with("ratios_of_all_pairs", ratios))
 }
 
 async fn drain(connections: usize) -> anyhow::Result<Row> {

@@ -519,7 +519,7 @@ impl ConnectionRegistry {
 
     /// Queued messages beyond which [`broadcast_cooperative`](Self::broadcast_cooperative)
     /// counts a recipient as lagging.
-    pub const COOPERATIVE_BACKLOG: usize = 16;
+    pub const COOPERATIVE_BACKLOG: usize = 12;
     /// Longest [`broadcast_cooperative`](Self::broadcast_cooperative) waits for lagging
     /// recipients before it returns anyway.
     pub const COOPERATIVE_MAX_WAIT: Duration = Duration::from_millis(250);
