@@ -409,8 +409,11 @@ async fn bind(addr: impl ToSocketAddrs, config: &NetworkConfig) -> std::io::Resu
     let mut last_error = None;
     for addr in tokio::net::lookup_host(addr).await? {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        // Rebinding right after a restart must not fail on connections in TIME_WAIT.
-        socket.set_reuseaddr(true)?;
+        // Rebinding right after a restart must not fail on connections in TIME_WAIT. (On
+        // Windows the option would let another process take the port, as std and tokio know.)
+        if cfg!(unix) {
+            socket.set_reuseaddr(true)?;
+        }
         socket.set_nodelay(config.tcp_nodelay)?;
         match socket.bind(addr).and_then(|()| socket.listen(config.listen_backlog)) {
             Ok(listener) => return Ok(listener),
