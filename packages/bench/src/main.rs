@@ -103,6 +103,13 @@ enum Scenario {
     All,
 }
 
+impl Scenario {
+    /// `broadcasts` × 256 B to 10 000 connections, from the transport or the floor server.
+    fn fanout(broadcasts: u32, interval_ms: u64, floor: bool) -> Self {
+        Self::Fanout { connections: 10_000, broadcasts, size: 256, interval_ms, sync: false, floor }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -110,30 +117,9 @@ async fn main() -> anyhow::Result<()> {
     let scenarios = match args.scenario {
         Scenario::All => vec![
             Scenario::Idle { connections: 10_000 },
-            Scenario::Fanout {
-                connections: 10_000,
-                broadcasts: 200,
-                size: 256,
-                interval_ms: 0,
-                sync: false,
-                floor: false,
-            },
-            Scenario::Fanout {
-                connections: 10_000,
-                broadcasts: 50,
-                size: 256,
-                interval_ms: 100,
-                sync: false,
-                floor: false,
-            },
-            Scenario::Fanout {
-                connections: 10_000,
-                broadcasts: 50,
-                size: 256,
-                interval_ms: 100,
-                sync: false,
-                floor: true,
-            },
+            Scenario::fanout(200, 0, false),
+            Scenario::fanout(50, 100, false),
+            Scenario::fanout(50, 100, true),
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: false },
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: true },
             Scenario::Echo { connections: 1_000, round_trips: 100 },

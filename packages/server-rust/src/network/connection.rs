@@ -704,37 +704,38 @@ mod tests {
             .collect()
     }
 
+    /// One `broadcast_cooperative` of `byte`: what it queued and how long it waited.
+    async fn timed_cooperative(registry: &ConnectionRegistry, byte: u8) -> (usize, Duration) {
+        let started = tokio::time::Instant::now();
+        let outcome = registry.broadcast_cooperative(vec![byte], ConnectionKind::Client).await;
+        (outcome.queued, started.elapsed())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn broadcast_cooperative_waits_for_lagging_writers_at_most_the_max_wait() {
         let registry = ConnectionRegistry::new();
         let _stalled = backlogged(&registry, 3, ConnectionRegistry::COOPERATIVE_BACKLOG);
-        let started = tokio::time::Instant::now();
-        let outcome = registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
-        assert_eq!(outcome.queued, 3);
-        assert_eq!(started.elapsed(), ConnectionRegistry::COOPERATIVE_MAX_WAIT);
-
+        let max_wait = ConnectionRegistry::COOPERATIVE_MAX_WAIT;
+        assert_eq!(timed_cooperative(&registry, 1).await, (3, max_wait));
         // Those that stayed behind do not hold the next broadcasts back.
-        let started = tokio::time::Instant::now();
-        registry.broadcast_cooperative(vec![2_u8], ConnectionKind::Client).await;
-        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(timed_cooperative(&registry, 2).await, (3, Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_recipient_that_caught_up_is_waited_for_again() {
         let registry = ConnectionRegistry::new();
         let mut receivers = backlogged(&registry, 3, ConnectionRegistry::COOPERATIVE_BACKLOG);
-        registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
+        timed_cooperative(&registry, 1).await;
         for rx in &mut receivers {
             while rx.try_recv().is_ok() {}
         }
         // Caught up: the next broadcast sees it; lagging again: the one after waits.
-        registry.broadcast_cooperative(vec![2_u8], ConnectionKind::Client).await;
+        timed_cooperative(&registry, 2).await;
         for _ in 0..ConnectionRegistry::COOPERATIVE_BACKLOG {
             registry.broadcast(vec![3_u8], ConnectionKind::Client);
         }
-        let started = tokio::time::Instant::now();
-        registry.broadcast_cooperative(vec![4_u8], ConnectionKind::Client).await;
-        assert_eq!(started.elapsed(), ConnectionRegistry::COOPERATIVE_MAX_WAIT);
+        let (_, waited) = timed_cooperative(&registry, 4).await;
+        assert_eq!(waited, ConnectionRegistry::COOPERATIVE_MAX_WAIT);
     }
 
     #[tokio::test(start_paused = true)]
@@ -750,9 +751,7 @@ mod tests {
                 })
             })
             .collect();
-        let started = tokio::time::Instant::now();
-        registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
-        let waited = started.elapsed();
+        let (_, waited) = timed_cooperative(&registry, 1).await;
         assert!(waited >= Duration::from_millis(30), "returned before the writers ran: {waited:?}");
         assert!(
             waited < Duration::from_millis(40),
@@ -766,9 +765,7 @@ mod tests {
         let registry = ConnectionRegistry::new();
         let _stalled = backlogged(&registry, 1, ConnectionRegistry::COOPERATIVE_BACKLOG);
         let _healthy = backlogged(&registry, 2, 0);
-        let started = tokio::time::Instant::now();
-        let outcome = registry.broadcast_cooperative(vec![1_u8], ConnectionKind::Client).await;
-        assert_eq!((outcome.queued, started.elapsed()), (3, Duration::ZERO));
+        assert_eq!(timed_cooperative(&registry, 1).await, (3, Duration::ZERO));
     }
 
     #[test]

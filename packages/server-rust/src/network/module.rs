@@ -295,27 +295,30 @@ impl NetworkModule {
         self.shutdown.set_ready();
         tracing::info!(%local_addr, tls = self.tls.is_some(), "serving");
 
-        tokio::select! {
-            () = shutdown => {}
-            () = self.shutdown.shutdown_requested() => {}
-            result = &mut server => {
+        let stopped_by_itself = tokio::select! {
+            () = shutdown => None,
+            () = self.shutdown.shutdown_requested() => None,
+            result = &mut server => Some(result),
+        };
+        let outcome = match stopped_by_itself {
+            None => {
+                self.drain(&handle, server).await;
+                Ok(())
+            }
+            Some(result) => {
                 self.shutdown.trigger_shutdown();
                 self.shutdown.set_stopped();
-                for task in background {
-                    task.abort();
-                }
-                return match result {
+                match result {
                     Ok(Ok(())) => Err(anyhow::anyhow!("server stopped without a shutdown request")),
                     Ok(Err(err)) => Err(err).context("server failed"),
                     Err(err) => Err(err).context("server task failed"),
-                };
+                }
             }
-        }
-        self.drain(&handle, server).await;
+        };
         for task in background {
             task.abort();
         }
-        Ok(())
+        outcome
     }
 
     /// The metrics listener (if configured) and the histogram upkeep, which keeps recorded
