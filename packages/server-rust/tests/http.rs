@@ -139,6 +139,11 @@ async fn a_client_supplied_request_id_is_kept() {
     server.stop().await.unwrap();
 }
 
+/// `GET /health` as a browser page on `origin` sends it.
+async fn health_from_origin(server: &TestServer, origin: &str) -> reqwest::Response {
+    http().get(server.url("/health")).header("origin", origin).send().await.unwrap()
+}
+
 #[tokio::test]
 async fn cors_allows_only_the_configured_origins() {
     let config = NetworkConfig { cors_origins: vec!["http://app.example".into()], ..test_config() };
@@ -158,12 +163,7 @@ async fn cors_allows_only_the_configured_origins() {
     let refused = preflight("http://evil.example").await.unwrap();
     assert!(refused.headers().get("access-control-allow-origin").is_none());
 
-    let simple = http()
-        .get(server.url("/health"))
-        .header("origin", "http://app.example")
-        .send()
-        .await
-        .unwrap();
+    let simple = health_from_origin(&server, "http://app.example").await;
     assert_eq!(simple.headers()["access-control-expose-headers"], "x-request-id");
     server.stop().await.unwrap();
 }
@@ -172,12 +172,7 @@ async fn cors_allows_only_the_configured_origins() {
 async fn requests_without_an_origin_skip_cors_but_keep_its_vary_header() {
     let server = TestServer::start(test_config()).await;
     let plain = http().get(server.url("/health")).send().await.unwrap();
-    let browser = http()
-        .get(server.url("/health"))
-        .header("origin", "http://app.example")
-        .send()
-        .await
-        .unwrap();
+    let browser = health_from_origin(&server, "http://app.example").await;
     assert_eq!((plain.status().as_u16(), browser.status().as_u16()), (200, 200));
     assert!(plain.headers().get("access-control-allow-origin").is_none());
     assert_eq!(browser.headers()["access-control-allow-origin"], "*");
