@@ -84,14 +84,16 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         round_trips: usize,
     },
-    /// (e) `GET /health` with the full middleware stack against a bare axum router (needs wrk).
+    /// (e) `GET /health` with the full middleware stack, and with the middleware stack alone,
+    /// against a bare axum router (needs wrk).
     Http {
         /// Seconds of load per wrk run.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
-        /// Full-stack and bare runs, alternated; the ratio reported is the median pair's.
+        /// Rounds of full-stack, layers-only and bare runs, alternated; the ratios reported are
+        /// the medians.
         #[arg(long, default_value_t = 3)]
-        pairs: usize,
+        rounds: usize,
     },
     /// (f) Time from SIGTERM to every connection closed with 1001 and the server exited.
     Drain {
@@ -123,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: false },
             Scenario::Burst { connections: 2_000, broadcasts: 1_000, size: 64, sync: true },
             Scenario::Echo { connections: 1_000, round_trips: 100 },
-            Scenario::Http { seconds: 3, pairs: 3 },
+            Scenario::Http { seconds: 3, rounds: 3 },
             Scenario::Drain { connections: 10_000 },
         ],
         one => vec![one],
@@ -153,7 +155,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<Row> {
             fanout("burst", connections, Firing { broadcasts, size, interval_ms: 0, sender }).await
         }
         Scenario::Echo { connections, round_trips } => echo(connections, round_trips).await,
-        Scenario::Http { seconds, pairs } => http(seconds, pairs).await,
+        Scenario::Http { seconds, rounds } => http(seconds, rounds).await,
         Scenario::Drain { connections } => drain(connections).await,
         Scenario::All => unreachable!("expanded in main"),
     }
@@ -205,6 +207,11 @@ impl Server {
     /// A bare axum router, the HTTP baseline.
     async fn bare() -> anyhow::Result<Self> {
         Self::spawn(vec!["--bare".into()]).await
+    }
+
+    /// The bare router inside the transport's HTTP middleware stack and nothing else.
+    async fn bare_with_layers() -> anyhow::Result<Self> {
+        Self::spawn(vec!["--bare".into(), "--with-layers".into()]).await
     }
 
     /// The fan-out floor: hand-made handshakes and one blocking write per connection.
@@ -571,27 +578,36 @@ async fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
     Ok(line["Requests/sec:".len()..].trim().parse()?)
 }
 
-/// Runs wrk against the full stack and the bare router in turn, `pairs` times, so drift in the
-/// machine's load affects both sides alike; reports the pair with the median ratio.
-async fn http(seconds: u64, pairs: usize) -> anyhow::Result<Row> {
+/// Runs wrk against the full stack, the bare router inside the middleware stack alone, and the
+/// bare router in turn, `rounds` times, so drift in the machine's load affects all three alike;
+/// reports the run with the median full-stack ratio, and the median ratio of the layers alone.
+async fn http(seconds: u64, rounds: usize) -> anyhow::Result<Row> {
     let full = Server::transport().await?;
+    let layers = Server::bare_with_layers().await?;
     let bare = Server::bare().await?;
-    let mut runs = Vec::with_capacity(pairs);
-    for _ in 0..pairs.max(1) {
+    let mut runs = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
         let full_rps = wrk(full.port, seconds).await?;
+        let layers_rps = wrk(layers.port, seconds).await?;
         let bare_rps = wrk(bare.port, seconds).await?;
-        runs.push((full_rps / bare_rps, full_rps, bare_rps));
+        runs.push((full_rps / bare_rps, full_rps, bare_rps, layers_rps / bare_rps));
     }
     full.stop().await?;
+    layers.stop().await?;
     bare.stop().await?;
+    let rounded = |ratio: f64| (ratio * 1000.0).round() / 1000.0;
+    let mut layers_ratios: Vec<f64> = runs.iter().map(|run| rounded(run.3)).collect();
+    layers_ratios.sort_by(f64::total_cmp);
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let ratios: Vec<f64> = runs.iter().map(|run| (run.0 * 1000.0).round() / 1000.0).collect();
-    let (ratio, full_rps, bare_rps) = runs[runs.len() / 2];
+    let ratios: Vec<f64> = runs.iter().map(|run| rounded(run.0)).collect();
+    let (ratio, full_rps, bare_rps, _) = runs[runs.len() / 2];
     Ok(Row::new("http /health")
         .with("full_stack_req_per_sec", full_rps.round())
         .with("bare_axum_req_per_sec", bare_rps.round())
-        .with("ratio", (ratio * 1000.0).round() / 1000.0)
-        .with("ratios_of_all_pairs", ratios))
+        .with("ratio", rounded(ratio))
+        .with("ratios_of_all_rounds", ratios)
+        .with("layers_only_ratio", layers_ratios[layers_ratios.len() / 2])
+        .with("layers_only_ratios", layers_ratios))
 }
 
 async fn drain(connections: usize) -> anyhow::Result<Row> {

@@ -1,6 +1,7 @@
 //! The server side of the load harness: the TopGun transport with a handler that echoes and,
 //! on request, broadcasts timestamped messages. `--bare` serves a plain axum router answering
-//! `GET /health` with the same JSON shape and no middleware, as the HTTP baseline; `--floor`
+//! `GET /health` with the same JSON shape and no middleware, as the HTTP baseline (with
+//! `--with-layers`, inside the transport's HTTP middleware stack and nothing else); `--floor`
 //! serves the fan-out floor (see `floor.rs`).
 
 mod floor;
@@ -13,7 +14,7 @@ use clap::Parser;
 use serde::Deserialize;
 use topgun_server::network::{
     ConnectionHandle, ConnectionKind, ConnectionRegistry, HealthReport, InboundHandler,
-    NetworkConfig, NetworkModule, OutboundMessage,
+    NetworkConfig, NetworkModule, OutboundMessage, build_http_layers,
 };
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,10 @@ struct Args {
     /// Serve a bare axum router (no middleware) instead of the transport.
     #[arg(long)]
     bare: bool,
+    /// With `--bare`: wrap the bare router in the transport's HTTP middleware stack
+    /// (`build_http_layers`) and nothing else, to tell the layers' cost from the server's.
+    #[arg(long, requires = "bare")]
+    with_layers: bool,
     /// Override `ConnectionConfig::ws_read_buffer_size` (to compare against the default).
     #[arg(long)]
     read_buffer: Option<usize>,
@@ -139,7 +144,18 @@ async fn main() -> anyhow::Result<()> {
         );
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
         println!("LISTENING {}", listener.local_addr()?.port());
-        axum::serve(listener, router).with_graceful_shutdown(terminate()).await?;
+        if args.with_layers {
+            // Around the router as a whole, as `NetworkModule` applies them.
+            let app = tower::ServiceBuilder::new()
+                .map_response(axum::response::IntoResponse::into_response)
+                .layer(build_http_layers(&NetworkConfig::default()))
+                .service(router);
+            axum::serve(listener, axum::ServiceExt::into_make_service(app))
+                .with_graceful_shutdown(terminate())
+                .await?;
+        } else {
+            axum::serve(listener, router).with_graceful_shutdown(terminate()).await?;
+        }
         return Ok(());
     }
     let mut config =
