@@ -40,8 +40,7 @@ fn fast_liveness() -> NetworkConfig {
 async fn idle_timeout_closes_a_client_that_never_answers_pings() {
     let server = TestServer::start(fast_liveness()).await;
     let mut silent = raw_ws_client(server.addr, None).await;
-    let registry = Arc::clone(&server.registry);
-    eventually("registered", || registry.count() == 1).await;
+    server.until_connections(1, "registered").await;
     let opened = Instant::now();
 
     let received = read_until_eof(&mut silent).await;
@@ -49,7 +48,7 @@ async fn idle_timeout_closes_a_client_that_never_answers_pings() {
     assert!(received.starts_with(&[0x89, 0x00]), "the server pinged first");
     assert_eq!(raw_close_code(&received), Some(1001));
     assert!(received.windows(12).any(|w| w == b"idle timeout"), "reason is sent");
-    eventually("removed", || registry.count() == 0).await;
+    server.until_connections(0, "removed").await;
     server.stop().await.unwrap();
 }
 
@@ -89,13 +88,13 @@ async fn a_socket_write_blocked_past_send_timeout_closes_the_connection() {
     .await;
     let mut stalled = raw_ws_client(server.addr, Some(4096)).await;
     let registry = Arc::clone(&server.registry);
-    eventually("registered", || registry.count() == 1).await;
+    server.until_connections(1, "registered").await;
     let handle = registry.iter().next().unwrap();
     let chunk = Bytes::from(vec![0x42; 60 * 1024]);
     // 256 x 60 KiB is far more than the kernel buffers of a reader that never reads.
     while handle.try_send(OutboundMessage::Binary(chunk.clone())) {}
 
-    eventually("stalled connection dropped", || registry.count() == 0).await;
+    server.until_connections(0, "stalled connection dropped").await;
     assert!(!handle.is_connected());
     read_until_eof(&mut stalled).await;
     server.stop().await.unwrap();
@@ -134,7 +133,7 @@ async fn one_stalled_client_among_a_hundred_is_closed_and_the_rest_get_everythin
     .await;
     let _stalled = raw_ws_client(server.addr, Some(4096)).await;
     let registry = Arc::clone(&server.registry);
-    eventually("stalled registered", || registry.count() == 1).await;
+    server.until_connections(1, "stalled registered").await;
     let stalled_id = registry.iter().next().unwrap().id;
     let mut readers = Vec::new();
     for _ in 0..99 {
@@ -190,13 +189,13 @@ async fn stalled_clients_cost_a_cooperative_broadcaster_one_bounded_wait() {
         raw_ws_client(server.addr, Some(4096)).await,
     ];
     let registry = Arc::clone(&server.registry);
-    eventually("stalled pair registered", || registry.count() == 2).await;
+    server.until_connections(2, "stalled pair registered").await;
     let stalled: Vec<_> = registry.iter().map(|c| c.id).collect();
     let mut readers = Vec::new();
     for _ in 0..18 {
         readers.push(tokio::spawn(expect_sequence(server.ws().await, BROADCASTS)));
     }
-    eventually("twenty registered", || registry.count() == 20).await;
+    server.until_connections(20, "twenty registered").await;
 
     // 16 MiB in all: far more than the kernel buffers of a client that does not read.
     let started = Instant::now();
@@ -278,8 +277,7 @@ async fn max_connections_refuses_upgrades_with_503_and_retry_after() {
         assert_eq!(next_messages(ws, 1).await.0[0].as_ref(), b"still served");
     }
     drop(open.pop());
-    let registry = Arc::clone(&server.registry);
-    eventually("slot freed", || registry.count() == 2).await;
+    server.until_connections(2, "slot freed").await;
     let again = server.ws().await;
     drop((open, again));
     server.stop().await.unwrap();

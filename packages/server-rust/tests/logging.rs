@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::{TestServer, eventually, http, test_config};
+use common::{TestServer, http, test_config};
 
 /// Captures formatted log lines in memory.
 #[derive(Clone, Default)]
@@ -51,8 +51,7 @@ async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
     let ws = server.ws().await;
     let conn_id = server.registry.iter().next().unwrap().id;
     drop(ws);
-    let registry = Arc::clone(&server.registry);
-    eventually("disconnected", || registry.count() == 0).await;
+    server.until_connections(0, "disconnected").await;
     server.stop().await.unwrap();
 
     let lines = captured.lines();

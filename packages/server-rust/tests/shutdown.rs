@@ -91,7 +91,7 @@ async fn a_thousand_clients_receive_their_fifty_queued_messages_then_1001() {
         clients.push(common::connect_ws(&server.ws_url()).await);
     }
     let registry = Arc::clone(&server.registry);
-    eventually("all registered", || registry.count() == 1000).await;
+    server.until_connections(1000, "all registered").await;
     let expected: Vec<Bytes> = (0..50_u8).map(|i| Bytes::from(vec![0xcc, i])).collect();
     // Single-threaded runtime: all messages are queued before any writer runs.
     for conn in server.registry.iter() {
@@ -154,7 +154,7 @@ async fn clients_that_never_acknowledge_the_close_do_not_outlast_the_drain_timeo
     // Never polled again: this client cannot acknowledge the server's close frame.
     let silent = connect_ws(&server.ws_url()).await;
     let registry = Arc::clone(&server.registry);
-    eventually("connection registered", || registry.count() == 1).await;
+    server.until_connections(1, "connection registered").await;
 
     let started = Instant::now();
     server.controller.trigger_shutdown();

@@ -43,8 +43,7 @@ async fn ac09_client_initiated_close_removes_the_connection() {
     let mut client = server.ws().await;
     let handle = only_connection(&server);
     client.close(None).await.unwrap();
-    let registry = Arc::clone(&server.registry);
-    eventually("connection removed", || registry.count() == 0).await;
+    server.until_connections(0, "connection removed").await;
     assert!(!handle.is_connected(), "the handle reports the closed connection");
     assert!(!handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"late"))));
     server.stop().await.unwrap();
@@ -55,8 +54,7 @@ async fn a_dropped_tcp_connection_is_removed_too() {
     let server = TestServer::start(test_config()).await;
     let client = server.ws().await;
     drop(client);
-    let registry = Arc::clone(&server.registry);
-    eventually("connection removed", || registry.count() == 0).await;
+    server.until_connections(0, "connection removed").await;
     server.stop().await.unwrap();
 }
 
@@ -133,8 +131,7 @@ async fn outbound_close_sends_a_close_frame_with_the_reason_after_queued_message
     let close = expect_close(&mut client).await;
     assert_eq!(close.code, CloseCode::Normal);
     assert_eq!(close.reason.as_str(), "session revoked");
-    let registry = Arc::clone(&server.registry);
-    eventually("connection removed", || registry.count() == 0).await;
+    server.until_connections(0, "connection removed").await;
     server.stop().await.unwrap();
 }
 
@@ -147,8 +144,7 @@ async fn text_frames_are_refused_with_close_1003() {
     let close = expect_close(&mut client).await;
     assert_eq!(close.code, CloseCode::Unsupported);
     assert!(close.reason.contains("binary"), "{}", close.reason);
-    let registry = Arc::clone(&server.registry);
-    eventually("offender removed", || registry.count() == 1).await;
+    server.until_connections(1, "offender removed").await;
 
     server.registry.broadcast(vec![7_u8], ConnectionKind::Client);
     assert_eq!(next_frame(&mut bystander).await.as_ref(), [7], "other clients are untouched");
@@ -199,8 +195,7 @@ async fn the_handler_sees_connect_messages_and_one_disconnect() {
     let id = only_connection(&server).id;
     send_binary(&mut client, b"hi".to_vec()).await;
     client.close(None).await.unwrap();
-    let registry = Arc::clone(&server.registry);
-    eventually("connection removed", || registry.count() == 0).await;
+    server.until_connections(0, "connection removed").await;
     eventually("disconnect recorded", || recorder.events.lock().unwrap().len() == 3).await;
     assert_eq!(
         *recorder.events.lock().unwrap(),
@@ -218,8 +213,7 @@ async fn a_panicking_message_handler_closes_only_that_connection_with_1011() {
     send_binary(&mut victim, b"boom".to_vec()).await;
     let close = expect_close(&mut victim).await;
     assert_eq!(close.code, CloseCode::Error);
-    let registry = Arc::clone(&server.registry);
-    eventually("victim removed", || registry.count() == 1).await;
+    server.until_connections(1, "victim removed").await;
     assert_eq!(server.controller.in_flight_count(), 0);
     server.registry.broadcast(b"still here".to_vec(), ConnectionKind::Client);
     assert_eq!(next_frame(&mut bystander).await.as_ref(), b"still here");
@@ -251,8 +245,7 @@ async fn a_thousand_connect_disconnect_cycles_leave_no_connection_and_no_task() 
     for worker in workers {
         worker.await.unwrap();
     }
-    let registry = Arc::clone(&server.registry);
-    eventually("every connection removed", || registry.count() == 0).await;
+    server.until_connections(0, "every connection removed").await;
     eventually("every connection task ended", || metrics.num_alive_tasks() <= baseline).await;
     assert_eq!(server.registry.count_by_kind(ConnectionKind::Client), 0);
     server.stop().await.unwrap();

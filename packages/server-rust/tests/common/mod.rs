@@ -123,6 +123,12 @@ impl TestServer {
         client
     }
 
+    /// Waits until the registry holds exactly `count` connections; panics with `what` at the
+    /// deadline.
+    pub async fn until_connections(&self, count: usize, what: &str) {
+        eventually(what, || self.registry.count() == count).await;
+    }
+
     /// Completes the serve future and waits for `serve()` to return.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
