@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 ///
 /// Ordered by `millis`, then `counter`, then `node_id`, so two timestamps from different nodes
 /// never compare equal. Serialised as `{ "millis", "counter", "nodeId" }`, the shape TopGun's
-/// TypeScript client reads and writes.
+/// TypeScript client reads and writes. Deserialising accepts the numbers as that client writes
+/// them: `millis` above 2^32 - 1 arrives as a float64, read exactly (see [`crate::number`]);
+/// a fractional, negative or out-of-range number is refused.
 ///
 /// ```
 /// use topgun_core::Timestamp;
@@ -22,8 +24,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct Timestamp {
     /// Physical component: milliseconds since the Unix epoch.
+    #[serde(deserialize_with = "crate::number::deserialize_u64")]
     pub millis: u64,
     /// Logical component: orders events within the same millisecond.
+    #[serde(deserialize_with = "crate::number::deserialize_u32")]
     pub counter: u32,
     /// The node that issued the timestamp; breaks ties between nodes.
     pub node_id: String,
@@ -311,6 +315,18 @@ mod tests {
             as_map.keys().map(String::as_str).collect::<Vec<_>>(),
             ["counter", "millis", "nodeId"]
         );
+    }
+
+    #[test]
+    fn msgpack_from_the_typescript_client_is_read() {
+        // {millis: 1796023824376, counter: 0, nodeId: 'n'} from the client's own serializer:
+        // map16, millis as float64.
+        let bytes = b"\xde\x00\x03\xa6millis\xcb\x42\x7a\x22\xb5\xca\xff\x80\x00\xa7counter\x00\xa6nodeId\xa1n";
+        let ts: Timestamp = rmp_serde::from_slice(bytes).unwrap();
+        assert_eq!(ts, Timestamp::new(1_796_023_824_376, 0, "n"));
+        let fractional = b"\xde\x00\x03\xa6millis\xcb\x42\x7a\x22\xb5\xca\xff\x80\x01\xa7counter\x00\xa6nodeId\xa1n";
+        let err = rmp_serde::from_slice::<Timestamp>(fractional).unwrap_err().to_string();
+        assert!(err.contains("a whole number"), "{err}");
     }
 
     /// Enough of a dynamic MsgPack value to look at map keys without another dependency.
