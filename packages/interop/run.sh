@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Interoperability and scale-out checks: real clients (Python websockets, Node ws, websocat,
-# headless Chromium) against the interop server, then a rolling restart behind HAProxy.
+# Interoperability and scale-out checks: TopGun's own client (modelled from its behaviour)
+# end to end, real clients (Python websockets, Node ws, websocat, headless Chromium) against
+# the interop server, then a rolling restart behind HAProxy.
 # Installs what it needs: Debian packages with apt-get, PyPI and npm packages.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,8 +22,14 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 npm ci --no-audit --no-fund --loglevel=error
 
 echo "== build"
-cargo build -q -p topgun-server --bin topgun-server --example interop_server
+cargo build -q -p topgun-server --bin topgun-server --example interop_server \
+  --example handshake_server
 target=../../target/debug
+
+echo "== TopGun's client, end to end"
+TOPGUN_SERVER_BIN="$target/topgun-server" \
+  HANDSHAKE_SERVER_BIN="$target/examples/handshake_server" \
+  timeout 600 node --test topgun-client/suite.mjs
 
 echo "== real clients"
 timeout 600 python3 run_clients.py "$target/examples/interop_server"

@@ -77,7 +77,7 @@ impl Target for u32 {
 
 struct WholeNumber<T>(PhantomData<T>);
 
-impl<'de, T: Target> Visitor<'de> for WholeNumber<T> {
+impl<T: Target> Visitor<'_> for WholeNumber<T> {
     type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -150,7 +150,10 @@ mod tests {
     #[test]
     fn floats_holding_whole_numbers_are_read() {
         // HLC millis exactly as TopGun's client serializer writes Date.now().
-        assert_eq!(wide(&[0xcb, 0x42, 0x7a, 0x22, 0xb5, 0xca, 0xff, 0x80, 0x00]), Ok(1_796_023_824_376));
+        assert_eq!(
+            wide(&[0xcb, 0x42, 0x7a, 0x22, 0xb5, 0xca, 0xff, 0x80, 0x00]),
+            Ok(1_796_023_824_376)
+        );
         assert_eq!(wide(&float64(0.0)), Ok(0));
         #[allow(clippy::cast_precision_loss)]
         let max_safe = MAX_SAFE_INTEGER as f64;

@@ -1,5 +1,6 @@
-//! The `topgun-server` binary: the network module with the stub handler, configured from flags
-//! and `TOPGUN_*` environment variables.
+//! The `topgun-server` binary: the network module with the stub handler behind TopGun's
+//! heartbeat (so TopGun's client stays connected), configured from flags and `TOPGUN_*`
+//! environment variables.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use topgun_server::network::{
-    ConnectionConfig, MetricsConfig, NetworkConfig, NetworkModule, ShutdownConfig, TlsConfig,
+    ConnectionConfig, Heartbeat, MetricsConfig, NetworkConfig, NetworkModule, ShutdownConfig,
+    StubHandler, TlsConfig, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -147,7 +149,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     // Signal handlers are installed before the server reports itself listening, so a signal
     // sent right after that line is handled gracefully rather than killing the process.
     let shutdown = shutdown_signal().context("cannot install signal handlers")?;
-    let mut module = NetworkModule::new(args.network_config());
+    let mut module =
+        NetworkModule::new(args.network_config()).with_handler(Heartbeat::new(StubHandler));
     module.start().await.context("cannot start topgun-server")?;
     if let Some(reloader) = module.tls_reloader() {
         reload_tls_on_sighup(reloader).context("cannot install the SIGHUP handler")?;
@@ -156,28 +159,6 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         tracing::info!(%addr, tls = args.tls_cert.is_some(), "topgun-server listening");
     }
     module.serve(shutdown).await
-}
-
-/// Registers SIGINT and SIGTERM now; the returned future completes on the first of them.
-#[cfg(unix)]
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
-            _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
-        }
-    })
-}
-
-#[cfg(not(unix))]
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("Ctrl-C received; shutting down");
-    })
 }
 
 /// Registers SIGHUP now and reloads the TLS certificate and key from disk on each one.

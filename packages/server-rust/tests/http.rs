@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{EchoHandler, TestServer, http, post_sync, test_config};
 use topgun_server::network::{
-    ConnectionHandle, InboundHandler, MIN_COMPRESSED_SIZE, NetworkConfig, SyncError,
+    ConnectionHandle, InboundHandler, MIN_COMPRESSED_SIZE, NetworkConfig, SyncError, SyncRequest,
 };
 
 #[tokio::test]
@@ -209,5 +209,46 @@ async fn responses_are_gzip_compressed_for_clients_that_accept_it() {
 
     let decoded = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(decoded.contains("topgun_connections_opened_total"), "{decoded}");
+    server.stop().await.unwrap();
+}
+
+/// Keeps the last request `on_http_sync_request` was given.
+#[derive(Default)]
+struct ContextRecorder {
+    seen: std::sync::Mutex<Option<SyncRequest>>,
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for ContextRecorder {
+    async fn on_message(&self, _conn: &Arc<ConnectionHandle>, _payload: Bytes) {}
+
+    async fn on_http_sync_request(&self, request: SyncRequest) -> Result<Bytes, SyncError> {
+        *self.seen.lock().unwrap() = Some(request);
+        Ok(Bytes::from_static(&[0x90]))
+    }
+}
+
+#[tokio::test]
+async fn the_sync_handler_sees_the_requests_headers_peer_and_id() {
+    let recorder = Arc::new(ContextRecorder::default());
+    let server = TestServer::with_handler(test_config(), Arc::clone(&recorder)).await;
+    // TopGun's HTTP client: x-msgpack, a bearer token, the body shape with float64 millis.
+    let body = b"\xde\x00\x01\xa8clientId\xa1c";
+    let response = http()
+        .post(server.url("/sync"))
+        .header("content-type", "application/x-msgpack")
+        .header("authorization", "Bearer token-123")
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let seen = recorder.seen.lock().unwrap().take().unwrap();
+    assert_eq!(seen.bearer_token(), Some("token-123"));
+    assert_eq!(seen.headers["content-type"], "application/x-msgpack");
+    assert_eq!(seen.request_id, Some(request_id));
+    assert_eq!(seen.peer.map(|p| p.ip().to_string()).as_deref(), Some("127.0.0.1"));
+    assert_eq!(seen.body, Bytes::from_static(body));
     server.stop().await.unwrap();
 }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use topgun_server::network::{
     ConnectionConfig, ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler,
-    NetworkConfig, OutboundMessage, ShutdownConfig, SyncError,
+    NetworkConfig, OutboundMessage, SendError, ShutdownConfig, SyncError,
 };
 
 fn with_connection(connection: ConnectionConfig) -> NetworkConfig {
@@ -252,6 +252,43 @@ async fn an_oversized_frame_closes_with_1009() {
     let mut offender = server.ws().await;
     send_binary(&mut offender, vec![0xc4; 600]).await;
     assert_eq!(u16::from(expect_close(&mut offender).await.code), 1009);
+    server.stop().await.unwrap();
+}
+
+/// Offers a message one byte over the outbound limit, records why it was refused, then
+/// sends `"after"`.
+#[derive(Default)]
+struct Oversender {
+    refused: std::sync::Mutex<Option<SendError>>,
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for Oversender {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, _payload: Bytes) {
+        let result = conn.try_enqueue(OutboundMessage::Binary(vec![0xc4; 1025].into()));
+        *self.refused.lock().unwrap() = result.err();
+        conn.try_send(OutboundMessage::Binary(Bytes::from_static(b"after")));
+    }
+}
+
+#[tokio::test]
+async fn an_outbound_message_over_the_limit_is_refused_and_counted_not_sent() {
+    let oversender = Arc::new(Oversender::default());
+    let config =
+        with_connection(ConnectionConfig { max_outbound_message_size: 1024, ..Default::default() });
+    let server = TestServer::with_handler(config, Arc::clone(&oversender)).await;
+    let mut client = server.ws().await;
+    send_binary(&mut client, &b"go"[..]).await;
+    let (messages, _) = next_messages(&mut client, 1).await;
+    assert_eq!(messages, [Bytes::from_static(b"after")], "the connection carries on");
+    assert_eq!(
+        *oversender.refused.lock().unwrap(),
+        Some(SendError::TooLarge { size: 1025, limit: 1024 })
+    );
+    assert_eq!(server.registry.dropped_messages_total(), 1);
+    let metrics = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(common::sample(&metrics, "topgun_outbound_dropped_messages_total", &[]), "1");
+    drop(client);
     server.stop().await.unwrap();
 }
 

@@ -269,3 +269,53 @@ async fn upgrades_are_refused_with_503_while_draining() {
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
 }
+
+#[tokio::test]
+async fn the_root_path_is_the_websocket_endpoint_too() {
+    let server = TestServer::with_handler(test_config(), EchoHandler).await;
+    // TopGun's documented serverUrl is the bare `ws://host:port`.
+    let mut client = connect_ws(&format!("ws://{}", server.addr)).await;
+    server.until_connections(1, "registered").await;
+    send_binary(&mut client, &b"\x81\xa4type\xa2OP"[..]).await;
+    assert_eq!(next_frame(&mut client).await, Bytes::from_static(b"\x81\xa4type\xa2OP"));
+
+    // A plain GET / (a person, a probe) is told where things are.
+    let response = common::http().get(server.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["websocket"], serde_json::json!(["/", "/ws"]));
+    // An upgrade attempt gone wrong gets axum's answer, as at /ws.
+    let broken = common::http()
+        .get(server.url("/"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broken.status(), 400, "no Sec-WebSocket-Key");
+
+    let metrics = common::http().get(server.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let upgrades = [("route", "/"), ("status", "101")];
+    assert_eq!(common::sample(&metrics, "topgun_http_requests_total", &upgrades), "1");
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_up_to_the_size_limit_arrive_in_both_directions() {
+    let server = TestServer::with_handler(test_config(), EchoHandler).await;
+    let mut client = server.ws().await;
+    let limit = topgun_server::network::ConnectionConfig::default().max_message_size;
+    for size in [600 * 1024, 1024 * 1024, 2 * 1024 * 1024, limit] {
+        let payload =
+            Bytes::from((0..size).map(|i| u8::try_from(i % 251).unwrap()).collect::<Vec<_>>());
+        send_binary(&mut client, payload.clone()).await;
+        let echoed = next_frame(&mut client).await;
+        assert!(echoed == payload, "{size} bytes came back changed ({} bytes)", echoed.len());
+    }
+    assert_eq!(server.registry.count(), 1, "still connected");
+    drop(client);
+    server.stop().await.unwrap();
+}

@@ -1,4 +1,5 @@
-//! TopGun's `BATCH` envelope: several binary messages carried in one WebSocket frame.
+//! TopGun's `BATCH` envelope: several binary messages carried in one WebSocket frame, and the
+//! frame builder the connection writer coalesces its queue with.
 //!
 //! A batch frame is a MsgPack map `{ "type": "BATCH", "count": n, "data": <bin> }`. `data` holds
 //! a u32 little-endian message count, then for each message a u32 little-endian length followed
@@ -17,6 +18,8 @@
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use super::config::ConnectionConfig;
 
 /// The `type` value that marks a batch frame.
 pub const BATCH_TYPE: &str = "BATCH";
@@ -129,6 +132,66 @@ fn take_u32(buf: &mut &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(*head))
 }
 
+/// One outbound data frame: a lone message or a `BATCH` of several.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub(crate) bytes: Bytes,
+    pub(crate) messages: usize,
+}
+
+/// Groups ready messages into frames: one message alone goes out as itself, several as a
+/// `BATCH` frame bounded by `max_batch_messages` and `max_batch_bytes`.
+pub(crate) struct FrameBuilder {
+    pending: Vec<Bytes>,
+    pending_bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Frame {
+    /// A message that goes out alone.
+    pub(crate) fn single(bytes: Bytes) -> Self {
+        Self { bytes, messages: 1 }
+    }
+}
+
+impl FrameBuilder {
+    pub(crate) fn new(config: &ConnectionConfig) -> Self {
+        Self {
+            pending: Vec::new(),
+            pending_bytes: 0,
+            max_messages: config.max_batch_messages,
+            max_bytes: config.max_batch_bytes,
+        }
+    }
+
+    /// Adds a message; returns a finished frame when the message did not fit the current one.
+    pub(crate) fn push(&mut self, payload: Bytes) -> Option<Frame> {
+        let full = !self.pending.is_empty()
+            && (self.pending.len() >= self.max_messages
+                || self.pending_bytes + payload.len() > self.max_bytes);
+        let finished = if full { self.finish() } else { None };
+        self.pending_bytes += payload.len();
+        self.pending.push(payload);
+        finished
+    }
+
+    pub(crate) fn finish(&mut self) -> Option<Frame> {
+        self.pending_bytes = 0;
+        let messages = self.pending.len();
+        let bytes = match messages {
+            0 => return None,
+            1 => self.pending.pop()?,
+            _ => {
+                let batch = encode_batch(&self.pending);
+                self.pending.clear();
+                batch
+            }
+        };
+        Some(Frame { bytes, messages })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +250,55 @@ mod tests {
         assert!(shared.iter().all(|m| frame_range.contains(&m.as_ptr())), "slices of the frame");
         let single = Bytes::from_static(b"\xc0");
         assert_eq!(decode_frame_shared(&single).unwrap(), vec![single.clone()]);
+    }
+
+    fn config(max_messages: usize, max_bytes: usize) -> ConnectionConfig {
+        ConnectionConfig {
+            max_batch_messages: max_messages,
+            max_batch_bytes: max_bytes,
+            ..Default::default()
+        }
+    }
+
+    fn frame_messages(frame: &Frame) -> Vec<Bytes> {
+        let messages = decode_frame(&frame.bytes).unwrap();
+        assert_eq!(messages.len(), frame.messages);
+        messages
+    }
+
+    #[test]
+    fn a_lone_message_goes_out_unwrapped() {
+        let mut builder = FrameBuilder::new(&config(10, 1024));
+        assert!(builder.push(Bytes::from_static(b"solo")).is_none());
+        assert_eq!(
+            builder.finish(),
+            Some(Frame { bytes: Bytes::from_static(b"solo"), messages: 1 })
+        );
+        assert!(builder.finish().is_none());
+    }
+
+    #[test]
+    fn batches_split_at_the_message_limit() {
+        let mut builder = FrameBuilder::new(&config(2, 1024));
+        let msgs: Vec<Bytes> = (0..5_u8).map(|i| Bytes::from(vec![i])).collect();
+        let mut frames: Vec<Frame> = msgs.iter().filter_map(|m| builder.push(m.clone())).collect();
+        frames.extend(builder.finish());
+        let sizes: Vec<usize> = frames.into_iter().map(|f| frame_messages(&f).len()).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+    }
+
+    #[test]
+    fn batches_split_at_the_byte_limit_and_oversized_messages_go_alone() {
+        let mut builder = FrameBuilder::new(&config(100, 10));
+        let mut frames = Vec::new();
+        for len in [4, 4, 4, 50, 1] {
+            frames.extend(builder.push(Bytes::from(vec![7; len])));
+        }
+        frames.extend(builder.finish());
+        let sizes: Vec<Vec<usize>> = frames
+            .into_iter()
+            .map(|f| frame_messages(&f).iter().map(Bytes::len).collect())
+            .collect();
+        assert_eq!(sizes, [vec![4, 4], vec![4], vec![50], vec![1]]);
     }
 }

@@ -6,6 +6,7 @@
 //! | `1001` | graceful shutdown | [`SHUTDOWN_REASON`] |
 //! | `1001` | no frame (not even a pong) for `idle_timeout` | [`IDLE_REASON`] |
 //! | `1003` | a text frame on this binary-only protocol | [`TEXT_FRAME_REASON`] |
+//! | `1008` | not [authenticated](crate::network::ConnectionHandle::authenticate) within `auth_timeout` | [`AUTH_TIMEOUT_REASON`] |
 //! | `1009` | a message or frame over `max_message_size` / `max_frame_size` | names the limit |
 //! | `1011` | the inbound handler panicked | [`HANDLER_FAILED_REASON`] |
 //! | `1013` | `max_consecutive_drops` messages in a row did not fit the outbound queue | names the count |
@@ -19,6 +20,8 @@ pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
 /// The server cannot accept this data type (text frames).
 pub const UNSUPPORTED_DATA: u16 = 1003;
+/// The connection broke a policy: it did not authenticate in time.
+pub const POLICY_VIOLATION: u16 = 1008;
 /// A message was too big to process.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// The server hit an unexpected condition.
@@ -32,6 +35,8 @@ pub const SHUTDOWN_REASON: &str = "server shutting down";
 pub const IDLE_REASON: &str = "idle timeout";
 /// Reason sent with 1003.
 pub const TEXT_FRAME_REASON: &str = "text frames are not supported: send binary MsgPack frames";
+/// Reason sent with 1008 when a connection did not authenticate within `auth_timeout`.
+pub const AUTH_TIMEOUT_REASON: &str = "authentication timeout";
 /// Reason sent with 1011.
 pub const HANDLER_FAILED_REASON: &str = "internal server error";
 

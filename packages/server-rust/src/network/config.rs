@@ -147,6 +147,16 @@ impl NetworkConfig {
                 "connection.max_frame_size and max_message_size must be non-zero".into(),
             ));
         }
+        if c.max_outbound_message_size == 0 {
+            return Err(ConfigError(
+                "connection.max_outbound_message_size must be non-zero".into(),
+            ));
+        }
+        if c.auth_timeout.is_some_and(|timeout| timeout.is_zero()) {
+            return Err(ConfigError(
+                "connection.auth_timeout must be greater than zero (or None to turn it off)".into(),
+            ));
+        }
         if self.max_connections == 0 || u32::try_from(self.max_connections).is_err() {
             return Err(ConfigError(format!(
                 "max_connections ({}) must be between 1 and {}",
@@ -187,12 +197,15 @@ pub struct ConnectionConfig {
     ///
     /// [`try_send`]: crate::network::ConnectionHandle::try_send
     pub outbound_channel_capacity: usize,
-    /// Default wait for queue space in
-    /// [`ConnectionHandle::send_timeout`](crate::network::ConnectionHandle::send_timeout)
-    /// callers. Default: 5 s.
+    /// Longest a socket write may stay blocked: a client that stops reading for this long is
+    /// a slow consumer and its TCP connection is dropped (no close frame can get through).
+    /// Also bounds sending a close frame. It is not a default for
+    /// [`ConnectionHandle::send_timeout`](crate::network::ConnectionHandle::send_timeout),
+    /// whose callers pass their own wait. Default: 5 s.
     pub send_timeout: Duration,
-    /// A connection from which nothing (not even a pong) arrived for this long is closed with
-    /// 1001 `idle timeout`. Default: 60 s.
+    /// A connection from which nothing arrived for this long is closed with 1001 `idle timeout`;
+    /// time during which the inbound handler is busy with one of its messages does not count.
+    /// Default: 60 s.
     pub idle_timeout: Duration,
     /// How often the server pings each connection; any frame the client sends, pongs
     /// included, counts as activity. Must be shorter than `idle_timeout`. Default: 20 s.
@@ -205,8 +218,11 @@ pub struct ConnectionConfig {
     pub ws_read_buffer_size: usize,
     /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
     pub ws_write_buffer_size: usize,
-    /// Upper bound of the WebSocket write buffer; must exceed `ws_write_buffer_size` by at
-    /// least `max_batch_bytes`. Default: 512 KiB.
+    /// Upper bound of the WebSocket write buffer while it holds batched traffic; must exceed
+    /// `ws_write_buffer_size` by at least `max_batch_bytes`. A single message larger than this
+    /// still goes out: the buffer's bound is raised to hold one message of
+    /// `max_outbound_message_size` (see [`write_buffer_limit`](Self::write_buffer_limit)).
+    /// Default: 512 KiB.
     pub ws_max_write_buffer_size: usize,
     /// Most messages coalesced into one outbound `BATCH` frame. Default: 256.
     pub max_batch_messages: usize,
@@ -224,6 +240,20 @@ pub struct ConnectionConfig {
     /// Messages dropped in a row because the outbound queue was full before the connection
     /// is closed with 1013 so the client reconnects and resynchronises. Default: 32.
     pub max_consecutive_drops: u32,
+    /// Largest outbound message. Every message up to this size is delivered whole; a larger
+    /// one is refused when it is queued ([`SendError::TooLarge`]) and counted as dropped, so an
+    /// oversized message never costs the connection. A connection keeps a write buffer as
+    /// large as the largest message it was sent. Default: 8 MiB (the inbound
+    /// `max_message_size`).
+    ///
+    /// [`SendError::TooLarge`]: crate::network::SendError::TooLarge
+    pub max_outbound_message_size: usize,
+    /// Close a client connection that has not been
+    /// [authenticated](crate::network::ConnectionHandle::authenticate) this long after it
+    /// opened, with `1008` and reason `authentication timeout` (metrics reason
+    /// `auth_timeout`). For handlers that gate clients behind a handshake; `None` turns it
+    /// off. Default: `None`.
+    pub auth_timeout: Option<Duration>,
 }
 
 impl Default for ConnectionConfig {
@@ -242,7 +272,23 @@ impl Default for ConnectionConfig {
             max_message_size: 8 * 1024 * 1024,
             max_frame_size: 8 * 1024 * 1024,
             max_consecutive_drops: 32,
+            max_outbound_message_size: 8 * 1024 * 1024,
+            auth_timeout: None,
         }
+    }
+}
+
+impl ConnectionConfig {
+    /// The write buffer bound handed to the WebSocket: `ws_max_write_buffer_size`, raised so
+    /// that one message of `max_outbound_message_size` fits behind a full
+    /// `ws_write_buffer_size` (a frame header is at most 14 bytes).
+    pub fn write_buffer_limit(&self) -> usize {
+        const FRAME_HEADER: usize = 14;
+        self.ws_max_write_buffer_size.max(
+            self.ws_write_buffer_size
+                .saturating_add(self.max_outbound_message_size)
+                .saturating_add(FRAME_HEADER),
+        )
     }
 }
 
@@ -286,6 +332,8 @@ mod tests {
         assert_eq!(conn.idle_timeout, Duration::from_secs(60));
         assert_eq!(conn.ws_write_buffer_size, 131_072);
         assert_eq!(conn.ws_max_write_buffer_size, 524_288);
+        assert_eq!(conn.max_outbound_message_size, conn.max_message_size);
+        assert_eq!(conn.auth_timeout, None);
         config.validate().expect("defaults are valid");
     }
 
@@ -310,6 +358,14 @@ mod tests {
             ..Default::default()
         };
         assert!(config.validate().unwrap_err().to_string().contains("max_batch_bytes"));
+    }
+
+    #[test]
+    fn the_write_buffer_holds_the_largest_outbound_message() {
+        let conn = ConnectionConfig::default();
+        assert_eq!(conn.write_buffer_limit(), 131_072 + 8 * 1024 * 1024 + 14);
+        let small = ConnectionConfig { max_outbound_message_size: 1024, ..Default::default() };
+        assert_eq!(small.write_buffer_limit(), 524_288, "never below the configured bound");
     }
 
     #[test]

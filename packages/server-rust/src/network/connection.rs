@@ -6,10 +6,10 @@
 //! choose between dropping ([`ConnectionHandle::try_send`]) and waiting
 //! ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -68,11 +68,26 @@ impl ConnectionKind {
 /// `Binary` holds [`Bytes`] rather than the `Vec<u8>` one might expect: a broadcast queues the
 /// same payload on many connections, and cloning `Bytes` only bumps a reference count. Build one
 /// from a `Vec<u8>` with `.into()`.
+///
+/// Which variant to use for a TopGun message:
+///
+/// | message | variant | why |
+/// |---|---|---|
+/// | `PONG` | `Priority` | TopGun's client counts a `PONG` only when it is the top-level message of a frame; inside a `BATCH` it is missed and the client reconnects after 15 s |
+/// | handshake replies: `AUTH_REQUIRED`, `AUTH_ACK`, `AUTH_FAIL`, `DEVICE_ACK` | `Priority` | the client waits for them (a 500 ms grace timer for `AUTH_REQUIRED`); they must not queue behind a backlog |
+/// | everything else | `Binary` | coalescing is what keeps a busy connection to a few frames |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutboundMessage {
     /// A binary frame (a MsgPack-encoded message). Several queued messages may be coalesced into
     /// one `BATCH` frame on the wire.
     Binary(Bytes),
+    /// A binary message that is never coalesced: it goes out as a frame of its own, ahead of
+    /// `Binary` messages already queued (it waits at most for the frame being written). It has
+    /// a small queue of its own, [`ConnectionHandle::PRIORITY_CAPACITY`] messages; a full one
+    /// counts as a dropped message like a full outbound queue. Sent through
+    /// [`ConnectionHandle::tx`] directly it keeps its place in the queue but still goes out
+    /// alone.
+    Priority(Bytes),
     /// Close the connection: the client receives Close code 1000 with this reason after every
     /// message queued before it.
     Close(Option<String>),
@@ -80,6 +95,7 @@ pub enum OutboundMessage {
 
 /// Why a message could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// The queue stayed full for the whole timeout.
     #[error("timed out waiting for space in the connection's outbound queue")]
@@ -90,6 +106,15 @@ pub enum SendError {
     /// The queue is full right now.
     #[error("connection's outbound queue is full")]
     Full,
+    /// The message is larger than the connection accepts
+    /// ([`ConnectionConfig::max_outbound_message_size`]); it is refused, not sent.
+    #[error("outbound message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The message's size in bytes.
+        size: usize,
+        /// The connection's `max_outbound_message_size`.
+        limit: usize,
+    },
 }
 
 /// Mutable, application-level state of a connection.
@@ -156,6 +181,19 @@ pub struct ConnectionHandle {
 struct ConnectionControl {
     close_request: OnceLock<CloseRequest>,
     close_requested: CancellationToken,
+    /// [`OutboundMessage::Priority`] messages waiting for the writer; allocates only while
+    /// one is queued.
+    priority: Mutex<VecDeque<Bytes>>,
+    priority_queued: Notify,
+    max_outbound_message_size: usize,
+    /// Broadcasts reach the connection only once this is set: for connections the transport
+    /// accepts, after the handler's `on_connect` has returned.
+    accepting_broadcasts: AtomicBool,
+    /// Mirrors `metadata.authenticated` for readers that must not wait for the lock.
+    authenticated: AtomicBool,
+    /// An inbound handler call for this connection is running: its silence meanwhile is the
+    /// server's doing, not the client's.
+    handler_busy: AtomicBool,
     /// Milliseconds after `connected_at` of the last inbound frame.
     last_activity_ms: AtomicU64,
     dropped: AtomicU64,
@@ -186,7 +224,14 @@ impl ConnectionHandle {
     /// A full queue counts as a dropped message ([`dropped_messages`](Self::dropped_messages)).
     /// After `max_consecutive_drops` drops in a row the connection is closed with 1013, so the
     /// client reconnects and resynchronises instead of silently missing data.
+    /// A message over [`ConnectionConfig::max_outbound_message_size`] is refused with
+    /// [`SendError::TooLarge`] and counted as dropped; it does not count towards the 1013 close.
     pub fn try_enqueue(&self, msg: OutboundMessage) -> Result<(), SendError> {
+        self.check_size(&msg)?;
+        let msg = match msg {
+            OutboundMessage::Priority(payload) => return self.enqueue_priority(payload),
+            other => other,
+        };
         match self.tx.try_send(msg) {
             Ok(()) => {
                 // Read first: the common case (no drops) then never writes the shared line.
@@ -204,6 +249,103 @@ impl ConnectionHandle {
                 Err(SendError::Disconnected)
             }
         }
+    }
+
+    /// Most [`OutboundMessage::Priority`] messages waiting at once for one connection.
+    pub const PRIORITY_CAPACITY: usize = 16;
+
+    fn check_size(&self, msg: &OutboundMessage) -> Result<(), SendError> {
+        let (OutboundMessage::Binary(payload) | OutboundMessage::Priority(payload)) = msg else {
+            return Ok(());
+        };
+        let limit = self.control.max_outbound_message_size;
+        if payload.len() <= limit {
+            return Ok(());
+        }
+        self.record_undelivered(1);
+        tracing::warn!(conn_id = %self.id, size = payload.len(), limit, "outbound message over the limit refused");
+        Err(SendError::TooLarge { size: payload.len(), limit })
+    }
+
+    fn enqueue_priority(&self, payload: Bytes) -> Result<(), SendError> {
+        if !self.is_connected() {
+            self.record_undelivered(1);
+            return Err(SendError::Disconnected);
+        }
+        {
+            let mut lane =
+                self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if lane.len() >= Self::PRIORITY_CAPACITY {
+                drop(lane);
+                self.record_drop();
+                return Err(SendError::Full);
+            }
+            lane.push_back(payload);
+        }
+        self.control.priority_queued.notify_one();
+        Ok(())
+    }
+
+    /// The oldest waiting [`OutboundMessage::Priority`] message, for the writer.
+    pub(crate) fn take_priority(&self) -> Option<Bytes> {
+        let mut lane =
+            self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = lane.pop_front();
+        if lane.is_empty() && lane.capacity() > 0 {
+            // Keep idle connections free of the lane's allocation.
+            *lane = VecDeque::new();
+        }
+        next
+    }
+
+    /// Completes when a priority message may be waiting (spurious wake-ups are possible).
+    pub(crate) async fn priority_queued(&self) {
+        self.control.priority_queued.notified().await;
+    }
+
+    /// Priority messages still waiting, counted as undelivered when the connection ends.
+    pub(crate) fn discard_priority(&self) -> u64 {
+        let mut lane =
+            self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let left = lane.len() as u64;
+        *lane = VecDeque::new();
+        left
+    }
+
+    /// Marks the connection authenticated as `principal`: sets
+    /// [`ConnectionMetadata::authenticated`] and [`ConnectionMetadata::principal`], lets
+    /// broadcasts filtered on [`is_authenticated`](Self::is_authenticated) reach it, and
+    /// disarms the `auth_timeout` close. Call this rather than writing the metadata fields
+    /// yourself: the transport reads the flag without taking the metadata lock.
+    pub async fn authenticate(&self, principal: Principal) {
+        let mut metadata = self.metadata.write().await;
+        metadata.authenticated = true;
+        metadata.principal = Some(principal);
+        self.control.authenticated.store(true, Ordering::Release);
+    }
+
+    /// Whether [`authenticate`](Self::authenticate) has been called; never waits.
+    pub fn is_authenticated(&self) -> bool {
+        self.control.authenticated.load(Ordering::Acquire)
+    }
+
+    /// Whether broadcasts reach this connection yet (after its `on_connect`).
+    pub(crate) fn accepts_broadcasts(&self) -> bool {
+        self.control.accepting_broadcasts.load(Ordering::Acquire)
+    }
+
+    /// Lets broadcasts reach this connection from now on.
+    pub(crate) fn accept_broadcasts(&self) {
+        self.control.accepting_broadcasts.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn set_handler_busy(&self, busy: bool) {
+        self.control.handler_busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// Whether an inbound handler call for this connection is running.
+    pub(crate) fn handler_busy(&self) -> bool {
+        self.control.handler_busy.load(Ordering::Relaxed)
     }
 
     /// Counts messages that were handed to this connection but will never reach the client
@@ -288,12 +430,18 @@ impl ConnectionHandle {
     /// # Errors
     ///
     /// [`SendError::Timeout`] if the queue stayed full, [`SendError::Disconnected`] if the
-    /// connection closed.
+    /// connection closed, [`SendError::TooLarge`] for a message over the outbound limit, and
+    /// for a [`OutboundMessage::Priority`] message (which never waits) [`SendError::Full`].
     pub async fn send_timeout(
         &self,
         msg: OutboundMessage,
         timeout: Duration,
     ) -> Result<(), SendError> {
+        self.check_size(&msg)?;
+        if let OutboundMessage::Priority(payload) = msg {
+            // The priority lane is short and drained first; waiting for it makes no sense.
+            return self.enqueue_priority(payload);
+        }
         match tokio::time::timeout(timeout, self.tx.send(msg)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(SendError::Disconnected),
@@ -343,6 +491,19 @@ impl ConnectionRegistry {
         kind: ConnectionKind,
         config: &ConnectionConfig,
     ) -> (Arc<ConnectionHandle>, mpsc::Receiver<OutboundMessage>) {
+        let (handle, rx) = self.register_pending(kind, config);
+        handle.accept_broadcasts();
+        (handle, rx)
+    }
+
+    /// Like [`register`](Self::register), but broadcasts skip the connection until
+    /// [`ConnectionHandle::accept_broadcasts`] is called, so the handler's first messages
+    /// (`on_connect`) are the first the client receives.
+    pub(crate) fn register_pending(
+        &self,
+        kind: ConnectionKind,
+        config: &ConnectionConfig,
+    ) -> (Arc<ConnectionHandle>, mpsc::Receiver<OutboundMessage>) {
         let (tx, rx) = mpsc::channel(config.outbound_channel_capacity.max(1));
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let handle = Arc::new(ConnectionHandle {
@@ -354,6 +515,12 @@ impl ConnectionRegistry {
             control: ConnectionControl {
                 close_request: OnceLock::new(),
                 close_requested: CancellationToken::new(),
+                priority: Mutex::new(VecDeque::new()),
+                priority_queued: Notify::new(),
+                max_outbound_message_size: config.max_outbound_message_size,
+                accepting_broadcasts: AtomicBool::new(false),
+                authenticated: AtomicBool::new(false),
+                handler_busy: AtomicBool::new(false),
                 last_activity_ms: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
                 registry_dropped: Arc::clone(&self.dropped_total),
@@ -412,23 +579,45 @@ impl ConnectionRegistry {
     ///
     /// Accepts anything convertible into [`Bytes`] (`Vec<u8>`, `&'static [u8]`, `Bytes`); the
     /// payload is shared, not copied, across connections. Connections whose queue is full miss
-    /// the message and are counted in [`BroadcastOutcome::dropped`].
+    /// the message and are counted in [`BroadcastOutcome::dropped`]. A connection the
+    /// transport accepted is reached only once the handler's `on_connect` has returned.
     pub fn broadcast(&self, msg_bytes: impl Into<Bytes>, kind: ConnectionKind) -> BroadcastOutcome {
-        self.broadcast_inspecting(&msg_bytes.into(), kind, |_| {})
+        self.broadcast_to(msg_bytes, |conn| conn.kind == kind)
     }
 
-    /// Queues `payload` on every connection of `kind`, calling `queued` with each connection
-    /// that took it.
+    /// Like [`broadcast`](Self::broadcast), to the connections `recipients` picks: for
+    /// example only authenticated clients, or the subscribers of a topic.
+    ///
+    /// ```
+    /// use topgun_server::network::{ConnectionConfig, ConnectionKind, ConnectionRegistry};
+    ///
+    /// let registry = ConnectionRegistry::new();
+    /// let (_guest, _guest_queue) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+    /// let outcome = registry.broadcast_to(vec![0x90], |conn| {
+    ///     conn.kind == ConnectionKind::Client && conn.is_authenticated()
+    /// });
+    /// assert_eq!(outcome.queued, 0, "nobody has authenticated yet");
+    /// ```
+    pub fn broadcast_to(
+        &self,
+        msg_bytes: impl Into<Bytes>,
+        recipients: impl FnMut(&ConnectionHandle) -> bool,
+    ) -> BroadcastOutcome {
+        self.broadcast_inspecting(&msg_bytes.into(), recipients, |_| {})
+    }
+
+    /// Queues `payload` on every connection `recipients` picks among those that accept
+    /// broadcasts, calling `queued` with each connection that took it.
     fn broadcast_inspecting(
         &self,
         payload: &Bytes,
-        kind: ConnectionKind,
+        mut recipients: impl FnMut(&ConnectionHandle) -> bool,
         mut queued: impl FnMut(&Arc<ConnectionHandle>),
     ) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         for entry in &self.connections {
             let handle = entry.value();
-            if handle.kind != kind {
+            if !handle.accepts_broadcasts() || !recipients(handle) {
                 continue;
             }
             if handle.try_send(OutboundMessage::Binary(payload.clone())) {
@@ -489,8 +678,18 @@ impl ConnectionRegistry {
         msg_bytes: impl Into<Bytes>,
         kind: ConnectionKind,
     ) -> BroadcastOutcome {
+        self.broadcast_cooperative_to(msg_bytes, move |conn| conn.kind == kind).await
+    }
+
+    /// [`broadcast_cooperative`](Self::broadcast_cooperative) to the connections `recipients`
+    /// picks, as [`broadcast_to`](Self::broadcast_to) does.
+    pub async fn broadcast_cooperative_to(
+        &self,
+        msg_bytes: impl Into<Bytes>,
+        recipients: impl FnMut(&ConnectionHandle) -> bool + Send,
+    ) -> BroadcastOutcome {
         let mut lagging = Vec::new();
-        let outcome = self.broadcast_inspecting(&msg_bytes.into(), kind, |handle| {
+        let outcome = self.broadcast_inspecting(&msg_bytes.into(), recipients, |handle| {
             let slow = &handle.control.slow_for_broadcasts;
             if handle.queued() <= Self::COOPERATIVE_BACKLOG {
                 // Read first: the common case then never writes the shared line.

@@ -5,6 +5,7 @@
 //! operation pipeline, cluster and storage crates plug in by implementing this trait; until one
 //! is installed, [`StubHandler`] logs messages and answers `/sync` with an empty MsgPack array.
 
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -13,15 +14,24 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::StatusCode;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, StatusCode};
 
 use super::connection::ConnectionHandle;
 
 /// Receives everything that arrives on the transport.
 ///
-/// Calls for one connection are made in order, one at a time: the next message is not read
-/// until `on_message` returns, which gives per-connection ordering and natural backpressure.
+/// Calls for one connection are made in order, one at a time: `on_message` is not called again
+/// for a connection until its previous call has returned, which gives per-connection ordering.
 /// Every call counts as in-flight work, so a graceful shutdown waits for it.
+///
+/// **A busy handler does not make its client look dead.** While `on_message` runs, the
+/// connection's reader goes on reading up to [`READ_AHEAD_MESSAGES`] further messages (or
+/// [`READ_AHEAD_BYTES`]), offering each to [`answer_inline`](Self::answer_inline) at once, so a
+/// heartbeat behind a slow message is still answered (see
+/// [`Heartbeat`](crate::network::Heartbeat)); the rest wait, in order, for `on_message`. Past
+/// that bound the reader stops reading and TCP backpressure reaches the client. The server's
+/// own idle timeout does not run while a handler call is in progress.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -52,6 +62,19 @@ pub trait InboundHandler: Send + Sync + 'static {
     /// A binary WebSocket message arrived on `conn`.
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes);
 
+    /// Offered every binary message as soon as it is read, before it is queued for
+    /// [`on_message`](Self::on_message), even while an earlier `on_message` call for the
+    /// same connection is still running. Return `true` when the message was fully handled
+    /// here; `on_message` then never sees it.
+    ///
+    /// For messages that must be answered whatever the handler is doing, such as a
+    /// heartbeat. It runs on the connection's reader: keep it short and non-blocking (no
+    /// locks that `on_message` may hold, no waiting). The default handles nothing.
+    fn answer_inline(&self, conn: &Arc<ConnectionHandle>, payload: &Bytes) -> bool {
+        let _ = (conn, payload);
+        false
+    }
+
     /// `conn` has closed and left the registry. Called exactly once per connection.
     async fn on_disconnect(&self, conn: &Arc<ConnectionHandle>) {
         let _ = conn;
@@ -59,7 +82,9 @@ pub trait InboundHandler: Send + Sync + 'static {
 
     /// A `POST /sync` request arrived; returns the MsgPack response body.
     ///
-    /// The default answers `501 Not Implemented`.
+    /// The default answers `501 Not Implemented`. Implement
+    /// [`on_http_sync_request`](Self::on_http_sync_request) instead to see the request's
+    /// headers (the client's `Authorization`), peer address and request id.
     ///
     /// # Errors
     ///
@@ -67,6 +92,89 @@ pub trait InboundHandler: Send + Sync + 'static {
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
         let _ = body;
         Err(SyncError::NotImplemented("this server does not handle HTTP sync".into()))
+    }
+
+    /// A `POST /sync` request arrived, with its context; returns the MsgPack response body.
+    /// The transport calls this one; the default passes the body to
+    /// [`on_http_sync`](Self::on_http_sync).
+    ///
+    /// # Errors
+    ///
+    /// A [`SyncError`], which becomes the HTTP status and a JSON error body.
+    async fn on_http_sync_request(&self, request: SyncRequest) -> Result<Bytes, SyncError> {
+        self.on_http_sync(request.body).await
+    }
+}
+
+/// Most messages a connection's reader reads ahead while the handler is busy with an earlier
+/// one (see [`InboundHandler`]).
+pub const READ_AHEAD_MESSAGES: usize = 64;
+/// Most payload bytes a connection's reader holds read ahead while the handler is busy; the
+/// message that crosses the bound is still taken.
+pub const READ_AHEAD_BYTES: usize = 1024 * 1024;
+
+/// A `POST /sync` request as the handler sees it: the body, already checked to be one
+/// well-formed MsgPack value, and where it came from.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
+/// use topgun_server::network::SyncRequest;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+/// let request = SyncRequest::new(Bytes::from_static(&[0x90])).with_headers(headers);
+/// assert_eq!(request.bearer_token(), Some("abc"));
+/// ```
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SyncRequest {
+    /// The MsgPack request body.
+    pub body: Bytes,
+    /// The request's headers, `Authorization` included.
+    pub headers: HeaderMap,
+    /// The client's address as this server saw it (the proxy's, behind a load balancer);
+    /// `None` when the router is served without connect info.
+    pub peer: Option<SocketAddr>,
+    /// The request's `X-Request-Id`, as echoed in the response and logged.
+    pub request_id: Option<String>,
+}
+
+impl SyncRequest {
+    /// A request with `body` and nothing else, for tests and for handlers that call each other.
+    #[must_use]
+    pub fn new(body: Bytes) -> Self {
+        Self { body, ..Self::default() }
+    }
+
+    /// Sets the headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets the peer address.
+    #[must_use]
+    pub fn with_peer(mut self, peer: SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// Sets the request id.
+    #[must_use]
+    pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
+        self.request_id = Some(request_id.into());
+        self
+    }
+
+    /// The token of an `Authorization: Bearer <token>` header; `None` without one or when the
+    /// token is empty (TopGun's client sends `Bearer ` when it has no token).
+    pub fn bearer_token(&self) -> Option<&str> {
+        let value = self.headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
     }
 }
 
@@ -81,12 +189,20 @@ impl<H: InboundHandler> InboundHandler for Arc<H> {
         (**self).on_message(conn, payload).await;
     }
 
+    fn answer_inline(&self, conn: &Arc<ConnectionHandle>, payload: &Bytes) -> bool {
+        (**self).answer_inline(conn, payload)
+    }
+
     async fn on_disconnect(&self, conn: &Arc<ConnectionHandle>) {
         (**self).on_disconnect(conn).await;
     }
 
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
         (**self).on_http_sync(body).await
+    }
+
+    async fn on_http_sync_request(&self, request: SyncRequest) -> Result<Bytes, SyncError> {
+        (**self).on_http_sync_request(request).await
     }
 }
 
@@ -186,6 +302,20 @@ mod tests {
     #[test]
     fn stub_answer_is_an_empty_msgpack_array() {
         assert_eq!(EMPTY_MSGPACK_ARRAY, rmp_serde::to_vec_named(&Vec::<()>::new()).unwrap());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_as_the_client_sends_them() {
+        let token = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(AUTHORIZATION, value.parse().unwrap());
+            SyncRequest::new(Bytes::new()).with_headers(headers).bearer_token().map(str::to_owned)
+        };
+        assert_eq!(token("Bearer abc.def"), Some("abc.def".into()));
+        assert_eq!(token("bearer  xyz "), Some("xyz".into()));
+        assert_eq!(token("Bearer"), None, "no token: the client's 'Bearer ' arrives trimmed");
+        assert_eq!(token("Basic dXNlcg=="), None);
+        assert_eq!(SyncRequest::new(Bytes::new()).bearer_token(), None);
     }
 
     #[test]

@@ -60,10 +60,12 @@ pub enum DisconnectReason {
     Application,
     /// A read or write failed, or the handler panicked.
     Error,
+    /// Not authenticated within `auth_timeout`.
+    AuthTimeout,
 }
 
 impl DisconnectReason {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::ClientClose,
         Self::IdleTimeout,
         Self::SlowConsumer,
@@ -71,6 +73,7 @@ impl DisconnectReason {
         Self::Shutdown,
         Self::Application,
         Self::Error,
+        Self::AuthTimeout,
     ];
 
     /// The label value.
@@ -84,6 +87,7 @@ impl DisconnectReason {
             Self::Shutdown => "shutdown",
             Self::Application => "application",
             Self::Error => "error",
+            Self::AuthTimeout => "auth_timeout",
         }
     }
 
@@ -322,7 +326,8 @@ pub async fn metrics_handler(State(state): State<AppState>) -> Response {
 
 /// The server's routes; any other path is labelled `unmatched`, so scanning clients cannot
 /// create unbounded label values.
-const ROUTES: [&str; 6] = ["/health", "/health/live", "/health/ready", "/ws", "/sync", "/metrics"];
+const ROUTES: [&str; 7] =
+    ["/", "/health", "/health/live", "/health/ready", "/ws", "/sync", "/metrics"];
 /// Statuses 100 to 599 get their own slot; anything else shares the last one.
 const STATUS_BASE: usize = 100;
 const STATUS_SLOTS: usize = 500;

@@ -6,7 +6,9 @@
 //! | [`connection`] | [`ConnectionHandle`], [`ConnectionRegistry`], outbound queues |
 //! | [`shutdown`] | [`HealthState`] and [`ShutdownController`] |
 //! | [`inbound`] | [`InboundHandler`]: where decoded traffic leaves the transport |
-//! | [`batch`] | the `BATCH` frame envelope |
+//! | [`heartbeat`] | [`Heartbeat`]: answers TopGun's application-level `PING` in front of a handler |
+//! | `engine` | one WebSocket connection's lifecycle: `reader` (socket → handler), `writer` (queue → socket) |
+//! | [`batch`] | the `BATCH` frame envelope and the writer's frame builder |
 //! | [`close`] | the WebSocket close codes the server sends |
 //! | [`handlers`] | one axum handler per route, and [`AppState`] |
 //! | [`middleware`] | the HTTP middleware stack |
@@ -19,7 +21,9 @@ pub mod batch;
 pub mod close;
 pub mod config;
 pub mod connection;
+mod engine;
 pub mod handlers;
+pub mod heartbeat;
 mod http_metrics;
 pub mod inbound;
 pub mod metrics;
@@ -39,14 +43,18 @@ pub use connection::{
 };
 pub use handlers::{
     ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket,
-    health_handler, http_sync_handler, liveness_handler, readiness_handler, ws_upgrade_handler,
+    health_handler, http_sync_handler, liveness_handler, readiness_handler, root_handler,
+    ws_upgrade_handler,
 };
-pub use inbound::{InboundHandler, StubHandler, SyncError};
+pub use heartbeat::Heartbeat;
+pub use inbound::{
+    InboundHandler, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, StubHandler, SyncError, SyncRequest,
+};
 pub use metrics::{DisconnectReason, TransportMetrics, metrics_handler};
 pub use middleware::{
     CompressWhen, CrossOriginLayer, HttpLayers, MIN_COMPRESSED_SIZE, REQUEST_ID_HEADER,
     build_http_layers,
 };
 pub use module::NetworkModule;
-pub use shutdown::{HealthState, InFlightGuard, ShutdownController};
+pub use shutdown::{HealthState, InFlightGuard, ShutdownController, shutdown_signal};
 pub use tls::{TlsError, TlsReloader};

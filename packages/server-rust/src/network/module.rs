@@ -24,7 +24,7 @@ use tower::{Service, ServiceBuilder};
 use super::config::NetworkConfig;
 use super::connection::ConnectionRegistry;
 use super::handlers::{
-    AppState, health_handler, http_sync_handler, liveness_handler, readiness_handler,
+    AppState, health_handler, http_sync_handler, liveness_handler, readiness_handler, root_handler,
     ws_upgrade_handler,
 };
 use super::http_metrics::HttpMetricsLayer;
@@ -194,6 +194,7 @@ impl NetworkModule {
             .route("/health", get(health_handler))
             .route("/health/live", get(liveness_handler))
             .route("/health/ready", get(readiness_handler))
+            .route("/", get(root_handler))
             .route("/ws", get(ws_upgrade_handler))
             .route(
                 "/sync",

@@ -220,6 +220,51 @@ impl ShutdownController {
     }
 }
 
+/// Listens for the signals that ask a process to stop (SIGINT and SIGTERM on Unix, Ctrl-C
+/// elsewhere) from the moment it is called; the returned future completes on the first one.
+/// Pass it to [`NetworkModule::serve`](crate::network::NetworkModule::serve) so that a process
+/// manager's SIGTERM, not only Ctrl-C, stops the server gracefully.
+///
+/// ```no_run
+/// use topgun_server::network::{NetworkConfig, NetworkModule, shutdown_signal};
+///
+/// # async fn run() -> anyhow::Result<()> {
+/// let stop = shutdown_signal()?; // before start(): a signal right after binding is not lost
+/// let mut module = NetworkModule::new(NetworkConfig::default());
+/// module.start().await?;
+/// module.serve(stop).await
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// The signal handlers cannot be installed.
+#[cfg(unix)]
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
+        }
+    })
+}
+
+/// Listens for Ctrl-C; the returned future completes on the first one.
+///
+/// # Errors
+///
+/// Never on this platform; the signature matches the Unix one.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("Ctrl-C received; shutting down");
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

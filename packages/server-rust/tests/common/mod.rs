@@ -353,6 +353,17 @@ pub async fn raw_ws_client(addr: SocketAddr, recv_buffer: Option<u32>) -> TcpStr
     stream
 }
 
+/// Writes one masked binary frame (under 126 bytes) on a raw client stream.
+pub async fn raw_send_binary(stream: &mut TcpStream, payload: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let len = u8::try_from(payload.len()).ok().filter(|len| *len < 126).expect("a short frame");
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x82, 0x80 | len];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
+    stream.write_all(&frame).await.expect("send a raw frame");
+}
+
 /// Reads a raw stream until the server closes it; returns everything received.
 pub async fn read_until_eof(stream: &mut TcpStream) -> Vec<u8> {
     use tokio::io::AsyncReadExt;

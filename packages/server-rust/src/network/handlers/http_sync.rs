@@ -1,6 +1,8 @@
 use std::io::Cursor;
+use std::net::SocketAddr;
 
-use axum::extract::State;
+use axum::Extension;
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::HeaderMap;
@@ -8,7 +10,8 @@ use http::header::CONTENT_TYPE;
 use serde::Deserialize;
 
 use super::AppState;
-use crate::network::inbound::{SyncError, call_guarded};
+use crate::network::inbound::{SyncError, SyncRequest, call_guarded};
+use crate::network::middleware::REQUEST_ID_HEADER;
 
 /// The content type of MsgPack responses.
 pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
@@ -22,8 +25,10 @@ pub const ACCEPTED_SYNC_CONTENT_TYPES: [&str; 4] = [
     "application/octet-stream",
 ];
 
-/// `POST /sync`: checks the request, hands the body to the installed
-/// [`InboundHandler::on_http_sync`](crate::network::InboundHandler::on_http_sync) and answers
+/// `POST /sync`: checks the request, hands it (body, headers, peer address, request id) to the
+/// installed
+/// [`InboundHandler::on_http_sync_request`](crate::network::InboundHandler::on_http_sync_request)
+/// (which passes the body to `on_http_sync` unless overridden) and answers
 /// its MsgPack result with `content-type: application/msgpack`, or its error as a JSON body
 /// with the matching status. The call counts as in-flight work.
 ///
@@ -31,6 +36,7 @@ pub const ACCEPTED_SYNC_CONTENT_TYPES: [&str; 4] = [
 /// is answered `413`, another content type `415`, and malformed MsgPack `400`.
 pub async fn http_sync_handler(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -40,8 +46,16 @@ pub async fn http_sync_handler(
     if let Err(problem) = check_msgpack(&body) {
         return SyncError::BadRequest(problem).into_response();
     }
+    let request_id =
+        headers.get(REQUEST_ID_HEADER).and_then(|id| id.to_str().ok()).map(str::to_owned);
+    let request = SyncRequest {
+        body,
+        headers,
+        peer: peer.map(|Extension(ConnectInfo(addr))| addr),
+        request_id,
+    };
     let _in_flight = state.shutdown.in_flight_guard();
-    match call_guarded("on_http_sync", state.handler.on_http_sync(body)).await {
+    match call_guarded("on_http_sync", state.handler.on_http_sync_request(request)).await {
         Some(Ok(response)) => ([(CONTENT_TYPE, MSGPACK_CONTENT_TYPE)], response).into_response(),
         Some(Err(err)) => err.into_response(),
         None => SyncError::Internal("the sync handler failed".into()).into_response(),

@@ -5,6 +5,7 @@
 //! | `GET /health` | [`health_handler`] |
 //! | `GET /health/live` | [`liveness_handler`] |
 //! | `GET /health/ready` | [`readiness_handler`] |
+//! | `GET /` | [`root_handler`]: the WebSocket endpoint again, or a description of the routes |
 //! | `GET /ws` | [`ws_upgrade_handler`] |
 //! | `POST /sync` | [`http_sync_handler`] |
 
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 pub use health::{HealthReport, health_handler, liveness_handler, readiness_handler};
 pub use http_sync::{ACCEPTED_SYNC_CONTENT_TYPES, MSGPACK_CONTENT_TYPE, http_sync_handler};
-pub use websocket::{handle_socket, ws_upgrade_handler};
+pub use websocket::{handle_socket, root_handler, ws_upgrade_handler};
 
 use super::config::NetworkConfig;
 use super::connection::ConnectionRegistry;

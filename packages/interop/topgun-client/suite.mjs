@@ -1,0 +1,295 @@
+// End-to-end: the TopGun client model (client.mjs) against the `topgun-server` binary and the
+// `handshake_server` example. Run by run.sh:
+//
+//   TOPGUN_SERVER_BIN=target/debug/topgun-server \
+//   HANDSHAKE_SERVER_BIN=target/debug/examples/handshake_server \
+//   node --test packages/interop/topgun-client/suite.mjs
+//
+// TOPGUN_E2E_HOLD_SECS (default 60) is how long the clients stay connected in the first part.
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { after, before, describe, it } from "node:test";
+
+import {
+  HEARTBEAT_INTERVAL_MS,
+  TopGunClientModel,
+  httpSync,
+  serialize,
+} from "./client.mjs";
+
+const SERVER_BIN = required("TOPGUN_SERVER_BIN");
+const HANDSHAKE_BIN = required("HANDSHAKE_SERVER_BIN");
+const HOLD_MS = Number(process.env.TOPGUN_E2E_HOLD_SECS ?? 60) * 1000;
+const TICKS_PER_SECOND = 1000;
+
+function required(name) {
+  const value = process.env[name];
+  if (!value) throw new Error(`set ${name}`);
+  return value;
+}
+
+const running = new Set();
+
+/// Starts a server binary on 127.0.0.1 and resolves once it logs its listening address.
+function startServer(bin, args = []) {
+  const child = spawn(bin, ["--host", "127.0.0.1", ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, RUST_LOG: "info", NO_COLOR: "1" },
+  });
+  running.add(child);
+  child.exited = new Promise((resolve) =>
+    child.on("exit", (code, signal) => {
+      running.delete(child);
+      resolve({ code, signal });
+    }),
+  );
+  return new Promise((resolve, reject) => {
+    let output = "";
+    const timer = setTimeout(() => reject(new Error(`${bin} did not start:\n${output}`)), 30000);
+    const onData = (chunk) => {
+      output += chunk;
+      const found = /listening addr=([\d.]+):(\d+)/.exec(output);
+      if (found) {
+        clearTimeout(timer);
+        resolve({ child, port: Number(found[2]), output: () => output });
+      }
+    };
+    child.stdout.on("data", onData);
+    child.stderr.on("data", onData);
+    child.on("exit", (code) => reject(new Error(`${bin} exited with ${code}:\n${output}`)));
+  });
+}
+
+async function stopServer(server, signal = "SIGTERM") {
+  server.child.kill(signal);
+  const result = await withDeadline(server.child.exited, 30000, "server exit");
+  return result;
+}
+
+function withDeadline(promise, ms, what) {
+  let timer;
+  const deadline = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
+}
+
+/// Polls `predicate` until it holds; fails with `what` after `ms`.
+async function until(predicate, ms, what) {
+  const deadline = Date.now() + ms;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/// Gives the last PING time to be answered; the tests then judge what arrived.
+async function settle(client) {
+  await until(() => client.stats.pongs >= client.stats.pingsSent, 3000, "the last PONG").catch(
+    () => {},
+  );
+}
+
+function trackTicks(client) {
+  const ticks = { first: null, last: null, count: 0, gaps: 0, batched: 0 };
+  client.onMessage = (message, { batched }) => {
+    if (message.type !== "TICK") return;
+    if (ticks.first === null) ticks.first = message.seq;
+    else if (message.seq !== ticks.last + 1) ticks.gaps++;
+    ticks.last = message.seq;
+    ticks.count++;
+    if (batched) ticks.batched++;
+  };
+  return ticks;
+}
+
+after(() => {
+  for (const child of running) child.kill("SIGKILL");
+});
+
+it("serializes exactly as TopGun's client serializer", () => {
+  // Bytes from the README, produced by the client's own serialize().
+  const ping = serialize({ type: "PING", timestamp: 1796023824376 });
+  assert.equal(
+    Buffer.from(ping).toString("hex"),
+    "de0002a474797065a450494e47a974696d657374616d70cb427a22b5caff8000",
+  );
+  const hlc = serialize({ millis: 1796023824376, counter: 0, nodeId: "n" });
+  assert.equal(
+    Buffer.from(hlc).toString("hex"),
+    "de0003a66d696c6c6973cb427a22b5caff8000a7636f756e74657200a66e6f64654964a16e",
+  );
+});
+
+describe(`stays connected for ${HOLD_MS / 1000} s`, () => {
+  let binary;
+  let example;
+  const clients = {};
+  let ticks;
+
+  before(async () => {
+    binary = await startServer(SERVER_BIN, ["--port", "0"]);
+    example = await startServer(HANDSHAKE_BIN, [
+      "--port",
+      "0",
+      "--ticks-per-second",
+      String(TICKS_PER_SECOND),
+    ]);
+    clients.root = new TopGunClientModel(`ws://127.0.0.1:${binary.port}`);
+    clients.ws = new TopGunClientModel(`ws://127.0.0.1:${binary.port}/ws`);
+    clients.load = new TopGunClientModel(`ws://127.0.0.1:${example.port}`);
+    ticks = trackTicks(clients.load);
+    for (const client of Object.values(clients)) client.connect();
+    await sleep(HOLD_MS);
+    for (const client of Object.values(clients)) await settle(client);
+  });
+
+  after(async () => {
+    for (const client of Object.values(clients)) client.close();
+    await Promise.all([binary && stopServer(binary), example && stopServer(example)]);
+  });
+
+  for (const name of ["root", "ws"]) {
+    it(`binary, ${name === "root" ? "root URL ws://host:port" : "ws://host:port/ws"}: no reconnect, every PING answered`, () => {
+      const { stats } = clients[name];
+      assert.equal(stats.opens, 1, "opened once");
+      assert.equal(stats.failedAttempts, 0);
+      assert.equal(stats.forcedReconnects, 0, "the heartbeat never gave up");
+      assert.deepEqual(stats.closes, []);
+      assert.equal(stats.connectedAt[0].how, "grace timer", "the stub says nothing: connected after 500 ms");
+      const expectedPings = Math.floor(HOLD_MS / HEARTBEAT_INTERVAL_MS) - 1;
+      assert.ok(stats.pingsSent >= expectedPings, `${stats.pingsSent} PINGs, expected ${expectedPings}+`);
+      assert.equal(stats.pongs, stats.pingsSent, "every PING answered by a top-level PONG");
+      assert.equal(stats.pongsInBatch, 0);
+    });
+  }
+
+  it(`example broadcasting ${TICKS_PER_SECOND} messages/s: all counted through BATCH, PONGs top-level, no reconnect`, () => {
+    const { stats } = clients.load;
+    assert.equal(stats.opens, 1);
+    assert.equal(stats.forcedReconnects, 0);
+    assert.deepEqual(stats.closes, []);
+    assert.equal(stats.connectedAt[0].how, "DEVICE_ACK", "the handshake reply arrived");
+    assert.equal(stats.pongs, stats.pingsSent, "every PING answered by a top-level PONG");
+    assert.ok(stats.pingsSent >= Math.floor(HOLD_MS / HEARTBEAT_INTERVAL_MS) - 1);
+    assert.equal(stats.pongsInBatch, 0, "no PONG inside a BATCH");
+    assert.equal(ticks.gaps, 0, "no broadcast message missing");
+    assert.equal(ticks.count, ticks.last - ticks.first + 1);
+    const expected = (TICKS_PER_SECOND * (HOLD_MS - 1000)) / 1000 * 0.9;
+    assert.ok(ticks.count >= expected, `${ticks.count} messages, expected ${expected}+`);
+    assert.ok(ticks.batched > 0 && stats.batchFrames > 0, "messages were coalesced into BATCH frames");
+    console.log(
+      `# load: ${ticks.count} TICKs (${ticks.batched} batched) in ${stats.frames} frames, ` +
+        `${stats.pingsSent} PINGs, ${stats.pongs} top-level PONGs, RTT ${clients.load.lastRoundTripTime} ms`,
+    );
+  });
+});
+
+describe("large server messages", () => {
+  let example;
+  let client;
+  const received = [];
+
+  before(async () => {
+    example = await startServer(HANDSHAKE_BIN, ["--port", "0"]);
+    client = new TopGunClientModel(`ws://127.0.0.1:${example.port}`, {
+      onMessage: (message) => {
+        if (message.type === "BIG") received.push(message.data.length);
+      },
+    });
+    client.connect();
+    await until(() => client.state === "CONNECTED", 10000, "connected");
+  });
+
+  after(async () => {
+    client?.close();
+    if (example) await stopServer(example);
+  });
+
+  for (const [label, bytes] of [["1 MiB", 1 << 20], ["8 MiB", 8 << 20]]) {
+    it(`a ${label} message arrives whole`, async () => {
+      const before = received.length;
+      assert.ok(client.send({ type: "BIG", bytes }));
+      await until(() => received.length > before, 20000, `the ${label} message`);
+      // {type: "BIG", data: <bin32>} is 20 bytes besides the data.
+      assert.equal(received[before], bytes - 20);
+      assert.equal(client.stats.opens, 1, "still the first connection");
+      assert.deepEqual(client.stats.closes, []);
+    });
+  }
+});
+
+describe("SIGTERM", () => {
+  it("the client sees 1001 and reconnects when the server is back on its port", async () => {
+    const first = await startServer(SERVER_BIN, ["--port", "0"]);
+    const port = first.port;
+    const client = new TopGunClientModel(`ws://127.0.0.1:${port}`);
+    client.connect();
+    try {
+      await until(() => client.state === "CONNECTED", 10000, "connected");
+      const exit = await stopServer(first, "SIGTERM");
+      assert.equal(exit.code, 0, "graceful exit");
+      await until(() => client.stats.closes.length === 1, 5000, "the close");
+      assert.equal(client.stats.closes[0].code, 1001);
+      assert.equal(client.stats.closes[0].reason, "server shutting down");
+      const second = await startServer(SERVER_BIN, ["--port", String(port)]);
+      try {
+        await until(() => client.stats.opens === 2, 20000, "the reconnect");
+        await until(() => client.stats.connectedAt.length === 2, 5000, "connected again");
+        const pongs = client.stats.pongs;
+        await until(() => client.stats.pongs > pongs, 2 * HEARTBEAT_INTERVAL_MS + 2000, "a PONG after reconnecting");
+      } finally {
+        await stopServer(second);
+      }
+    } finally {
+      client.close();
+    }
+  });
+});
+
+describe("HTTP sync", () => {
+  const syncBody = (millis) => ({
+    clientId: "client-1",
+    clientHlc: { millis, counter: 0, nodeId: "client-1" },
+    operations: undefined,
+    syncMaps: [{ mapName: "todos", lastSyncTimestamp: { millis: millis - 1000, counter: 3, nodeId: "client-1" } }],
+  });
+
+  it("the handler sees the client's headers and body", async () => {
+    const example = await startServer(HANDSHAKE_BIN, ["--port", "0"]);
+    try {
+      const millis = Date.now();
+      // The body carries millis as float64, as the client writes it.
+      assert.ok(Buffer.from(serialize(syncBody(millis))).includes(0xcb));
+      const response = await httpSync(`ws://127.0.0.1:${example.port}/`, "test-token", syncBody(millis));
+      assert.equal(response.status, 200);
+      const seen = response.body.seen;
+      assert.equal(seen.bearerToken, "test-token");
+      assert.equal(seen.contentType, "application/x-msgpack");
+      assert.equal(seen.requestId, response.headers.get("x-request-id"));
+      assert.equal(seen.peerIp, "127.0.0.1");
+      assert.equal(seen.clientId, "client-1");
+      assert.deepEqual(seen.clientHlc, { millis, counter: 0, nodeId: "client-1" });
+      assert.equal(typeof response.body.serverHlc.millis, "number");
+
+      const anonymous = await httpSync(`ws://127.0.0.1:${example.port}`, null, syncBody(millis));
+      assert.equal(anonymous.status, 200);
+      assert.equal(anonymous.body.seen.bearerToken, null, "'Bearer ' without a token is no token");
+    } finally {
+      await stopServer(example);
+    }
+  });
+
+  it("the binary's stub answers an empty array, which the client takes as success", async () => {
+    const binary = await startServer(SERVER_BIN, ["--port", "0"]);
+    try {
+      const response = await httpSync(`ws://127.0.0.1:${binary.port}`, "t", syncBody(Date.now()));
+      assert.equal(response.status, 200);
+      assert.deepEqual(response.body, []);
+    } finally {
+      await stopServer(binary);
+    }
+  });
+});
