@@ -65,6 +65,23 @@ async fn sigterm_drains_websockets_with_1001_and_exits_zero() {
 }
 
 #[tokio::test]
+async fn the_root_url_answers_topgun_clients_ping_with_a_top_level_pong() {
+    let (child, addr) = spawn_server(&[]).await;
+    // TopGun's client: serverUrl `ws://host:port`, PING exactly as its serializer writes it.
+    let mut ws = connect_ws(&format!("ws://{addr}")).await;
+    let ping = b"\xde\x00\x02\xa4type\xa4PING\xa9timestamp\xcb\x42\x7a\x22\xb5\xca\xff\x80\x00";
+    common::send_binary(&mut ws, &ping[..]).await;
+    let pong: serde_json::Value =
+        rmp_serde::from_slice(&common::next_frame(&mut ws).await).unwrap();
+    assert_eq!(pong["type"], "PONG");
+    assert_eq!(pong["timestamp"], 1_796_023_824_376_u64);
+    assert!(pong["serverTime"].as_u64().is_some());
+    signal(&child, "TERM");
+    assert_eq!(u16::from(expect_close(&mut ws).await.code), 1001);
+    assert!(wait_exit(child).await.success());
+}
+
+#[tokio::test]
 async fn sigint_stops_the_server_too() {
     let (child, _addr) = spawn_server(&[]).await;
     signal(&child, "INT");
