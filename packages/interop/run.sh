@@ -22,8 +22,8 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 npm ci --no-audit --no-fund --loglevel=error
 
 echo "== build"
-cargo build -q -p topgun-server --bin topgun-server --example interop_server \
-  --example handshake_server
+cargo build -q --bin topgun-server
+cargo build -q -p topgun-server --example interop_server --example handshake_server
 target=../../target/debug
 
 echo "== TopGun's client, end to end"

@@ -3,7 +3,7 @@
 //! A file of its own: the subscriber here is thread-local, and tracing caches per-callsite
 //! interest process-wide, so tests running beside it in one process could hide its events.
 
-mod common;
+use topgun_test_support as common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -42,9 +42,9 @@ pub const HANDLER_FAILED_REASON: &str = "internal server error";
 
 /// A close frame the server has been asked to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
+pub(crate) struct CloseRequest {
     /// The close code.
-    pub code: u16,
+    pub(crate) code: u16,
     /// The reason text, cut to the protocol's 123-byte limit when sent.
-    pub reason: String,
+    pub(crate) reason: String,
 }

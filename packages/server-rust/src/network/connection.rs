@@ -20,7 +20,6 @@ use topgun_core::{Principal, Timestamp};
 
 use super::close::{self, CloseRequest};
 use super::config::ConnectionConfig;
-use super::metrics::DisconnectReason;
 
 /// Process-unique identifier of one connection; never reused while the registry lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,13 +83,65 @@ pub enum OutboundMessage {
     /// A binary message that is never coalesced: it goes out as a frame of its own, ahead of
     /// `Binary` messages already queued (it waits at most for the frame being written). It has
     /// a small queue of its own, [`ConnectionHandle::PRIORITY_CAPACITY`] messages; a full one
-    /// counts as a dropped message like a full outbound queue. Sent through
-    /// [`ConnectionHandle::tx`] directly it keeps its place in the queue but still goes out
-    /// alone.
+    /// counts as a dropped message like a full outbound queue.
     Priority(Bytes),
     /// Close the connection: the client receives Close code 1000 with this reason after every
     /// message queued before it.
     Close(Option<String>),
+}
+
+/// Why a WebSocket connection ended; the `reason` label of `topgun_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The client closed the connection or went away.
+    ClientClose,
+    /// Nothing arrived for `idle_timeout`.
+    IdleTimeout,
+    /// The client did not keep up: queue overflow or a blocked socket write.
+    SlowConsumer,
+    /// The client broke a limit: message size, text frames.
+    Limit,
+    /// The server shut down.
+    Shutdown,
+    /// The application closed it (`OutboundMessage::Close` or `close_with`).
+    Application,
+    /// A read or write failed, or the handler panicked.
+    Error,
+    /// Not authenticated within `auth_timeout`.
+    AuthTimeout,
+}
+
+impl DisconnectReason {
+    pub(crate) const ALL: [Self; 8] = [
+        Self::ClientClose,
+        Self::IdleTimeout,
+        Self::SlowConsumer,
+        Self::Limit,
+        Self::Shutdown,
+        Self::Application,
+        Self::Error,
+        Self::AuthTimeout,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClose => "client_close",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Limit => "limit",
+            Self::Shutdown => "shutdown",
+            Self::Application => "application",
+            Self::Error => "error",
+            Self::AuthTimeout => "auth_timeout",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
 }
 
 /// Why a message could not be queued.
@@ -164,8 +215,11 @@ impl Default for ConnectionMetadata {
 pub struct ConnectionHandle {
     /// The connection's id.
     pub id: ConnectionId,
-    /// Sending side of the bounded outbound queue.
-    pub tx: mpsc::Sender<OutboundMessage>,
+    /// Sending side of the bounded outbound queue. Not public: sending through it directly
+    /// would skip drop counting, the slow-consumer close and the size limit; use
+    /// [`try_send`](Self::try_send), [`try_enqueue`](Self::try_enqueue) or
+    /// [`send_timeout`](Self::send_timeout).
+    pub(crate) tx: mpsc::Sender<OutboundMessage>,
     /// Application-level state; an async lock because handlers hold it across awaits.
     pub metadata: Arc<RwLock<ConnectionMetadata>>,
     /// When the connection was registered.
@@ -361,7 +415,8 @@ impl ConnectionHandle {
         let in_a_row = control.consecutive_drops.fetch_add(1, Ordering::Relaxed) + 1;
         if in_a_row >= control.max_consecutive_drops && !control.close_requested.is_cancelled() {
             tracing::info!(conn_id = %self.id, dropped = in_a_row, "closing slow consumer");
-            self.close_with(
+            self.close_because(
+                DisconnectReason::SlowConsumer,
                 close::TRY_AGAIN_LATER,
                 format!("slow consumer: {in_a_row} messages dropped; reconnect and resync"),
             );
@@ -370,16 +425,23 @@ impl ConnectionHandle {
 
     /// Closes the connection with `code` and `reason` now, ahead of anything still queued
     /// (unlike [`OutboundMessage::Close`], which is sent after the queue). The first request
-    /// wins; later ones are ignored.
+    /// wins; later ones are ignored. Counted as an `application` close in the metrics,
+    /// whatever the code.
     pub fn close_with(&self, code: u16, reason: impl Into<String>) {
+        self.close_because(DisconnectReason::Application, code, reason);
+    }
+
+    /// The transport's own closes: like [`close_with`](Self::close_with), with the reason the
+    /// metrics record.
+    pub(crate) fn close_because(
+        &self,
+        why: DisconnectReason,
+        code: u16,
+        reason: impl Into<String>,
+    ) {
         let request = CloseRequest { code, reason: reason.into() };
         if self.control.close_request.set(request).is_ok() {
-            self.note_disconnect(match code {
-                close::TRY_AGAIN_LATER => DisconnectReason::SlowConsumer,
-                close::MESSAGE_TOO_BIG | close::UNSUPPORTED_DATA => DisconnectReason::Limit,
-                close::INTERNAL_ERROR => DisconnectReason::Error,
-                _ => DisconnectReason::Application,
-            });
+            self.note_disconnect(why);
             self.control.close_requested.cancel();
         }
     }
@@ -412,8 +474,9 @@ impl ConnectionHandle {
         self.control.last_activity_ms.store(elapsed, Ordering::Relaxed);
     }
 
-    /// Messages waiting in the outbound queue; 0 once the connection's writer has gone.
-    pub(crate) fn queued(&self) -> usize {
+    /// Messages waiting in the outbound queue (not counting priority messages); 0 once the
+    /// connection's writer has gone.
+    pub fn queued(&self) -> usize {
         if self.tx.is_closed() { 0 } else { self.tx.max_capacity() - self.tx.capacity() }
     }
 
@@ -727,6 +790,13 @@ impl ConnectionRegistry {
     const COOPERATIVE_RECHECK: Duration = Duration::from_millis(1);
 
     /// Removes and returns every connection, for shutdown.
+    ///
+    /// Only the registry forgets them: their sockets stay open until their own tasks end,
+    /// the handler's `on_disconnect` is **not** called for them (the transport calls it only
+    /// for a connection it removes itself) and they are not counted as closed in the metrics.
+    /// To close connections gracefully, use
+    /// [`ShutdownController::close_connections`](crate::network::ShutdownController::close_connections)
+    /// or [`NetworkModule::serve`](crate::network::NetworkModule::serve)'s shutdown.
     pub fn drain_all(&self) -> Vec<Arc<ConnectionHandle>> {
         let ids: Vec<ConnectionId> = self.connections.iter().map(|entry| *entry.key()).collect();
         ids.into_iter().filter_map(|id| self.remove(id)).collect()

@@ -15,7 +15,8 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::metrics::{TransportMetrics, route_index};
+use super::metrics::TransportMetrics;
+use super::routes::Route;
 
 /// Records `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
 #[derive(Clone)]
@@ -58,7 +59,7 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         ResponseFuture {
-            route: route_index(request.uri().path()),
+            route: Route::slot(request.uri().path()),
             started: Instant::now(),
             inner: self.inner.call(request),
             metrics: Arc::clone(&self.metrics),

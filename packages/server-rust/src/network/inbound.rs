@@ -208,6 +208,7 @@ impl<H: InboundHandler> InboundHandler for Arc<H> {
 
 /// Why a `POST /sync` request failed; each variant maps to one HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SyncError {
     /// `400`: the request is malformed.
     #[error("bad request: {0}")]

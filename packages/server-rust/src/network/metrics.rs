@@ -31,70 +31,14 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use http::header::CONTENT_TYPE;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use super::connection::{ConnectionKind, ConnectionRegistry};
-use super::handlers::AppState;
+use super::connection::{ConnectionKind, ConnectionRegistry, DisconnectReason};
+use super::routes::Route;
 use super::shutdown::{HealthState, ShutdownController};
-
-/// Why a WebSocket connection ended; the `reason` label of `topgun_connections_closed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DisconnectReason {
-    /// The client closed the connection or went away.
-    ClientClose,
-    /// Nothing arrived for `idle_timeout`.
-    IdleTimeout,
-    /// The client did not keep up: queue overflow or a blocked socket write.
-    SlowConsumer,
-    /// The client broke a limit: message size, text frames.
-    Limit,
-    /// The server shut down.
-    Shutdown,
-    /// The application closed it (`OutboundMessage::Close` or `close_with`).
-    Application,
-    /// A read or write failed, or the handler panicked.
-    Error,
-    /// Not authenticated within `auth_timeout`.
-    AuthTimeout,
-}
-
-impl DisconnectReason {
-    const ALL: [Self; 8] = [
-        Self::ClientClose,
-        Self::IdleTimeout,
-        Self::SlowConsumer,
-        Self::Limit,
-        Self::Shutdown,
-        Self::Application,
-        Self::Error,
-        Self::AuthTimeout,
-    ];
-
-    /// The label value.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientClose => "client_close",
-            Self::IdleTimeout => "idle_timeout",
-            Self::SlowConsumer => "slow_consumer",
-            Self::Limit => "limit",
-            Self::Shutdown => "shutdown",
-            Self::Application => "application",
-            Self::Error => "error",
-            Self::AuthTimeout => "auth_timeout",
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
-    }
-}
 
 /// Why an upgrade was refused; the `reason` label of `topgun_websocket_upgrades_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +70,8 @@ pub struct TransportMetrics {
     dropped: Counter,
     /// `topgun_http_requests_total` handles by route and status, created on first use, so a
     /// request costs no allocation or map lookup once its (route, status) has been seen.
-    http_requests: [[OnceLock<Counter>; STATUS_SLOTS]; ROUTES.len() + 1],
-    http_latency: [Histogram; ROUTES.len() + 1],
+    http_requests: [[OnceLock<Counter>; STATUS_SLOTS]; Route::ALL.len() + 1],
+    http_latency: [Histogram; Route::ALL.len() + 1],
     in_flight: Gauge,
     health: [Gauge; 4],
     uptime: Gauge,
@@ -245,7 +189,7 @@ impl TransportMetrics {
             http_latency: std::array::from_fn(|route| {
                 let key = Key::from_parts(
                     "topgun_http_request_duration_seconds",
-                    vec![Label::new("route", route_name(route))],
+                    vec![Label::new("route", Route::slot_name(route))],
                 );
                 r.register_histogram(&key, &METADATA)
             }),
@@ -278,7 +222,7 @@ impl TransportMetrics {
         let slot = usize::from(status).saturating_sub(STATUS_BASE).min(STATUS_SLOTS - 1);
         let counter = self.http_requests[route][slot].get_or_init(|| {
             let labels = vec![
-                Label::new("route", route_name(route)),
+                Label::new("route", Route::slot_name(route)),
                 Label::new("status", status.to_string()),
             ];
             self.recorder
@@ -318,24 +262,6 @@ impl TransportMetrics {
     }
 }
 
-/// `GET /metrics`: the Prometheus text exposition.
-pub async fn metrics_handler(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(&state.registry, &state.shutdown, state.start_time);
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
-}
-
-/// The server's routes; any other path is labelled `unmatched`, so scanning clients cannot
-/// create unbounded label values.
-const ROUTES: [&str; 7] =
-    ["/", "/health", "/health/live", "/health/ready", "/ws", "/sync", "/metrics"];
 /// Statuses 100 to 599 get their own slot; anything else shares the last one.
 const STATUS_BASE: usize = 100;
 const STATUS_SLOTS: usize = 500;
-
-pub(crate) fn route_index(path: &str) -> usize {
-    ROUTES.iter().position(|route| *route == path).unwrap_or(ROUTES.len())
-}
-
-fn route_name(index: usize) -> &'static str {
-    ROUTES.get(index).copied().unwrap_or("unmatched")
-}

@@ -146,7 +146,7 @@ const CORS_VARY: HeaderValue = HeaderValue::from_static(
 /// ```
 /// use axum::{Router, routing::get};
 /// use tower_http::cors::CorsLayer;
-/// use topgun_server::network::middleware::CrossOriginLayer;
+/// use topgun_server::network::CrossOriginLayer;
 ///
 /// let app: Router = Router::new()
 ///     .route("/", get(|| async { "hi" }))

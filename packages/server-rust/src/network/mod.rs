@@ -2,55 +2,55 @@
 //!
 //! | file | concern |
 //! |---|---|
-//! | [`config`] | [`NetworkConfig`] and its parts, with defaults and validation |
-//! | [`connection`] | [`ConnectionHandle`], [`ConnectionRegistry`], outbound queues |
-//! | [`shutdown`] | [`HealthState`] and [`ShutdownController`] |
-//! | [`inbound`] | [`InboundHandler`]: where decoded traffic leaves the transport |
-//! | [`heartbeat`] | [`Heartbeat`]: answers TopGun's application-level `PING` in front of a handler |
+//! | `config` | [`NetworkConfig`] and its parts, with defaults and validation |
+//! | `connection` | [`ConnectionHandle`], [`ConnectionRegistry`], outbound queues |
+//! | `shutdown` | [`HealthState`] and [`ShutdownController`] |
+//! | `inbound` | [`InboundHandler`]: where decoded traffic leaves the transport |
+//! | `heartbeat` | [`Heartbeat`]: answers TopGun's application-level `PING` in front of a handler |
 //! | `engine` | one WebSocket connection's lifecycle: `reader` (socket → handler), `writer` (queue → socket) |
-//! | [`batch`] | the `BATCH` frame envelope and the writer's frame builder |
+//! | `batch` | the `BATCH` frame envelope and the writer's frame builder |
 //! | [`close`] | the WebSocket close codes the server sends |
-//! | [`handlers`] | one axum handler per route, and [`AppState`] |
-//! | [`middleware`] | the HTTP middleware stack |
-//! | [`metrics`] | Prometheus metrics and `GET /metrics` |
+//! | `handlers` | one axum handler per route, and [`AppState`] |
+//! | `middleware` | the HTTP middleware stack |
+//! | `metrics` | Prometheus metrics and `GET /metrics` |
 //! | `http_metrics` | the layer counting and timing HTTP requests |
-//! | [`tls`] | loading and reloading certificates |
-//! | [`module`] | [`NetworkModule`]: router, bind, serve, shutdown |
+//! | `tls` | loading and reloading certificates |
+//! | `module` | [`NetworkModule`]: router, bind, serve, shutdown |
 
-pub mod batch;
+mod batch;
 pub mod close;
-pub mod config;
-pub mod connection;
+mod config;
+mod connection;
 mod engine;
-pub mod handlers;
-pub mod heartbeat;
+mod handlers;
+mod heartbeat;
 mod http_metrics;
-pub mod inbound;
-pub mod metrics;
-pub mod middleware;
-pub mod module;
-pub mod shutdown;
-pub mod tls;
+mod inbound;
+mod metrics;
+mod middleware;
+mod module;
+mod routes;
+mod shutdown;
+mod tls;
 
 pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, decode_frame_shared, encode_batch};
-pub use close::CloseRequest;
 pub use config::{
     ConfigError, ConnectionConfig, MetricsConfig, NetworkConfig, ShutdownConfig, TlsConfig,
 };
 pub use connection::{
     BroadcastOutcome, ConnectionHandle, ConnectionId, ConnectionKind, ConnectionMetadata,
-    ConnectionRegistry, OutboundMessage, SendError,
+    ConnectionRegistry, DisconnectReason, OutboundMessage, SendError,
 };
 pub use handlers::{
     ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket,
-    health_handler, http_sync_handler, liveness_handler, readiness_handler, root_handler,
-    ws_upgrade_handler,
+    health_handler, http_sync_handler, liveness_handler, metrics_handler, readiness_handler,
+    root_handler, ws_upgrade_handler,
 };
 pub use heartbeat::Heartbeat;
 pub use inbound::{
     InboundHandler, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, StubHandler, SyncError, SyncRequest,
 };
-pub use metrics::{DisconnectReason, TransportMetrics, metrics_handler};
+pub use metrics::TransportMetrics;
 pub use middleware::{
     CompressWhen, CrossOriginLayer, HttpLayers, MIN_COMPRESSED_SIZE, REQUEST_ID_HEADER,
     build_http_layers,

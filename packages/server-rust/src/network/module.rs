@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::body::Body;
-use axum::extract::DefaultBodyLimit;
 use axum::extract::Request;
 use axum::response::IntoResponse;
 use axum::response::Response;
-use axum::routing::{get, post};
 use axum::{Router, ServiceExt as _};
-use http::StatusCode;
 use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -23,14 +20,12 @@ use tower::{Service, ServiceBuilder};
 
 use super::config::NetworkConfig;
 use super::connection::ConnectionRegistry;
-use super::handlers::{
-    AppState, health_handler, http_sync_handler, liveness_handler, readiness_handler, root_handler,
-    ws_upgrade_handler,
-};
+use super::handlers::AppState;
 use super::http_metrics::HttpMetricsLayer;
-use super::inbound::{InboundHandler, StubHandler, json_error};
-use super::metrics::{TransportMetrics, metrics_handler};
+use super::inbound::{InboundHandler, StubHandler};
+use super::metrics::TransportMetrics;
 use super::middleware::build_http_layers;
+use super::routes::{main_routes, metrics_routes};
 use super::shutdown::ShutdownController;
 use super::tls::TlsReloader;
 
@@ -186,23 +181,7 @@ impl NetworkModule {
     + Send
     + Sync
     + 'static {
-        let metrics_here = self.config.metrics.enabled && self.config.metrics.listen.is_none();
-        let routes = Router::new();
-        let routes =
-            if metrics_here { routes.route("/metrics", get(metrics_handler)) } else { routes };
-        let routes = routes
-            .route("/health", get(health_handler))
-            .route("/health/live", get(liveness_handler))
-            .route("/health/ready", get(readiness_handler))
-            .route("/", get(root_handler))
-            .route("/ws", get(ws_upgrade_handler))
-            .route(
-                "/sync",
-                post(http_sync_handler)
-                    .layer(DefaultBodyLimit::max(self.config.max_sync_body_bytes)),
-            )
-            .fallback(not_found)
-            .with_state(self.app_state());
+        let routes = main_routes(&self.config).with_state(self.app_state());
         ServiceBuilder::new()
             .map_response(IntoResponse::into_response)
             .layer(HttpMetricsLayer::new(Arc::clone(&self.metrics)))
@@ -224,7 +203,7 @@ impl NetworkModule {
 
     /// The router of the separate metrics listener: `/metrics` only.
     fn metrics_router(&self) -> Router {
-        Router::new().route("/metrics", get(metrics_handler)).with_state(self.app_state())
+        metrics_routes(&self.config).with_state(self.app_state())
     }
 
     /// Validates the configuration, loads TLS certificates if configured, and binds the port.
@@ -427,11 +406,6 @@ async fn bind(addr: impl ToSocketAddrs, config: &NetworkConfig) -> std::io::Resu
     Err(last_error.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolved to nothing")
     }))
-}
-
-/// Unknown routes get a JSON body, like every other error this server returns.
-async fn not_found() -> Response {
-    json_error(StatusCode::NOT_FOUND, "not found")
 }
 
 /// Wraps the TLS acceptor to count (and log at debug level) failed handshakes, which

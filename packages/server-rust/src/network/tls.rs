@@ -18,6 +18,7 @@ use super::config::TlsConfig;
 
 /// Why the TLS configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// A file could not be read.
     #[error("cannot read {what} file {}: {error}", path.display())]

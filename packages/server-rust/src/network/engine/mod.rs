@@ -26,10 +26,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::connection::{ConnectionHandle, OutboundMessage};
+use super::connection::{ConnectionHandle, DisconnectReason, OutboundMessage};
 use super::handlers::AppState;
 use super::inbound::call_guarded;
-use super::metrics::DisconnectReason;
 use reader::Reader;
 use writer::Writer;
 

@@ -20,10 +20,9 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::network::close;
-use crate::network::connection::ConnectionHandle;
+use crate::network::connection::{ConnectionHandle, DisconnectReason};
 use crate::network::handlers::AppState;
 use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, call_guarded};
-use crate::network::metrics::DisconnectReason;
 
 pub(super) struct Reader<'a> {
     pub(super) conn: &'a Arc<ConnectionHandle>,
@@ -88,7 +87,7 @@ impl Reader<'_> {
                     self.conn.touch();
                     self.conn.set_handler_busy(false);
                     if !handled {
-                        self.conn.close_with(close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
+                        self.conn.close_because(DisconnectReason::Error, close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
                     }
                 }
                 next = stream.next(), if reading && ahead.has_room() => {
@@ -126,7 +125,11 @@ impl Reader<'_> {
             }
             Message::Text(_) if !closing => {
                 tracing::debug!("text frame on a binary-only protocol");
-                self.conn.close_with(close::UNSUPPORTED_DATA, close::TEXT_FRAME_REASON);
+                self.conn.close_because(
+                    DisconnectReason::Limit,
+                    close::UNSUPPORTED_DATA,
+                    close::TEXT_FRAME_REASON,
+                );
                 None
             }
             Message::Close(frame) => {
@@ -149,7 +152,11 @@ impl Reader<'_> {
             Ok(false) => None,
             Err(_) => {
                 tracing::error!(call = "answer_inline", "inbound handler panicked");
-                self.conn.close_with(close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
+                self.conn.close_because(
+                    DisconnectReason::Error,
+                    close::INTERNAL_ERROR,
+                    close::HANDLER_FAILED_REASON,
+                );
                 Some(())
             }
         }
@@ -171,7 +178,8 @@ impl Reader<'_> {
         if let Some(tungstenite::Error::Capacity(capacity)) = inner {
             tracing::debug!(%capacity, "inbound message over the limit");
             let config = &self.state.config.connection;
-            self.conn.close_with(
+            self.conn.close_because(
+                DisconnectReason::Limit,
                 close::MESSAGE_TOO_BIG,
                 format!(
                     "message too big: limit is {} bytes per message, {} per frame",

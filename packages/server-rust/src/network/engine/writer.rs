@@ -19,8 +19,10 @@ use super::Sink;
 use crate::network::batch::{Frame, FrameBuilder};
 use crate::network::close::{self, CloseRequest};
 use crate::network::config::{ConnectionConfig, NetworkConfig};
-use crate::network::connection::{ConnectionHandle, ConnectionKind, OutboundMessage};
-use crate::network::metrics::{DisconnectReason, TransportMetrics};
+use crate::network::connection::{
+    ConnectionHandle, ConnectionKind, DisconnectReason, OutboundMessage,
+};
+use crate::network::metrics::TransportMetrics;
 
 pub(super) struct Writer {
     pub(super) conn: Arc<ConnectionHandle>,
@@ -260,7 +262,8 @@ async fn write_burst(
                     feed(sink, frame, metrics).await?;
                 }
             }
-            // Queued through the raw sender: it keeps its place, but still goes out alone.
+            // The handle routes these to the priority lane; should one reach the queue, it
+            // still goes out alone.
             OutboundMessage::Priority(payload) => {
                 if let Some(frame) = frames.finish() {
                     feed(sink, frame, metrics).await?;

@@ -8,9 +8,11 @@
 //! | `GET /` | [`root_handler`]: the WebSocket endpoint again, or a description of the routes |
 //! | `GET /ws` | [`ws_upgrade_handler`] |
 //! | `POST /sync` | [`http_sync_handler`] |
+//! | `GET /metrics` | [`metrics_handler`] |
 
 mod health;
 mod http_sync;
+mod metrics;
 mod websocket;
 
 use std::fmt;
@@ -19,6 +21,7 @@ use std::time::Instant;
 
 pub use health::{HealthReport, health_handler, liveness_handler, readiness_handler};
 pub use http_sync::{ACCEPTED_SYNC_CONTENT_TYPES, MSGPACK_CONTENT_TYPE, http_sync_handler};
+pub use metrics::metrics_handler;
 pub use websocket::{handle_socket, root_handler, ws_upgrade_handler};
 
 use super::config::NetworkConfig;

@@ -2,7 +2,7 @@
 //! heartbeat, priority frames, the order of a connection's first messages, authentication
 //! gating, and a busy handler not making its client look dead.
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

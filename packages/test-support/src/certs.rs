@@ -22,11 +22,14 @@ pub struct TestCa {
 /// A signed certificate and its private key, in PEM.
 #[derive(Clone)]
 pub struct Issued {
+    /// The certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM.
     pub key_pem: String,
 }
 
 impl Issued {
+    /// The certificate, DER.
     pub fn der(&self) -> CertificateDer<'static> {
         CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).expect("certificate PEM")
     }
@@ -37,6 +40,7 @@ impl Issued {
 }
 
 impl TestCa {
+    /// A new self-signed CA called `name`.
     pub fn new(name: &str) -> Self {
         let key = KeyPair::generate().expect("CA key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -46,6 +50,7 @@ impl TestCa {
         Self { cert, key }
     }
 
+    /// The CA's certificate, PEM.
     pub fn pem(&self) -> String {
         self.cert.pem()
     }
@@ -111,11 +116,14 @@ impl TestCa {
 
 /// PEM files on disk for a server, in a temporary folder removed on drop.
 pub struct TlsFiles {
+    /// The folder holding the files; removed when dropped.
     pub dir: tempfile::TempDir,
+    /// Where the server finds them.
     pub config: TlsConfig,
 }
 
 impl TlsFiles {
+    /// Writes `server`'s certificate and key (and `client_ca`'s certificate, for mutual TLS).
     pub fn write(server: &Issued, client_ca: Option<&TestCa>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = |name: &str| -> PathBuf { dir.path().join(name) };

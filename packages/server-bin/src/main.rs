@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
@@ -19,9 +18,10 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "topgun-server", version, about)]
 struct Args {
     /// Interface to listen on.
-    #[arg(long, env = "TOPGUN_HOST", default_value = "0.0.0.0")]
+    #[arg(long, env = "TOPGUN_HOST", default_value_t = NetworkConfig::default().host)]
     host: String,
-    /// Port to listen on (0 picks a free one).
+    /// Port to listen on (0 picks a free one). Unlike the library, whose default lets the OS
+    /// pick, the binary listens on a well-known port.
     #[arg(long, env = "TOPGUN_PORT", default_value_t = 8080)]
     port: u16,
     /// PEM certificate chain; serving HTTPS/WSS needs it with --tls-key.
@@ -34,17 +34,17 @@ struct Args {
     #[arg(long, env = "TOPGUN_TLS_CA", requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
     /// Comma-separated origins allowed by CORS; `*` allows any.
-    #[arg(long, env = "TOPGUN_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    #[arg(long, env = "TOPGUN_CORS_ORIGINS", value_delimiter = ',', default_values_t = NetworkConfig::default().cors_origins)]
     cors_origins: Vec<String>,
     /// Time limit per HTTP request, e.g. `30s` or `500ms`.
-    #[arg(long, env = "TOPGUN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
-    request_timeout: Duration,
+    #[arg(long, env = "TOPGUN_REQUEST_TIMEOUT", default_value_t = NetworkConfig::default().request_timeout.into())]
+    request_timeout: humantime::Duration,
     /// Time spent reporting `draining` before the listener closes on shutdown.
-    #[arg(long, env = "TOPGUN_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "0s")]
-    shutdown_grace: Duration,
+    #[arg(long, env = "TOPGUN_SHUTDOWN_GRACE", default_value_t = ShutdownConfig::default().grace_period.into())]
+    shutdown_grace: humantime::Duration,
     /// Longest wait for connections and in-flight work once the listener has closed.
-    #[arg(long, env = "TOPGUN_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
-    drain_timeout: Duration,
+    #[arg(long, env = "TOPGUN_DRAIN_TIMEOUT", default_value_t = ShutdownConfig::default().drain_timeout.into())]
+    drain_timeout: humantime::Duration,
     /// Most WebSocket connections at once; further upgrades get 503.
     #[arg(long, env = "TOPGUN_MAX_CONNECTIONS", default_value_t = NetworkConfig::default().max_connections)]
     max_connections: usize,
@@ -52,17 +52,17 @@ struct Args {
     #[arg(long, env = "TOPGUN_MAX_SYNC_BODY", default_value_t = NetworkConfig::default().max_sync_body_bytes)]
     max_sync_body: usize,
     /// Time a client has to send a complete request head.
-    #[arg(long, env = "TOPGUN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
-    header_read_timeout: Duration,
+    #[arg(long, env = "TOPGUN_HEADER_READ_TIMEOUT", default_value_t = NetworkConfig::default().header_read_timeout.into())]
+    header_read_timeout: humantime::Duration,
     /// Connections the kernel queues before they are accepted (capped by `net.core.somaxconn`).
     #[arg(long, env = "TOPGUN_LISTEN_BACKLOG", default_value_t = NetworkConfig::default().listen_backlog)]
     listen_backlog: u32,
     /// Close a WebSocket from which nothing arrived for this long.
-    #[arg(long, env = "TOPGUN_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
-    idle_timeout: Duration,
+    #[arg(long, env = "TOPGUN_IDLE_TIMEOUT", default_value_t = ConnectionConfig::default().idle_timeout.into())]
+    idle_timeout: humantime::Duration,
     /// How often to ping each WebSocket client.
-    #[arg(long, env = "TOPGUN_PING_INTERVAL", value_parser = humantime::parse_duration, default_value = "20s")]
-    ping_interval: Duration,
+    #[arg(long, env = "TOPGUN_PING_INTERVAL", default_value_t = ConnectionConfig::default().ping_interval.into())]
+    ping_interval: humantime::Duration,
     /// Largest inbound WebSocket message in bytes.
     #[arg(long, env = "TOPGUN_MAX_MESSAGE_SIZE", default_value_t = ConnectionConfig::default().max_message_size)]
     max_message_size: usize,
@@ -100,20 +100,20 @@ impl Args {
             port: self.port,
             tls,
             cors_origins: self.cors_origins.clone(),
-            request_timeout: self.request_timeout,
+            request_timeout: self.request_timeout.into(),
             shutdown: ShutdownConfig {
-                grace_period: self.shutdown_grace,
-                drain_timeout: self.drain_timeout,
+                grace_period: self.shutdown_grace.into(),
+                drain_timeout: self.drain_timeout.into(),
             },
             max_connections: self.max_connections,
             max_sync_body_bytes: self.max_sync_body,
-            header_read_timeout: self.header_read_timeout,
+            header_read_timeout: self.header_read_timeout.into(),
             listen_backlog: self.listen_backlog,
-            tcp_nodelay: true,
+            tcp_nodelay: NetworkConfig::default().tcp_nodelay,
             metrics: MetricsConfig { enabled: !self.no_metrics, listen: self.metrics_listen },
             connection: ConnectionConfig {
-                idle_timeout: self.idle_timeout,
-                ping_interval: self.ping_interval,
+                idle_timeout: self.idle_timeout.into(),
+                ping_interval: self.ping_interval.into(),
                 max_message_size: self.max_message_size,
                 max_frame_size: self.max_message_size,
                 ..ConnectionConfig::default()

@@ -1,7 +1,7 @@
 //! HTTPS and WSS: certificates made at test time with rcgen, mutual TLS, rotation, and clear
 //! failures for bad certificate files.
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Starting, serving and reporting health.
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;

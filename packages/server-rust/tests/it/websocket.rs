@@ -1,6 +1,6 @@
 //! `GET /ws`: registration, message flow, coalescing, close handling and cleanup.
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,6 @@
 //! Prometheus metrics and traceable logs, as an operator sees them.
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::Arc;
 

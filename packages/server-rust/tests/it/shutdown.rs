@@ -1,6 +1,6 @@
 //! Graceful shutdown: health transitions, connection draining and deadlines.
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,10 @@
-//! Helpers shared by the integration tests: a server on an OS-chosen loopback port, WebSocket
-//! and HTTP clients, and polling with a deadline instead of sleeping.
-#![allow(dead_code)] // each test crate uses a different subset
+//! Helpers shared by the TopGun server's integration tests (the library's and the binary's): a
+//! server on an OS-chosen loopback port, WebSocket and HTTP clients, raw-socket clients for
+//! misbehaving peers, certificates, and polling with a deadline instead of sleeping.
+//!
+//! Every helper fails the calling test with a message when something does not happen in time,
+//! which is why none of them returns an error.
+#![allow(clippy::missing_panics_doc)] // failing the test is each helper's purpose
 
 pub mod certs;
 
@@ -24,6 +28,7 @@ use topgun_server::network::{
 /// Upper bound for anything a test waits for.
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
+/// A WebSocket client connection, plain or TLS.
 pub type WsClient = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A config bound to an OS-chosen loopback port.
@@ -33,8 +38,11 @@ pub fn test_config() -> NetworkConfig {
 
 /// A running `NetworkModule::serve`, stopped by dropping or by [`TestServer::stop`].
 pub struct TestServer {
+    /// Where the server listens (loopback).
     pub addr: SocketAddr,
+    /// The server's connection registry.
     pub registry: Arc<ConnectionRegistry>,
+    /// The server's shutdown controller.
     pub controller: Arc<ShutdownController>,
     scheme: &'static str,
     client_tls: Option<Arc<rustls::ClientConfig>>,
@@ -43,10 +51,12 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// Starts a server with `config` and the stub handler.
     pub async fn start(config: NetworkConfig) -> Self {
         Self::with_handler(config, StubHandler).await
     }
 
+    /// Starts a server with `config` and `handler`.
     pub async fn with_handler(config: NetworkConfig, handler: impl InboundHandler) -> Self {
         Self::from_module(NetworkModule::new(config).with_handler(handler)).await
     }
@@ -91,10 +101,12 @@ impl TestServer {
         server
     }
 
+    /// The server URL of `path`, with the scheme the server speaks.
     pub fn url(&self, path: &str) -> String {
         format!("{}://{}{path}", self.scheme, self.addr)
     }
 
+    /// The server's `/ws` URL, `ws://` or `wss://`.
     pub fn ws_url(&self) -> String {
         let scheme = if self.scheme == "https" { "wss" } else { "ws" };
         format!("{scheme}://{}/ws", self.addr)
@@ -130,6 +142,10 @@ impl TestServer {
     }
 
     /// Completes the serve future and waits for `serve()` to return.
+    ///
+    /// # Errors
+    ///
+    /// What `serve()` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -138,6 +154,10 @@ impl TestServer {
     }
 
     /// Waits for `serve()` to return (after a trigger elsewhere).
+    ///
+    /// # Errors
+    ///
+    /// What `serve()` returned.
     pub async fn join(mut self) -> anyhow::Result<()> {
         let task = self.task.take().expect("joined once");
         tokio::time::timeout(DEADLINE, task)
@@ -155,6 +175,7 @@ impl Drop for TestServer {
     }
 }
 
+/// Opens a plain WebSocket to `url`.
 pub async fn connect_ws(url: &str) -> WsClient {
     install_crypto_provider();
     let (client, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
@@ -165,6 +186,10 @@ pub async fn connect_ws(url: &str) -> WsClient {
 }
 
 /// Opens a `wss://` connection with the given client TLS configuration.
+///
+/// # Errors
+///
+/// The handshake failed (a refused certificate, for example).
 pub async fn connect_wss(
     url: &str,
     tls: Arc<rustls::ClientConfig>,
@@ -232,6 +257,7 @@ pub async fn expect_close(ws: &mut WsClient) -> CloseFrame {
     }
 }
 
+/// Sends one binary message.
 pub async fn send_binary(ws: &mut WsClient, payload: impl Into<Bytes>) {
     ws.send(Message::Binary(payload.into())).await.expect("send");
 }
@@ -255,6 +281,7 @@ pub fn post_sync(
     client.post(url).header("content-type", "application/msgpack").body(msgpack(body))
 }
 
+/// An HTTP client with the test deadline.
 pub fn http() -> reqwest::Client {
     install_crypto_provider();
     reqwest::Client::builder().timeout(DEADLINE).build().expect("http client")

@@ -1,6 +1,6 @@
 //! `POST /sync` and the HTTP middleware stack (request ids, CORS, compression, timeouts).
 
-mod common;
+use topgun_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;

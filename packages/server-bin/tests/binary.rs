@@ -1,6 +1,6 @@
 //! The `topgun-server` binary as an operator runs it: flags, signals and failures.
 
-mod common;
+use topgun_test_support as common;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -69,8 +69,9 @@ async fn the_root_url_answers_topgun_clients_ping_with_a_top_level_pong() {
     let (child, addr) = spawn_server(&[]).await;
     // TopGun's client: serverUrl `ws://host:port`, PING exactly as its serializer writes it.
     let mut ws = connect_ws(&format!("ws://{addr}")).await;
-    let ping = b"\xde\x00\x02\xa4type\xa4PING\xa9timestamp\xcb\x42\x7a\x22\xb5\xca\xff\x80\x00";
-    common::send_binary(&mut ws, &ping[..]).await;
+    let client_ping =
+        b"\xde\x00\x02\xa4type\xa4PING\xa9timestamp\xcb\x42\x7a\x22\xb5\xca\xff\x80\x00";
+    common::send_binary(&mut ws, &client_ping[..]).await;
     let pong: serde_json::Value =
         rmp_serde::from_slice(&common::next_frame(&mut ws).await).unwrap();
     assert_eq!(pong["type"], "PONG");

@@ -1,0 +1,12 @@
+//! The transport's integration tests, one module per capability, in one test binary (one link,
+//! one build). Shared helpers live in the `topgun-test-support` crate. The log test has a
+//! binary of its own because it installs a global subscriber.
+
+mod handshake;
+mod http;
+mod lifecycle;
+mod limits;
+mod observability;
+mod shutdown;
+mod tls;
+mod websocket;
