@@ -261,7 +261,8 @@ impl IntoResponse for SyncError {
     }
 }
 
-/// The JSON error body every refusal of this server carries: `{"error": "..."}`.
+/// The JSON error body of the refusals this server writes itself: `{"error": "..."}` (those
+/// axum and tower-http answer before a handler runs keep their own plain-text bodies).
 pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }

@@ -13,13 +13,18 @@
 //!    [`MIN_COMPRESSED_SIZE`] bytes. Inside CORS, so it never scans the `Vary` values CORS adds.
 //! 6. **Timeout**: `408 Request Timeout` after [`NetworkConfig::request_timeout`].
 //!
+//! Apply the stack once, around the whole router, as
+//! [`NetworkModule`](crate::network::NetworkModule) does: `Router::layer` would wrap every
+//! route separately, so each request would clone the stack once per layer.
+//!
 //! ```
 //! use axum::{Router, routing::get};
+//! use tower::Layer;
 //! use topgun_server::network::{NetworkConfig, build_http_layers};
 //!
-//! let app: Router = Router::new()
-//!     .route("/", get(|| async { "hi" }))
-//!     .layer(build_http_layers(&NetworkConfig::default()));
+//! let routes: Router = Router::new().route("/", get(|| async { "hi" }));
+//! let app = build_http_layers(&NetworkConfig::default()).layer(routes);
+//! # let _ = app;
 //! ```
 
 use std::future::Future;
@@ -81,7 +86,8 @@ pub type HttpLayers = ServiceBuilder<
     >,
 >;
 
-/// Builds the HTTP middleware stack for `config`; apply it with `Router::layer`.
+/// Builds the HTTP middleware stack for `config`; apply it once around the router (see the
+/// module documentation).
 pub fn build_http_layers(config: &NetworkConfig) -> HttpLayers {
     ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))

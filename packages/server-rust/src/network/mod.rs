@@ -1,4 +1,6 @@
-//! The HTTP + WebSocket transport.
+//! The HTTP + WebSocket transport. Every public item is re-exported here, its one path;
+//! `docs/ARCHITECTURE.md` in the repository follows a message, a broadcast and a shutdown
+//! through these files.
 //!
 //! | file | concern |
 //! |---|---|

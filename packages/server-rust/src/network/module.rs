@@ -20,12 +20,11 @@ use tower::{Service, ServiceBuilder};
 
 use super::config::NetworkConfig;
 use super::connection::ConnectionRegistry;
-use super::handlers::AppState;
+use super::handlers::{AppState, main_routes, metrics_routes};
 use super::http_metrics::HttpMetricsLayer;
 use super::inbound::{InboundHandler, StubHandler};
 use super::metrics::TransportMetrics;
 use super::middleware::build_http_layers;
-use super::routes::{main_routes, metrics_routes};
 use super::shutdown::ShutdownController;
 use super::tls::TlsReloader;
 

@@ -1,19 +1,7 @@
-//! Every route the server answers, in one table: the router is built from it and the HTTP
-//! metrics label requests from it, so a route cannot be served without being counted under
-//! its own name (any other path is `unmatched`, which keeps scanners from creating labels).
-
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::response::Response;
-use axum::routing::{MethodRouter, get, post};
-use http::StatusCode;
-
-use super::config::NetworkConfig;
-use super::handlers::{
-    AppState, health_handler, http_sync_handler, liveness_handler, metrics_handler,
-    readiness_handler, root_handler, ws_upgrade_handler,
-};
-use super::inbound::json_error;
+//! Every route the server answers, in one table: the router is built from it (each route's
+//! handler is chosen by an exhaustive `match` in `handlers`) and the HTTP metrics label
+//! requests from it, so a route cannot be served without being counted under its own name.
+//! Any other path is `unmatched`, which keeps scanners from creating labels.
 
 /// One route of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,20 +42,6 @@ impl Route {
         }
     }
 
-    fn handler(self, config: &NetworkConfig) -> MethodRouter<AppState> {
-        match self {
-            Self::Root => get(root_handler),
-            Self::Health => get(health_handler),
-            Self::Live => get(liveness_handler),
-            Self::Ready => get(readiness_handler),
-            Self::WebSocket => get(ws_upgrade_handler),
-            Self::Sync => {
-                post(http_sync_handler).layer(DefaultBodyLimit::max(config.max_sync_body_bytes))
-            }
-            Self::Metrics => get(metrics_handler),
-        }
-    }
-
     /// The metric slot of a request path: its route's position in [`ALL`](Self::ALL), or
     /// `ALL.len()` for a path no route matches.
     pub(crate) fn slot(path: &str) -> usize {
@@ -78,29 +52,6 @@ impl Route {
     pub(crate) fn slot_name(slot: usize) -> &'static str {
         Self::ALL.get(slot).map_or(Self::UNMATCHED, |route| route.path())
     }
-}
-
-/// The routes served on the main port (`/metrics` only when it is served there), with a JSON
-/// `404` for anything else.
-pub(crate) fn main_routes(config: &NetworkConfig) -> Router<AppState> {
-    let metrics_here = config.metrics.enabled && config.metrics.listen.is_none();
-    routes(config, Route::ALL.into_iter().filter(|r| *r != Route::Metrics || metrics_here))
-}
-
-/// The routes of the separate metrics listener.
-pub(crate) fn metrics_routes(config: &NetworkConfig) -> Router<AppState> {
-    routes(config, [Route::Metrics].into_iter())
-}
-
-fn routes(config: &NetworkConfig, which: impl Iterator<Item = Route>) -> Router<AppState> {
-    which
-        .fold(Router::new(), |router, route| router.route(route.path(), route.handler(config)))
-        .fallback(not_found)
-}
-
-/// Unknown routes get a JSON body, like every other error this server returns itself.
-async fn not_found() -> Response {
-    json_error(StatusCode::NOT_FOUND, "not found")
 }
 
 #[cfg(test)]

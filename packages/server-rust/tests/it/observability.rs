@@ -13,7 +13,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use topgun_server::network::{
     ConnectionConfig, ConnectionHandle, ConnectionKind, ConnectionRegistry, MetricsConfig,
-    NetworkConfig, NetworkModule, OutboundMessage,
+    NetworkConfig, NetworkModule, OutboundMessage, close,
 };
 
 async fn scrape(url: String) -> String {
@@ -46,13 +46,14 @@ async fn run_scripted_sequence(
     next_messages(&mut a, 2).await;
     // A fourth connection is over the limit.
     assert!(tokio_tungstenite::connect_async(server.ws_url()).await.is_err());
-    // Closed for known reasons: client close, a limit (text frame), the application.
+    // Closed for known reasons: client close, a limit (text frame), the application (with the
+    // slow-consumer code, which must still count as the application's close).
     a.close(None).await.unwrap();
     while let Some(Ok(_)) = futures_util::StreamExt::next(&mut a).await {}
     b.send(Message::text("not binary")).await.unwrap();
     expect_close(&mut b).await;
-    c_handle.try_send(OutboundMessage::Close(Some("done".into())));
-    expect_close(&mut c).await;
+    c_handle.close_with(close::TRY_AGAIN_LATER, "come back later");
+    assert_eq!(u16::from(expect_close(&mut c).await.code), close::TRY_AGAIN_LATER);
     eventually("all closed", || registry.count_by_kind(ConnectionKind::Client) == 0).await;
     // A forced drop: a peer connection whose one-slot queue is full.
     let (peer, _queue) = registry.register(

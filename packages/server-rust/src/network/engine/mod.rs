@@ -26,18 +26,30 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::connection::{ConnectionHandle, DisconnectReason, OutboundMessage};
-use super::handlers::AppState;
-use super::inbound::call_guarded;
+use super::config::NetworkConfig;
+use super::connection::{ConnectionHandle, ConnectionRegistry, DisconnectReason, OutboundMessage};
+use super::inbound::{InboundHandler, call_guarded};
+use super::metrics::TransportMetrics;
+use super::shutdown::ShutdownController;
 use reader::Reader;
 use writer::Writer;
 
 /// The socket's sending half, owned by the writer.
 type Sink = SplitSink<WebSocket, Message>;
 
+/// What the engine uses of the server, the same for every connection (all shared pointers).
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) registry: Arc<ConnectionRegistry>,
+    pub(crate) shutdown: Arc<ShutdownController>,
+    pub(crate) config: Arc<NetworkConfig>,
+    pub(crate) handler: Arc<dyn InboundHandler>,
+    pub(crate) metrics: Arc<TransportMetrics>,
+}
+
 /// Runs one registered connection to its end.
 pub(crate) async fn serve_connection(
-    state: &AppState,
+    state: &Shared,
     conn: &Arc<ConnectionHandle>,
     sink: Sink,
     stream: SplitStream<WebSocket>,

@@ -21,12 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::network::close;
 use crate::network::connection::{ConnectionHandle, DisconnectReason};
-use crate::network::handlers::AppState;
 use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, call_guarded};
+
+use super::Shared;
 
 pub(super) struct Reader<'a> {
     pub(super) conn: &'a Arc<ConnectionHandle>,
-    pub(super) state: &'a AppState,
+    pub(super) state: &'a Shared,
     pub(super) force_close: &'a CancellationToken,
 }
 

@@ -24,9 +24,16 @@ pub use http_sync::{ACCEPTED_SYNC_CONTENT_TYPES, MSGPACK_CONTENT_TYPE, http_sync
 pub use metrics::metrics_handler;
 pub use websocket::{handle_socket, root_handler, ws_upgrade_handler};
 
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::Response;
+use axum::routing::{MethodRouter, get, post};
+use http::StatusCode;
+
 use super::config::NetworkConfig;
 use super::connection::ConnectionRegistry;
-use super::inbound::InboundHandler;
+use super::inbound::{InboundHandler, json_error};
+use super::routes::Route;
 use super::shutdown::ShutdownController;
 
 /// State shared by every handler (cheap to clone: all fields are shared pointers).
@@ -56,5 +63,43 @@ impl fmt::Debug for AppState {
             .field("config", &self.config)
             .field("start_time", &self.start_time)
             .finish_non_exhaustive()
+    }
+}
+
+/// The routes served on the main port (`/metrics` only when it is served there), with a JSON
+/// `404` for anything else.
+pub(crate) fn main_routes(config: &NetworkConfig) -> Router<AppState> {
+    let metrics_here = config.metrics.enabled && config.metrics.listen.is_none();
+    routes(config, Route::ALL.into_iter().filter(|r| *r != Route::Metrics || metrics_here))
+}
+
+/// The routes of the separate metrics listener.
+pub(crate) fn metrics_routes(config: &NetworkConfig) -> Router<AppState> {
+    routes(config, [Route::Metrics].into_iter())
+}
+
+fn routes(config: &NetworkConfig, which: impl Iterator<Item = Route>) -> Router<AppState> {
+    which
+        .fold(Router::new(), |router, route| router.route(route.path(), handler(route, config)))
+        .fallback(not_found)
+}
+
+/// Unknown routes get a JSON body, like the other refusals this server writes itself.
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "not found")
+}
+
+/// The handler of `route`.
+fn handler(route: Route, config: &NetworkConfig) -> MethodRouter<AppState> {
+    match route {
+        Route::Root => get(root_handler),
+        Route::Health => get(health_handler),
+        Route::Live => get(liveness_handler),
+        Route::Ready => get(readiness_handler),
+        Route::WebSocket => get(ws_upgrade_handler),
+        Route::Sync => {
+            post(http_sync_handler).layer(DefaultBodyLimit::max(config.max_sync_body_bytes))
+        }
+        Route::Metrics => get(metrics_handler),
     }
 }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::AppState;
 use crate::network::connection::ConnectionKind;
-use crate::network::engine::serve_connection;
+use crate::network::engine::{Shared, serve_connection};
 use crate::network::metrics::RefusedUpgrade;
 
 /// `GET /ws`: upgrades to a WebSocket configured from
@@ -95,11 +95,18 @@ fn unavailable(reason: &'static str) -> Response {
 /// socket is split before the future is built, and rarely taken paths are boxed.
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
+    let shared = Shared {
+        registry: state.registry,
+        shutdown: state.shutdown,
+        config: state.config,
+        handler: state.handler,
+        metrics: state.metrics,
+    };
     async move {
         let (conn, outbound) =
-            state.registry.register_pending(ConnectionKind::Client, &state.config.connection);
+            shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
         let span = tracing::info_span!("conn", id = %conn.id);
-        state.metrics.connection_opened(conn.kind);
-        serve_connection(&state, &conn, sink, stream, outbound).instrument(span).await;
+        shared.metrics.connection_opened(conn.kind);
+        serve_connection(&shared, &conn, sink, stream, outbound).instrument(span).await;
     }
 }
