@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use topgun_server::network::{
     ConnectionConfig, Heartbeat, MetricsConfig, NetworkConfig, NetworkModule, ShutdownConfig,
-    StubHandler, TlsConfig, shutdown_signal,
+    StubHandler, TlsConfig, TlsReloader, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -54,6 +54,9 @@ struct Args {
     /// Time a client has to send a complete request head.
     #[arg(long, env = "TOPGUN_HEADER_READ_TIMEOUT", default_value_t = NetworkConfig::default().header_read_timeout.into())]
     header_read_timeout: humantime::Duration,
+    /// Time a client has to complete the TLS handshake.
+    #[arg(long, env = "TOPGUN_TLS_HANDSHAKE_TIMEOUT", default_value_t = NetworkConfig::default().tls_handshake_timeout.into())]
+    tls_handshake_timeout: humantime::Duration,
     /// Connections the kernel queues before they are accepted (capped by `net.core.somaxconn`).
     #[arg(long, env = "TOPGUN_LISTEN_BACKLOG", default_value_t = NetworkConfig::default().listen_backlog)]
     listen_backlog: u32,
@@ -108,6 +111,7 @@ impl Args {
             max_connections: self.max_connections,
             max_sync_body_bytes: self.max_sync_body,
             header_read_timeout: self.header_read_timeout.into(),
+            tls_handshake_timeout: self.tls_handshake_timeout.into(),
             listen_backlog: self.listen_backlog,
             tcp_nodelay: NetworkConfig::default().tcp_nodelay,
             metrics: MetricsConfig { enabled: !self.no_metrics, listen: self.metrics_listen },
@@ -152,22 +156,26 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let mut module =
         NetworkModule::new(args.network_config()).with_handler(Heartbeat::new(StubHandler));
     module.start().await.context("cannot start topgun-server")?;
-    if let Some(reloader) = module.tls_reloader() {
-        reload_tls_on_sighup(reloader).context("cannot install the SIGHUP handler")?;
-    }
+    reload_on_sighup(module.tls_reloader()).context("cannot install the SIGHUP handler")?;
     if let Some(addr) = module.local_addr() {
         tracing::info!(%addr, tls = args.tls_cert.is_some(), "topgun-server listening");
     }
     module.serve(shutdown).await
 }
 
-/// Registers SIGHUP now and reloads the TLS certificate and key from disk on each one.
+/// Registers SIGHUP now, in every mode: operators and tools send it expecting a reload, and
+/// its default action would kill the process. Each one reloads the TLS certificate and key
+/// from disk where TLS is configured, and is logged and otherwise ignored where it is not.
 #[cfg(unix)]
-fn reload_tls_on_sighup(reloader: topgun_server::network::TlsReloader) -> std::io::Result<()> {
+fn reload_on_sighup(reloader: Option<TlsReloader>) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
+            let Some(reloader) = &reloader else {
+                tracing::info!("SIGHUP received; nothing to reload without TLS");
+                continue;
+            };
             if let Err(err) = reloader.reload() {
                 tracing::error!("TLS reload failed, keeping the current certificate: {err}");
             }
@@ -177,6 +185,6 @@ fn reload_tls_on_sighup(reloader: topgun_server::network::TlsReloader) -> std::i
 }
 
 #[cfg(not(unix))]
-fn reload_tls_on_sighup(_reloader: topgun_server::network::TlsReloader) -> std::io::Result<()> {
+fn reload_on_sighup(_reloader: Option<TlsReloader>) -> std::io::Result<()> {
     Ok(())
 }

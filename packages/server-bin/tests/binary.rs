@@ -83,6 +83,20 @@ async fn the_root_url_answers_topgun_clients_ping_with_a_top_level_pong() {
 }
 
 #[tokio::test]
+async fn sighup_without_tls_is_logged_and_the_server_carries_on() {
+    let (child, addr) = spawn_server(&[]).await;
+    let mut ws = connect_ws(&format!("ws://{addr}/ws")).await;
+    signal(&child, "HUP");
+    // Still serving after the signal has been handled: a request made after it succeeds, and
+    // the open WebSocket is closed only by the SIGTERM that follows, gracefully.
+    let health = http().get(format!("http://{addr}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    signal(&child, "TERM");
+    assert_eq!(u16::from(expect_close(&mut ws).await.code), 1001);
+    assert!(wait_exit(child).await.success(), "exit 0, not killed by SIGHUP");
+}
+
+#[tokio::test]
 async fn sigint_stops_the_server_too() {
     let (child, _addr) = spawn_server(&[]).await;
     signal(&child, "INT");

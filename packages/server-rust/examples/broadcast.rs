@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use topgun_server::network::{
     ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler, NetworkConfig,
-    NetworkModule,
+    NetworkModule, shutdown_signal,
 };
 
 /// Relays each message to every client through the shared registry.
@@ -37,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let (host, port) =
         addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
     let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
+    let stop = shutdown_signal()?;
     let module = NetworkModule::new(config);
     let registry = module.registry();
     let mut module = module.with_handler(Relay { registry: Arc::clone(&registry) });
@@ -55,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
             registry.broadcast(message, ConnectionKind::Client);
         }
     });
-    let result = module.serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() }).await;
+    let result = module.serve(stop).await;
     ticker.abort();
     result
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use topgun_server::network::{
     ConnectionHandle, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage, SyncError,
+    shutdown_signal,
 };
 
 /// Sends each message back on the connection it came from.
@@ -37,8 +38,9 @@ async fn main() -> anyhow::Result<()> {
     let (host, port) =
         addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
     let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
+    let stop = shutdown_signal()?;
     let mut module = NetworkModule::new(config).with_handler(Echo);
     let port = module.start().await?;
     println!("echo server on ws://{host}:{port}/ws");
-    module.serve(async { tokio::signal::ctrl_c().await.unwrap_or_default() }).await
+    module.serve(stop).await
 }

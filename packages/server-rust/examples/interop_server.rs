@@ -21,7 +21,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use topgun_server::network::{
     ConnectionHandle, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage,
-    ShutdownConfig, SyncError,
+    ShutdownConfig, SyncError, shutdown_signal,
 };
 
 #[derive(Debug, Parser)]
@@ -87,12 +87,8 @@ async fn main() -> anyhow::Result<()> {
         ..NetworkConfig::default()
     };
     let mut module = NetworkModule::new(config).with_handler(Interop);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = shutdown_signal()?;
     let port = module.start().await?;
     println!("interop server listening on port {port}");
-    module
-        .serve(async move {
-            terminate.recv().await;
-        })
-        .await
+    module.serve(stop).await
 }

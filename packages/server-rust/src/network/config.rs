@@ -55,6 +55,10 @@ pub struct NetworkConfig {
     /// are dropped and those clients wait for a retransmission (a second or more). Linux
     /// caps it at `net.core.somaxconn`. Default: 4 096.
     pub listen_backlog: u32,
+    /// Time a client has to complete the TLS handshake; a slower one (the TLS form of
+    /// slowloris) is disconnected. Handshakes still pending when the listener closes are
+    /// dropped at once. Default: 10 s.
+    pub tls_handshake_timeout: Duration,
     /// Sets `TCP_NODELAY` on accepted sockets, so small frames leave at once instead of
     /// waiting for the acknowledgement of earlier ones (Nagle's algorithm). Default: `true`.
     pub tcp_nodelay: bool,
@@ -92,6 +96,7 @@ impl Default for NetworkConfig {
             max_sync_body_bytes: 4 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             listen_backlog: 4096,
+            tls_handshake_timeout: Duration::from_secs(10),
             tcp_nodelay: true,
             metrics: MetricsConfig::default(),
         }
@@ -163,6 +168,9 @@ impl NetworkConfig {
                 self.max_connections,
                 u32::MAX
             )));
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return Err(ConfigError("tls_handshake_timeout must be greater than zero".into()));
         }
         if self.request_timeout.is_zero() {
             return Err(ConfigError("request_timeout must be greater than zero".into()));

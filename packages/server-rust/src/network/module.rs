@@ -26,7 +26,7 @@ use super::inbound::{InboundHandler, StubHandler};
 use super::metrics::TransportMetrics;
 use super::middleware::build_http_layers;
 use super::shutdown::ShutdownController;
-use super::tls::TlsReloader;
+use super::tls::{TlsAcceptor, TlsReloader};
 
 /// How long force-closed connections get to unwind before `serve()` returns regardless.
 const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -85,7 +85,10 @@ impl NetworkModule {
             start_time: Instant::now(),
             metrics: Arc::new(TransportMetrics::new()),
             metrics_listener: None,
-            connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            // Capped so that an invalid setting is reported by `start()` instead of a panic here.
+            connection_slots: Arc::new(Semaphore::new(
+                config.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
             config,
         }
     }
@@ -180,7 +183,24 @@ impl NetworkModule {
     + Send
     + Sync
     + 'static {
-        let routes = main_routes(&self.config).with_state(self.app_state());
+        self.behind_middleware(main_routes(&self.config))
+    }
+
+    /// `routes` behind the middleware stack and the HTTP metrics layer: every listener of the
+    /// server follows the same conventions (request ids, JSON `404`s, metrics).
+    fn behind_middleware(
+        &self,
+        routes: Router<AppState>,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let routes = routes.with_state(self.app_state());
         ServiceBuilder::new()
             .map_response(IntoResponse::into_response)
             .layer(HttpMetricsLayer::new(Arc::clone(&self.metrics)))
@@ -200,9 +220,10 @@ impl NetworkModule {
         }
     }
 
-    /// The router of the separate metrics listener: `/metrics` only.
+    /// The router of the separate metrics listener: `/metrics` only, behind the same
+    /// middleware as the main port.
     fn metrics_router(&self) -> Router {
-        metrics_routes(&self.config).with_state(self.app_state())
+        Router::new().fallback_service(self.behind_middleware(metrics_routes(&self.config)))
     }
 
     /// Validates the configuration, loads TLS certificates if configured, and binds the port.
@@ -264,7 +285,11 @@ impl NetworkModule {
             Some(tls) => {
                 let failures = self.metrics.tls_handshake_failures.clone();
                 let mut server = axum_server::from_tcp_rustls(listener, tls.rustls_config())
-                    .map(|inner| CountingTlsAcceptor { inner, failures })
+                    .map(|inner| TlsAcceptor {
+                        inner: inner.handshake_timeout(self.config.tls_handshake_timeout),
+                        failures,
+                        listener_closed: self.shutdown.close_connections_token().clone(),
+                    })
                     .handle(handle.clone());
                 self.configure_http(server.http_builder());
                 tokio::spawn(server.serve(app))
@@ -405,38 +430,6 @@ async fn bind(addr: impl ToSocketAddrs, config: &NetworkConfig) -> std::io::Resu
     Err(last_error.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolved to nothing")
     }))
-}
-
-/// Wraps the TLS acceptor to count (and log at debug level) failed handshakes, which
-/// axum-server otherwise drops silently.
-#[derive(Clone)]
-struct CountingTlsAcceptor<A> {
-    inner: A,
-    failures: metrics::Counter,
-}
-
-impl<I, S, A> axum_server::accept::Accept<I, S> for CountingTlsAcceptor<A>
-where
-    A: axum_server::accept::Accept<I, S>,
-    A::Future: Send + 'static,
-{
-    type Stream = A::Stream;
-    type Service = A::Service;
-    type Future =
-        futures_util::future::BoxFuture<'static, std::io::Result<(A::Stream, A::Service)>>;
-
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        let handshake = self.inner.accept(stream, service);
-        let failures = self.failures.clone();
-        Box::pin(async move {
-            let result = handshake.await;
-            if let Err(err) = &result {
-                failures.increment(1);
-                tracing::debug!(%err, "TLS handshake failed");
-            }
-            result
-        })
-    }
 }
 
 #[cfg(test)]

@@ -174,7 +174,9 @@ impl ShutdownController {
         self.in_flight.count.load(Ordering::Acquire)
     }
 
-    /// Waits until no work is in flight or `timeout` passes. Returns `true` if drained.
+    /// Waits until no work is in flight or `timeout` passes. Returns `true` if drained; a
+    /// drained controller that was `Draining` is then `Stopped` (before a shutdown has been
+    /// triggered, a drained controller stays as it is).
     pub async fn wait_for_drain(&self, timeout: Duration) -> bool {
         let wait = async {
             loop {
@@ -189,7 +191,13 @@ impl ShutdownController {
                 notified.await;
             }
         };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+        let drained = tokio::time::timeout(timeout, wait).await.is_ok();
+        if drained {
+            self.transition(|state| {
+                (state == HealthState::Draining).then_some(HealthState::Stopped)
+            });
+        }
+        drained
     }
 
     /// Asks every WebSocket connection to send what is queued, then Close 1001.
@@ -329,8 +337,22 @@ mod tests {
     #[tokio::test]
     async fn wait_for_drain_gives_up_at_the_timeout() {
         let controller = ShutdownController::new();
+        controller.set_ready();
+        controller.trigger_shutdown();
         let _guard = controller.in_flight_guard();
         assert!(!controller.wait_for_drain(Duration::from_millis(20)).await);
+        assert_eq!(controller.health_state(), HealthState::Draining, "not drained: not stopped");
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_completes_leaves_the_state_stopped() {
+        let controller = ShutdownController::new();
+        controller.set_ready();
+        assert!(controller.wait_for_drain(Duration::from_secs(5)).await);
+        assert_eq!(controller.health_state(), HealthState::Ready, "no shutdown, no stop");
+        controller.trigger_shutdown();
+        assert!(controller.wait_for_drain(Duration::from_secs(5)).await);
+        assert_eq!(controller.health_state(), HealthState::Stopped);
     }
 
     #[test]

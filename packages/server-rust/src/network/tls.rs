@@ -14,6 +14,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+use tokio_util::sync::CancellationToken;
+
 use super::config::TlsConfig;
 
 /// Why the TLS configuration could not be loaded.
@@ -153,4 +155,48 @@ fn read_certificates(
         return Err(invalid("no PEM certificate found".into()));
     }
     Ok(certs)
+}
+/// Wraps axum-server's TLS acceptor: counts (and logs at debug level) failed handshakes,
+/// which axum-server drops silently, and abandons the handshakes still pending when the
+/// listener closes, so a client that never finishes one cannot hold up a shutdown.
+#[derive(Clone)]
+pub(crate) struct TlsAcceptor<A> {
+    pub(crate) inner: A,
+    pub(crate) failures: metrics::Counter,
+    /// Cancelled when the server stops accepting.
+    pub(crate) listener_closed: CancellationToken,
+}
+
+impl<I, S, A> axum_server::accept::Accept<I, S> for TlsAcceptor<A>
+where
+    A: axum_server::accept::Accept<I, S>,
+    A::Future: Send + 'static,
+{
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future =
+        futures_util::future::BoxFuture<'static, std::io::Result<(A::Stream, A::Service)>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let handshake = self.inner.accept(stream, service);
+        let failures = self.failures.clone();
+        let listener_closed = self.listener_closed.clone();
+        Box::pin(async move {
+            let result = tokio::select! {
+                result = handshake => result,
+                () = listener_closed.cancelled() => {
+                    tracing::debug!("TLS handshake abandoned: the server is shutting down");
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the server is shutting down",
+                    ));
+                }
+            };
+            if let Err(err) = &result {
+                failures.increment(1);
+                tracing::debug!(%err, "TLS handshake failed");
+            }
+            result
+        })
+    }
 }

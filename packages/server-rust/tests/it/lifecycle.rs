@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually, http, send_binary, test_config};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
 use topgun_server::network::{
     ConnectionConfig, ConnectionHandle, HealthReport, HealthState, InboundHandler, NetworkConfig,
@@ -75,6 +76,78 @@ async fn start_reports_an_invalid_configuration() {
     };
     let err = NetworkModule::new(config).start().await.unwrap_err();
     assert!(err.to_string().contains("ws_max_write_buffer_size"), "{err}");
+}
+
+#[tokio::test]
+async fn every_invalid_setting_is_an_error_from_start_naming_it_never_a_panic() {
+    let cases: [(NetworkConfig, &str); 4] = [
+        (NetworkConfig { max_connections: usize::MAX, ..test_config() }, "max_connections"),
+        (NetworkConfig { max_connections: 0, ..test_config() }, "max_connections"),
+        (
+            NetworkConfig { tls_handshake_timeout: Duration::ZERO, ..test_config() },
+            "tls_handshake_timeout",
+        ),
+        (
+            NetworkConfig {
+                connection: ConnectionConfig {
+                    auth_timeout: Some(Duration::ZERO),
+                    ..Default::default()
+                },
+                ..test_config()
+            },
+            "auth_timeout",
+        ),
+    ];
+    for (config, setting) in cases {
+        let err = NetworkModule::new(config).start().await.unwrap_err();
+        assert!(err.to_string().contains(setting), "{setting}: {err}");
+    }
+}
+
+/// The port in an example's "listening" line: `... ws://127.0.0.1:PORT/ws` or `... on port PORT`.
+fn listening_port(line: &str) -> Option<u16> {
+    let (_, rest) = line.split_once("127.0.0.1:").or_else(|| line.split_once("on port "))?;
+    rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+}
+
+/// The examples stop the way the binary does: SIGTERM or SIGINT, gracefully (1001, exit 0).
+#[tokio::test]
+async fn the_examples_stop_gracefully_on_sigterm_and_sigint() {
+    let examples = std::env::current_exe().unwrap().parent().unwrap().join("../examples");
+    for (example, args, signal) in [
+        ("echo", vec!["127.0.0.1:0"], "TERM"),
+        ("broadcast", vec!["127.0.0.1:0"], "INT"),
+        ("interop_server", vec!["--port", "0"], "TERM"),
+        ("interop_server", vec!["--port", "0"], "INT"),
+    ] {
+        let mut child = tokio::process::Command::new(examples.join(example))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("{example} starts: {err}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let port = tokio::time::timeout(common::DEADLINE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(port) = listening_port(&line) {
+                    return port;
+                }
+            }
+            panic!("{example} exited before listening");
+        })
+        .await
+        .expect("listening in time");
+        let mut ws = common::connect_ws(&format!("ws://127.0.0.1:{port}/ws")).await;
+        let pid = child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill").args([format!("-{signal}"), pid]).status();
+        assert!(killed.unwrap().success());
+        let close = common::expect_close(&mut ws).await;
+        assert_eq!(u16::from(close.code), 1001, "{example} on SIG{signal}");
+        let status = tokio::time::timeout(common::DEADLINE, child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{example} on SIG{signal}: {status}");
+    }
 }
 
 #[tokio::test]

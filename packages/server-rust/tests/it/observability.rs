@@ -151,6 +151,14 @@ async fn metrics_can_move_to_a_separate_listener_or_be_turned_off() {
     assert_eq!(main.status(), 404, "not on the public listener");
     let text = scrape(format!("http://{metrics_addr}/metrics")).await;
     assert_eq!(sample(&text, "topgun_health_state", &[("state", "ready")]), "1");
+    // The metrics listener follows the main port's conventions.
+    let scraped = http().get(format!("http://{metrics_addr}/metrics")).send().await.unwrap();
+    assert!(scraped.headers().contains_key("x-request-id"));
+    let unknown = http().get(format!("http://{metrics_addr}/nope")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({ "error": "not found" }));
     server.stop().await.unwrap();
 
     let off =

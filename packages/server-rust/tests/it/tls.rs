@@ -312,3 +312,51 @@ async fn graceful_shutdown_over_tls() {
         TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
     common::graceful_shutdown_scenario(server).await;
 }
+
+#[tokio::test]
+async fn pending_tls_handshakes_do_not_hold_up_a_shutdown() {
+    let ca = TestCa::new("test CA");
+    let files = TlsFiles::write(&ca.server_cert(1), None);
+    let config = NetworkConfig {
+        shutdown: ShutdownConfig { drain_timeout: Duration::from_secs(8), ..Default::default() },
+        ..tls_config(&files)
+    };
+    let module = NetworkModule::new(config).with_handler(EchoHandler);
+    let server =
+        TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
+    // One connection that says nothing, one that stops halfway through its ClientHello.
+    let _silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut half = TcpStream::connect(server.addr).await.unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03])
+        .await
+        .unwrap();
+    // The server has accepted both (a finished handshake proves the accept loop got past them).
+    served_serial(&server, &ca).await;
+
+    let started = std::time::Instant::now();
+    server.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "shutdown waited {took:?} for handshakes that never end"
+    );
+}
+
+#[tokio::test]
+async fn a_handshake_slower_than_the_tls_handshake_timeout_is_dropped() {
+    let ca = TestCa::new("test CA");
+    let files = TlsFiles::write(&ca.server_cert(1), None);
+    let config =
+        NetworkConfig { tls_handshake_timeout: Duration::from_millis(300), ..tls_config(&files) };
+    let module = NetworkModule::new(config).with_handler(EchoHandler);
+    let server =
+        TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0_u8; 1];
+    let read = tokio::time::timeout(common::DEADLINE, silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the server closed the silent connection: {read:?}"
+    );
+    server.stop().await.unwrap();
+}
