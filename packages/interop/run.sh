@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v haproxy >/dev/null || missing+=(haproxy)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
 if ((${#missing[@]})); then
   echo "== apt-get install ${missing[*]}"
   sudo=""
@@ -29,6 +30,7 @@ target=../../target/debug
 echo "== TopGun's client, end to end"
 TOPGUN_SERVER_BIN="$target/topgun-server" \
   HANDSHAKE_SERVER_BIN="$target/examples/handshake_server" \
+  NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)" \
   timeout 600 node --test topgun-client/suite.mjs
 
 echo "== real clients"

@@ -7,7 +7,12 @@
 //
 // TOPGUN_E2E_HOLD_SECS (default 60) is how long the clients stay connected in the first part.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { after, before, describe, it } from "node:test";
 
 import {
@@ -21,6 +26,8 @@ const SERVER_BIN = required("TOPGUN_SERVER_BIN");
 const HANDSHAKE_BIN = required("HANDSHAKE_SERVER_BIN");
 const HOLD_MS = Number(process.env.TOPGUN_E2E_HOLD_SECS ?? 60) * 1000;
 const TICKS_PER_SECOND = 1000;
+const NGINX = process.env.NGINX_BIN;
+const DEPLOY = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "deploy");
 
 function required(name) {
   const value = process.env[name];
@@ -290,6 +297,97 @@ describe("HTTP sync", () => {
       assert.deepEqual(response.body, []);
     } finally {
       await stopServer(binary);
+    }
+  });
+});
+
+/// Runs deploy/nginx.conf as shipped, with loopback addresses in place of its upstream servers
+/// and listen port; resolves once nginx answers.
+async function startNginx(upstreamPorts) {
+  const dir = mkdtempSync(join(tmpdir(), "topgun-nginx-"));
+  let site = readFileSync(join(DEPLOY, "nginx.conf"), "utf8");
+  const servers = [...site.matchAll(/^\s*server (\S+:\d+)/gm)].map((m) => m[1]);
+  assert.equal(servers.length, upstreamPorts.length, "one upstream server per node");
+  servers.forEach((server, i) => {
+    site = site.replace(server, `127.0.0.1:${upstreamPorts[i]}`);
+  });
+  const port = await new Promise((resolve) => {
+    const probe = createServer();
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+  site = site.replace(/listen 80;/, `listen 127.0.0.1:${port};`);
+  writeFileSync(join(dir, "site.conf"), site);
+  writeFileSync(
+    join(dir, "nginx.conf"),
+    `pid ${dir}/nginx.pid;\nerror_log ${dir}/error.log;\nevents {}\nhttp {\n` +
+      `  access_log off;\n  client_body_temp_path ${dir};\n  proxy_temp_path ${dir};\n` +
+      `  include ${dir}/site.conf;\n}\n`,
+  );
+  const check = spawnSync(NGINX, ["-t", "-p", dir, "-c", join(dir, "nginx.conf")], { encoding: "utf8" });
+  assert.equal(check.status, 0, `nginx -t: ${check.stderr}`);
+  const child = spawn(NGINX, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", "daemon off;"], {
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  running.add(child);
+  child.exited = new Promise((resolve) => child.on("exit", () => (running.delete(child), resolve())));
+  const deadline = Date.now() + 10000;
+  for (;;) {
+    try {
+      const response = await fetch(`http://127.0.0.1:${port}/health/live`);
+      if (response.status === 200) break;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error("nginx did not start");
+    await sleep(50);
+  }
+  return { child, port };
+}
+
+describe("behind nginx (deploy/nginx.conf)", { skip: NGINX ? false : "set NGINX_BIN to run" }, () => {
+  it("proxies the WebSocket at / and /ws, /sync, and a node's shutdown reaches the client as 1001", async () => {
+    const nodes = [
+      await startServer(SERVER_BIN, ["--port", "0"]),
+      await startServer(SERVER_BIN, ["--port", "0"]),
+    ];
+    const nginx = await startNginx(nodes.map((node) => node.port));
+    const clients = [
+      new TopGunClientModel(`ws://127.0.0.1:${nginx.port}`),
+      new TopGunClientModel(`ws://127.0.0.1:${nginx.port}/ws`),
+    ];
+    try {
+      for (const client of clients) client.connect();
+      for (const client of clients) {
+        await until(() => client.state === "CONNECTED", 10000, "connected through nginx");
+        await until(() => client.stats.pongs >= 1, 2 * HEARTBEAT_INTERVAL_MS + 2000, "a PONG through nginx");
+      }
+      const sync = await httpSync(`ws://127.0.0.1:${nginx.port}`, "t", { clientId: "c", clientHlc: { millis: Date.now(), counter: 0, nodeId: "c" } });
+      assert.equal(sync.status, 200);
+      assert.deepEqual(sync.body, []);
+
+      // Stop the node the first client is on; it sees 1001 and reconnects through nginx.
+      const health = await Promise.all(nodes.map((node) => fetch(`http://127.0.0.1:${node.port}/health`).then((r) => r.json())));
+      const busy = health.findIndex((h) => h.connections > 0);
+      assert.ok(busy >= 0, "a node holds the clients");
+      const onBusy = health[busy].connections;
+      assert.equal((await stopServer(nodes[busy])).code, 0);
+      const closedClients = () => clients.filter((client) => client.stats.closes.length > 0);
+      await until(() => closedClients().length === onBusy, 5000, "the closes");
+      for (const client of closedClients()) {
+        assert.equal(client.stats.closes[0].code, 1001);
+        assert.equal(client.stats.closes[0].reason, "server shutting down");
+        await until(() => client.stats.opens === 2, 20000, "a reconnect through nginx");
+        await until(() => client.state === "CONNECTED", 5000, "connected again");
+      }
+      for (const client of clients) assert.equal(client.stats.forcedReconnects, 0);
+    } finally {
+      for (const client of clients) client.close();
+      nginx.child.kill("SIGQUIT");
+      await withDeadline(nginx.child.exited, 10000, "nginx exit");
+      for (const node of nodes) if (running.has(node.child)) await stopServer(node);
     }
   });
 });
