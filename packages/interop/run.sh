@@ -22,6 +22,9 @@ echo "== pip / npm packages"
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r requirements.txt
 npm ci --no-audit --no-fund --loglevel=error
 
+echo "== deploy/: the Kubernetes manifest against the Kubernetes schema (offline)"
+python3 -m kubernetes_validate --strict --quiet ../../deploy/kubernetes/*.yaml
+
 echo "== build"
 cargo build -q --bin topgun-server
 cargo build -q -p topgun-server --example interop_server --example handshake_server
