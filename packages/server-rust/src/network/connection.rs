@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use tokio::sync::{Notify, RwLock, mpsc};
 use tokio_util::sync::CancellationToken;
 use topgun_core::{Principal, Timestamp};
@@ -238,7 +239,9 @@ struct ConnectionControl {
     /// [`OutboundMessage::Priority`] messages waiting for the writer; allocates only while
     /// one is queued.
     priority: Mutex<VecDeque<Bytes>>,
-    priority_queued: Notify,
+    /// Wakes the writer for a priority message (smaller than a `Notify`, and so is the
+    /// future the writer waits with).
+    priority_waker: AtomicWaker,
     max_outbound_message_size: usize,
     /// Broadcasts reach the connection only once this is set: for connections the transport
     /// accepts, after the handler's `on_connect` has returned.
@@ -322,13 +325,16 @@ impl ConnectionHandle {
     }
 
     fn enqueue_priority(&self, payload: Bytes) -> Result<(), SendError> {
-        if !self.is_connected() {
-            self.record_undelivered(1);
-            return Err(SendError::Disconnected);
-        }
         {
             let mut lane =
                 self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Checked under the lock: the writer closes the queue, then empties the lane under
+            // it, so a message is either refused here or found (and counted) there.
+            if !self.is_connected() {
+                drop(lane);
+                self.record_undelivered(1);
+                return Err(SendError::Disconnected);
+            }
             if lane.len() >= Self::PRIORITY_CAPACITY {
                 drop(lane);
                 self.record_drop();
@@ -336,7 +342,7 @@ impl ConnectionHandle {
             }
             lane.push_back(payload);
         }
-        self.control.priority_queued.notify_one();
+        self.control.priority_waker.wake();
         Ok(())
     }
 
@@ -352,9 +358,14 @@ impl ConnectionHandle {
         next
     }
 
-    /// Completes when a priority message may be waiting (spurious wake-ups are possible).
-    pub(crate) async fn priority_queued(&self) {
-        self.control.priority_queued.notified().await;
+    /// Completes when a priority message is waiting.
+    pub(crate) fn priority_queued(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.control.priority_waker.register(cx.waker());
+            let lane =
+                self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if lane.is_empty() { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        })
     }
 
     /// Priority messages still waiting, counted as undelivered when the connection ends.
@@ -579,7 +590,7 @@ impl ConnectionRegistry {
                 close_request: OnceLock::new(),
                 close_requested: CancellationToken::new(),
                 priority: Mutex::new(VecDeque::new()),
-                priority_queued: Notify::new(),
+                priority_waker: AtomicWaker::new(),
                 max_outbound_message_size: config.max_outbound_message_size,
                 accepting_broadcasts: AtomicBool::new(false),
                 authenticated: AtomicBool::new(false),

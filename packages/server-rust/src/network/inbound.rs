@@ -14,6 +14,7 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::FutureExt;
+use futures_util::future::CatchUnwind;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, StatusCode};
 
@@ -270,7 +271,16 @@ pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
 /// Awaits a call into the installed handler, turning a panic into an error log and `None`:
 /// a handler bug costs that one call, never the connection task or the server.
 pub(crate) async fn call_guarded<T>(call: &'static str, fut: impl Future<Output = T>) -> Option<T> {
-    let result = AssertUnwindSafe(fut).catch_unwind().await;
+    report_panic(call, guarded(fut).await)
+}
+
+/// A handler call that resolves to `Err` instead of unwinding when the handler panics.
+pub(crate) fn guarded<F: Future>(fut: F) -> CatchUnwind<AssertUnwindSafe<F>> {
+    AssertUnwindSafe(fut).catch_unwind()
+}
+
+/// Logs a guarded call's panic; `None` if it panicked.
+pub(crate) fn report_panic<T, P>(call: &'static str, result: Result<T, P>) -> Option<T> {
     if result.is_err() {
         tracing::error!(call, "inbound handler panicked");
     }

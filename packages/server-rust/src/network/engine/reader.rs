@@ -9,19 +9,19 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
 use bytes::Bytes;
-use futures_util::future::{Fuse, FusedFuture};
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, CatchUnwind};
 use futures_util::stream::SplitStream;
-use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::network::close;
 use crate::network::connection::{ConnectionHandle, DisconnectReason};
-use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, call_guarded};
+use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, guarded, report_panic};
+use crate::network::shutdown::InFlightGuard;
 
 use super::Shared;
 
@@ -29,6 +29,13 @@ pub(super) struct Reader<'a> {
     pub(super) conn: &'a Arc<ConnectionHandle>,
     pub(super) state: &'a Shared,
     pub(super) force_close: &'a CancellationToken,
+}
+
+/// The `on_message` call in progress: the handler's own boxed future (no allocation of ours),
+/// counted as in-flight work while it lives.
+struct Dispatch<'a> {
+    call: CatchUnwind<AssertUnwindSafe<BoxFuture<'a, ()>>>,
+    _in_flight: InFlightGuard,
 }
 
 /// Messages read but not yet handed to `on_message`.
@@ -60,14 +67,14 @@ impl Reader<'_> {
     /// finishes the handler call in progress (and, unless force-closed, the messages already
     /// read) before returning.
     pub(super) async fn run(self, mut stream: SplitStream<WebSocket>) {
-        let mut current = pin!(Fuse::terminated());
+        let mut current: Option<Dispatch<'_>> = None;
         let mut ahead = ReadAhead::default();
         let mut reading = true;
         loop {
-            let busy = !current.is_terminated();
+            let busy = current.is_some();
             if !busy {
                 if let Some(next) = ahead.pop() {
-                    current.set(self.dispatch(next).fuse());
+                    current = Some(self.dispatch(next));
                     continue;
                 }
                 if !reading {
@@ -83,11 +90,12 @@ impl Reader<'_> {
                         ahead = ReadAhead::default();
                     }
                 }
-                handled = current.as_mut(), if busy => {
+                result = async { (&mut current.as_mut().expect("busy").call).await }, if busy => {
+                    current = None;
                     // The client's silence while the handler worked was not the client's doing.
                     self.conn.touch();
                     self.conn.set_handler_busy(false);
-                    if !handled {
+                    if report_panic("on_message", result).is_none() {
                         self.conn.close_because(DisconnectReason::Error, close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
                     }
                 }
@@ -103,7 +111,7 @@ impl Reader<'_> {
                     if busy {
                         ahead.push(payload);
                     } else {
-                        current.set(self.dispatch(payload).fuse());
+                        current = Some(self.dispatch(payload));
                     }
                 }
             }
@@ -163,13 +171,13 @@ impl Reader<'_> {
         }
     }
 
-    /// One `on_message` call, counted as in-flight work; `false` if the handler panicked.
-    async fn dispatch(&self, payload: Bytes) -> bool {
+    /// Starts one `on_message` call, counted as in-flight work.
+    fn dispatch(&self, payload: Bytes) -> Dispatch<'_> {
         self.conn.set_handler_busy(true);
-        let _in_flight = self.state.shutdown.in_flight_guard();
-        call_guarded("on_message", self.state.handler.on_message(self.conn, payload))
-            .await
-            .is_some()
+        Dispatch {
+            _in_flight: self.state.shutdown.in_flight_guard(),
+            call: guarded(self.state.handler.on_message(self.conn, payload)),
+        }
     }
 
     /// A read error ends the connection; an over-limit message is answered with 1009 first.
