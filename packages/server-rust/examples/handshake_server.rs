@@ -4,7 +4,7 @@
 //!
 //! - [`Heartbeat`] answers the client's `PING`s with top-level `PONG`s.
 //! - Handshake: `DEVICE_HELLO` is answered with `DEVICE_ACK`, `AUTH` with `AUTH_ACK`, both as
-//!   [`OutboundMessage::Priority`] messages; either marks the connection authenticated.
+//!   priority messages (`try_send_priority`); either marks the connection authenticated.
 //! - `--ticks-per-second N` broadcasts `{type: "TICK", seq}` to authenticated clients only, in
 //!   bursts of `--tick-burst` messages (so they reach the client coalesced into `BATCH`
 //!   frames), through `broadcast_cooperative_to`.
@@ -111,7 +111,7 @@ impl Handshake {
             _ => Ack { kind, device_id: Some(name), user_id: None },
         };
         let ack = rmp_serde::to_vec_named(&ack).expect("an ack encodes");
-        conn.try_send(OutboundMessage::Priority(ack.into()));
+        let _ = conn.try_send_priority(ack);
     }
 }
 

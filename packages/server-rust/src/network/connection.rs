@@ -69,23 +69,13 @@ impl ConnectionKind {
 /// same payload on many connections, and cloning `Bytes` only bumps a reference count. Build one
 /// from a `Vec<u8>` with `.into()`.
 ///
-/// Which variant to use for a TopGun message:
-///
-/// | message | variant | why |
-/// |---|---|---|
-/// | `PONG` | `Priority` | TopGun's client counts a `PONG` only when it is the top-level message of a frame; inside a `BATCH` it is missed and the client reconnects after 15 s |
-/// | handshake replies: `AUTH_REQUIRED`, `AUTH_ACK`, `AUTH_FAIL`, `DEVICE_ACK` | `Priority` | the client waits for them (a 500 ms grace timer for `AUTH_REQUIRED`); they must not queue behind a backlog |
-/// | everything else | `Binary` | coalescing is what keeps a busy connection to a few frames |
+/// Messages that must be neither coalesced nor queued behind a backlog go through
+/// [`ConnectionHandle::try_send_priority`] instead (see there for which TopGun messages need it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutboundMessage {
     /// A binary frame (a MsgPack-encoded message). Several queued messages may be coalesced into
     /// one `BATCH` frame on the wire.
     Binary(Bytes),
-    /// A binary message that is never coalesced: it goes out as a frame of its own, ahead of
-    /// `Binary` messages already queued (it waits at most for the frame being written). It has
-    /// a small queue of its own, [`ConnectionHandle::PRIORITY_CAPACITY`] messages; a full one
-    /// counts as a dropped message like a full outbound queue.
-    Priority(Bytes),
     /// Close the connection: the client receives Close code 1000 with this reason after every
     /// message queued before it.
     Close(Option<String>),
@@ -236,8 +226,9 @@ pub struct ConnectionHandle {
 struct ConnectionControl {
     close_request: OnceLock<CloseRequest>,
     close_requested: CancellationToken,
-    /// [`OutboundMessage::Priority`] messages waiting for the writer; allocates only while
-    /// one is queued.
+    /// [`ConnectionHandle::try_send_priority`] messages waiting for the writer; allocates only
+    /// while one is queued. Kept out of the outbound queue, whose every slot would otherwise
+    /// grow by a variant tag.
     priority: Mutex<VecDeque<Bytes>>,
     /// Wakes the writer for a priority message (smaller than a `Notify`, and so is the
     /// future the writer waits with).
@@ -284,11 +275,9 @@ impl ConnectionHandle {
     /// A message over [`ConnectionConfig::max_outbound_message_size`] is refused with
     /// [`SendError::TooLarge`] and counted as dropped; it does not count towards the 1013 close.
     pub fn try_enqueue(&self, msg: OutboundMessage) -> Result<(), SendError> {
-        self.check_size(&msg)?;
-        let msg = match msg {
-            OutboundMessage::Priority(payload) => return self.enqueue_priority(payload),
-            other => other,
-        };
+        if let OutboundMessage::Binary(payload) = &msg {
+            self.check_size(payload)?;
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {
                 // Read first: the common case (no drops) then never writes the shared line.
@@ -308,13 +297,36 @@ impl ConnectionHandle {
         }
     }
 
-    /// Most [`OutboundMessage::Priority`] messages waiting at once for one connection.
+    /// Queues `payload` to go out as a frame of its own, never coalesced into a `BATCH`, ahead
+    /// of the `Binary` messages already queued (it waits at most for the frame being written).
+    ///
+    /// Which TopGun messages need it:
+    ///
+    /// | message | why |
+    /// |---|---|
+    /// | `PONG` | TopGun's client counts a `PONG` only when it is the top-level message of a frame; inside a `BATCH` it is missed and the client reconnects after 15 s |
+    /// | handshake replies: `AUTH_REQUIRED`, `AUTH_ACK`, `AUTH_FAIL`, `DEVICE_ACK` | the client waits for them (a 500 ms grace timer for `AUTH_REQUIRED`); they must not queue behind a backlog |
+    ///
+    /// Everything else goes through [`try_send`](Self::try_send): coalescing is what keeps a
+    /// busy connection to a few frames.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Full`] when [`PRIORITY_CAPACITY`](Self::PRIORITY_CAPACITY) messages are
+    /// already waiting (counted as a drop, like a full outbound queue),
+    /// [`SendError::Disconnected`] when the connection is closed, [`SendError::TooLarge`] over
+    /// [`ConnectionConfig::max_outbound_message_size`].
+    pub fn try_send_priority(&self, payload: impl Into<Bytes>) -> Result<(), SendError> {
+        let payload = payload.into();
+        self.check_size(&payload)?;
+        self.enqueue_priority(payload)
+    }
+
+    /// Most [`try_send_priority`](Self::try_send_priority) messages waiting at once for one
+    /// connection.
     pub const PRIORITY_CAPACITY: usize = 16;
 
-    fn check_size(&self, msg: &OutboundMessage) -> Result<(), SendError> {
-        let (OutboundMessage::Binary(payload) | OutboundMessage::Priority(payload)) = msg else {
-            return Ok(());
-        };
+    fn check_size(&self, payload: &Bytes) -> Result<(), SendError> {
         let limit = self.control.max_outbound_message_size;
         if payload.len() <= limit {
             return Ok(());
@@ -346,7 +358,7 @@ impl ConnectionHandle {
         Ok(())
     }
 
-    /// The oldest waiting [`OutboundMessage::Priority`] message, for the writer.
+    /// The oldest waiting priority message, for the writer.
     pub(crate) fn take_priority(&self) -> Option<Bytes> {
         let mut lane =
             self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -504,17 +516,14 @@ impl ConnectionHandle {
     /// # Errors
     ///
     /// [`SendError::Timeout`] if the queue stayed full, [`SendError::Disconnected`] if the
-    /// connection closed, [`SendError::TooLarge`] for a message over the outbound limit, and
-    /// for a [`OutboundMessage::Priority`] message (which never waits) [`SendError::Full`].
+    /// connection closed, [`SendError::TooLarge`] for a message over the outbound limit.
     pub async fn send_timeout(
         &self,
         msg: OutboundMessage,
         timeout: Duration,
     ) -> Result<(), SendError> {
-        self.check_size(&msg)?;
-        if let OutboundMessage::Priority(payload) = msg {
-            // The priority lane is short and drained first; waiting for it makes no sense.
-            return self.enqueue_priority(payload);
+        if let OutboundMessage::Binary(payload) = &msg {
+            self.check_size(payload)?;
         }
         match tokio::time::timeout(timeout, self.tx.send(msg)).await {
             Ok(Ok(())) => Ok(()),
@@ -1076,6 +1085,12 @@ mod tests {
         registry.remove(a.id);
         registry.remove(b.id);
         tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_queue_slot_is_no_larger_than_its_payload() {
+        // Each connection's queue allocates its slots up front (32 at a time), idle or not.
+        assert_eq!(std::mem::size_of::<OutboundMessage>(), std::mem::size_of::<Bytes>());
     }
 
     #[test]

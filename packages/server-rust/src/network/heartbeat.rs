@@ -6,7 +6,8 @@
 //! `PONG` is the top-level message of a frame, never inside a `BATCH`. [`Heartbeat`] wraps a
 //! handler and answers every `PING` with
 //! `{type: 'PONG', timestamp: <the PING's timestamp>, serverTime: <ms since the epoch>}` as an
-//! [`OutboundMessage::Priority`] message: a frame of its own, ahead of any backlog. It answers
+//! priority message ([`ConnectionHandle::try_send_priority`]): a frame of its own, ahead of any
+//! backlog. It answers
 //! from [`InboundHandler::answer_inline`], so a `PING` is answered while the wrapped handler is
 //! still busy with an earlier message. `PING`s never reach the wrapped handler; every other
 //! message, event and `/sync` request does, unchanged.
@@ -28,7 +29,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use topgun_core::{SystemClock, WallClock};
 
-use super::connection::{ConnectionHandle, OutboundMessage};
+use super::connection::ConnectionHandle;
 use super::inbound::{InboundHandler, SyncError, SyncRequest};
 
 /// Answers TopGun's `PING` with a top-level `PONG` and passes everything else to `H`.
@@ -106,7 +107,7 @@ fn pong(timestamp: Option<u64>) -> Bytes {
 /// Answers `payload` if it is a `PING`; `true` when it was one.
 fn answer_ping(conn: &ConnectionHandle, payload: &[u8]) -> bool {
     let Some(ping) = parse_ping(payload) else { return false };
-    if !conn.try_send(OutboundMessage::Priority(pong(ping.timestamp))) {
+    if conn.try_send_priority(pong(ping.timestamp)).is_err() {
         tracing::debug!(conn_id = %conn.id, "PONG not queued: the connection is closed or its priority queue is full");
     }
     true

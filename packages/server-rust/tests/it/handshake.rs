@@ -54,7 +54,7 @@ async fn the_clients_ping_gets_a_top_level_pong() {
     server.stop().await.unwrap();
 }
 
-/// Queues a backlog of `Binary` messages, then one `Priority` message, all before the writer
+/// Queues a backlog of `Binary` messages, then one priority message, all before the writer
 /// can run (the test runtime has one thread and this code does not yield).
 struct BacklogThenPriority;
 
@@ -64,7 +64,7 @@ impl InboundHandler for BacklogThenPriority {
         for i in 0..200_u16 {
             assert!(conn.try_send(OutboundMessage::Binary(Bytes::from(i.to_be_bytes().to_vec()))));
         }
-        assert!(conn.try_send(OutboundMessage::Priority(Bytes::from_static(b"urgent"))));
+        conn.try_send_priority(Bytes::from_static(b"urgent")).unwrap();
     }
 }
 
@@ -199,7 +199,7 @@ impl InboundHandler for Authenticator {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         if payload == b"AUTH"[..] {
             conn.authenticate(Principal::new(format!("user-{}", conn.id), ["reader"])).await;
-            conn.try_send(OutboundMessage::Priority(Bytes::from_static(b"AUTH_ACK")));
+            conn.try_send_priority(Bytes::from_static(b"AUTH_ACK")).unwrap();
         }
     }
 }

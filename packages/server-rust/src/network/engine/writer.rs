@@ -70,7 +70,7 @@ impl Writer {
         queue.close();
         let mut undelivered = self.conn.discard_priority();
         while let Ok(message) = queue.try_recv() {
-            undelivered += u64::from(!matches!(message, OutboundMessage::Close(_)));
+            undelivered += u64::from(matches!(message, OutboundMessage::Binary(_)));
         }
         if undelivered > 0 {
             tracing::debug!(undelivered, "messages still queued at close");
@@ -261,14 +261,6 @@ async fn write_burst(
                     write_priority(sink, conn, metrics).await?;
                     feed(sink, frame, metrics).await?;
                 }
-            }
-            // The handle routes these to the priority lane; should one reach the queue, it
-            // still goes out alone.
-            OutboundMessage::Priority(payload) => {
-                if let Some(frame) = frames.finish() {
-                    feed(sink, frame, metrics).await?;
-                }
-                feed(sink, Frame::single(payload), metrics).await?;
             }
             OutboundMessage::Close(reason) => {
                 end = Burst::CloseRequested(reason);
