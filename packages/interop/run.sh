@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Interoperability and scale-out checks: TopGun's own client (modelled from its behaviour)
-# end to end, real clients (Python websockets, Node ws, websocat, headless Chromium) against
-# the interop server, then a rolling restart behind HAProxy.
+# Interoperability and deployment checks: TopGun's own client (modelled from its behaviour)
+# end to end (also through deploy/nginx.conf), the Kubernetes manifest against its schema,
+# real clients (Python websockets, Node ws, websocat, headless Chromium) against the interop
+# server, a rolling restart behind HAProxy, and the container image built and run.
 # Installs what it needs: Debian packages with apt-get, PyPI and npm packages.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +11,9 @@ missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v haproxy >/dev/null || missing+=(haproxy)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
+command -v buildah >/dev/null || missing+=(buildah)
+[ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v curl >/dev/null || missing+=(curl)
 if ((${#missing[@]})); then
   echo "== apt-get install ${missing[*]}"
   sudo=""
@@ -40,3 +44,6 @@ echo "== real clients"
 timeout 600 python3 run_clients.py "$target/examples/interop_server"
 echo "== rolling restart behind HAProxy"
 timeout 600 python3 rolling_restart.py "$target/topgun-server"
+
+echo "== the container image (deploy/image) built with buildah and run"
+timeout 1200 bash ../../deploy/image/build.sh
