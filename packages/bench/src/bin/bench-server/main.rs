@@ -6,7 +6,9 @@
 
 mod floor;
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -14,7 +16,7 @@ use clap::Parser;
 use serde::Deserialize;
 use topgun_server::network::{
     ConnectionHandle, ConnectionKind, ConnectionRegistry, HealthReport, InboundHandler,
-    NetworkConfig, NetworkModule, OutboundMessage, build_http_layers,
+    NetworkConfig, NetworkModule, OutboundMessage, SyncError, TlsConfig, build_http_layers,
 };
 
 #[derive(Debug, Parser)]
@@ -50,7 +52,16 @@ struct Args {
     size: usize,
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
+    /// Serve TLS with this certificate (and `--tls-key`); SIGHUP reloads both.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
+
+/// Messages the handler offered to connections (queued, or refused and counted as dropped):
+/// printed as `OFFERED n` on exit, for the soak's accounting against the server's metrics.
+static OFFERED: AtomicU64 = AtomicU64::new(0);
 
 /// `{"type": "BROADCAST", "count", "size", "interval_ms", "cooperative"}` starts a broadcast;
 /// `cooperative` selects `broadcast_cooperative` over the synchronous `broadcast`.
@@ -76,11 +87,20 @@ impl InboundHandler for BenchHandler {
                 tokio::spawn(broadcast(Arc::clone(&self.registry), request));
             }
             _ => {
-                let _ = conn
+                let sent = conn
                     .send_timeout(OutboundMessage::Binary(payload), Duration::from_secs(5))
                     .await;
+                // A timed-out wait queued nothing and counted nothing; a closed connection
+                // counted the message as dropped.
+                if !matches!(sent, Err(topgun_server::network::SendError::Timeout)) {
+                    OFFERED.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
+    }
+
+    async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
+        Ok(body)
     }
 }
 
@@ -94,11 +114,13 @@ async fn broadcast(registry: Arc<ConnectionRegistry>, request: Broadcast) {
         let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         payload[..8].copy_from_slice(&nanos.to_le_bytes());
         payload[8..12].copy_from_slice(&seq.to_le_bytes());
-        dropped += if request.cooperative {
-            registry.broadcast_cooperative(payload, ConnectionKind::Client).await.dropped
+        let outcome = if request.cooperative {
+            registry.broadcast_cooperative(payload, ConnectionKind::Client).await
         } else {
-            registry.broadcast(payload, ConnectionKind::Client).dropped
+            registry.broadcast(payload, ConnectionKind::Client)
         };
+        OFFERED.fetch_add((outcome.queued + outcome.dropped) as u64, Ordering::Relaxed);
+        dropped += outcome.dropped;
         if request.interval_ms > 0 {
             tokio::time::sleep(Duration::from_millis(request.interval_ms)).await;
         }
@@ -170,10 +192,26 @@ async fn main() -> anyhow::Result<()> {
         config.listen_backlog = backlog;
     }
     config.tcp_nodelay = !args.no_tcp_nodelay;
+    if let (Some(cert_path), Some(key_path)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(TlsConfig { cert_path, key_path, ca_cert_path: None });
+    }
     let module = NetworkModule::new(config);
     let registry = module.registry();
     let mut module = module.with_handler(BenchHandler { registry });
     let port = module.start().await?;
+    if let Some(reloader) = module.tls_reloader() {
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match reloader.reload() {
+                    Ok(()) => eprintln!("TLS reloaded"),
+                    Err(err) => eprintln!("TLS reload failed: {err}"),
+                }
+            }
+        });
+    }
     println!("LISTENING {port}");
-    module.serve(terminate()).await
+    let served = module.serve(terminate()).await;
+    println!("OFFERED {}", OFFERED.load(Ordering::Relaxed));
+    served
 }

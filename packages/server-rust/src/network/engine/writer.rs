@@ -245,7 +245,8 @@ async fn write_burst(
     config: &ConnectionConfig,
     metrics: &TransportMetrics,
 ) -> Result<Burst, axum::Error> {
-    write_priority(sink, conn, metrics).await?;
+    let mut in_hand = InHand { conn, messages: 0 };
+    write_priority(sink, &mut in_hand, metrics).await?;
     let mut frames = FrameBuilder::new(config);
     let mut next = first.or_else(|| queue.try_recv().ok());
     if next.is_some() {
@@ -257,9 +258,10 @@ async fn write_burst(
     while let Some(message) = next {
         match message {
             OutboundMessage::Binary(payload) => {
+                in_hand.messages += 1;
                 if let Some(frame) = frames.push(payload) {
-                    write_priority(sink, conn, metrics).await?;
-                    feed(sink, frame, metrics).await?;
+                    write_priority(sink, &mut in_hand, metrics).await?;
+                    feed(sink, frame, &mut in_hand, metrics).await?;
                 }
             }
             OutboundMessage::Close(reason) => {
@@ -270,38 +272,60 @@ async fn write_burst(
         taken += 1;
         next = if taken < config.outbound_channel_capacity { queue.try_recv().ok() } else { None };
     }
-    write_priority(sink, conn, metrics).await?;
+    write_priority(sink, &mut in_hand, metrics).await?;
     if let Some(frame) = frames.finish() {
-        feed(sink, frame, metrics).await?;
+        feed(sink, frame, &mut in_hand, metrics).await?;
     }
     sink.flush().await?;
     Ok(end)
 }
 
+/// Messages taken off the queue or the priority lane and not yet handed to the socket. A
+/// burst that ends early (a failed write, the send deadline, a force close dropping it) counts
+/// them as undelivered instead of losing them silently.
+struct InHand<'a> {
+    conn: &'a ConnectionHandle,
+    messages: u64,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if self.messages > 0 {
+            self.conn.record_undelivered(self.messages);
+        }
+    }
+}
+
 /// Queues every waiting priority message on the socket, each as a frame of its own.
 async fn write_priority(
     sink: &mut Sink,
-    conn: &ConnectionHandle,
+    in_hand: &mut InHand<'_>,
     metrics: &TransportMetrics,
 ) -> Result<(), axum::Error> {
-    while let Some(payload) = conn.take_priority() {
-        feed(sink, Frame::single(payload), metrics).await?;
+    while let Some(payload) = in_hand.conn.take_priority() {
+        in_hand.messages += 1;
+        feed(sink, Frame::single(payload), in_hand, metrics).await?;
     }
     Ok(())
 }
 
-/// Queues one frame on the socket (without flushing) and counts it.
+/// Queues one frame on the socket (without flushing); once the socket has taken it, its
+/// messages count as sent.
 async fn feed(
     sink: &mut Sink,
     frame: Frame,
+    in_hand: &mut InHand<'_>,
     metrics: &TransportMetrics,
 ) -> Result<(), axum::Error> {
+    let (messages, bytes) = (frame.messages as u64, frame.bytes.len() as u64);
+    sink.feed(Message::Binary(frame.bytes)).await?;
+    in_hand.messages -= messages;
     metrics.frames_sent.increment(1);
-    metrics.messages_sent.increment(frame.messages as u64);
-    metrics.bytes_sent.increment(frame.bytes.len() as u64);
+    metrics.messages_sent.increment(messages);
+    metrics.bytes_sent.increment(bytes);
     #[allow(clippy::cast_precision_loss)] // bounded by max_batch_messages
-    metrics.batch_messages.record(frame.messages as f64);
-    sink.feed(Message::Binary(frame.bytes)).await
+    metrics.batch_messages.record(messages as f64);
+    Ok(())
 }
 
 fn normal_close(reason: Option<&str>) -> CloseFrame {
