@@ -4,6 +4,23 @@
 // Shared by the Node client and the browser page.
 import { decode } from "@msgpack/msgpack";
 
+/// The messages of a BATCH's `data`: a u32 LE count, then per message a u32 LE length and the
+/// message bytes (slices of `data`). Throws on trailing bytes.
+export function unpackBatchData(data) {
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const count = view.getUint32(0, true);
+  const messages = [];
+  let offset = 4;
+  for (let i = 0; i < count; i++) {
+    const length = view.getUint32(offset, true);
+    offset += 4;
+    messages.push(data.subarray(offset, offset + length));
+    offset += length;
+  }
+  if (offset !== data.byteLength) throw new Error("trailing bytes in BATCH");
+  return messages;
+}
+
 export function unpackFrame(frame) {
   const bytes = frame instanceof Uint8Array ? frame : new Uint8Array(frame);
   let envelope;
@@ -15,21 +32,10 @@ export function unpackFrame(frame) {
   if (!envelope || envelope.type !== "BATCH") {
     return { batched: false, messages: [bytes] };
   }
-  const data = envelope.data;
-  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
-  const count = view.getUint32(0, true);
-  if (count !== envelope.count) {
-    throw new Error(`BATCH count ${envelope.count} but data holds ${count}`);
+  const messages = unpackBatchData(envelope.data);
+  if (messages.length !== envelope.count) {
+    throw new Error(`BATCH count ${envelope.count} but data holds ${messages.length}`);
   }
-  const messages = [];
-  let offset = 4;
-  for (let i = 0; i < count; i++) {
-    const length = view.getUint32(offset, true);
-    offset += 4;
-    messages.push(data.subarray(offset, offset + length));
-    offset += length;
-  }
-  if (offset !== data.byteLength) throw new Error("trailing bytes in BATCH");
   return { batched: true, messages };
 }
 

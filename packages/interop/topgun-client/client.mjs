@@ -13,6 +13,8 @@
 import { pack, unpack } from "msgpackr";
 import WebSocket from "ws";
 
+import { unpackBatchData } from "../clients/batch.mjs";
+
 export const HEARTBEAT_INTERVAL_MS = 5000;
 export const HEARTBEAT_TIMEOUT_MS = 15000;
 export const AUTH_REQUIRED_GRACE_MS = 500;
@@ -55,21 +57,6 @@ function coerceBigInts(value) {
     for (const key of Object.keys(value)) value[key] = coerceBigInts(value[key]);
   }
   return value;
-}
-
-/// The messages of a BATCH's `data`: u32 LE count, then per message u32 LE length + bytes.
-export function unpackBatchData(data) {
-  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
-  const count = view.getUint32(0, true);
-  const messages = [];
-  let offset = 4;
-  for (let i = 0; i < count; i++) {
-    const length = view.getUint32(offset, true);
-    offset += 4;
-    messages.push(data.subarray(offset, offset + length));
-    offset += length;
-  }
-  return messages;
 }
 
 export class TopGunClientModel {

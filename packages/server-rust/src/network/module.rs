@@ -167,27 +167,13 @@ impl NetworkModule {
     /// The stack wraps the routes once, as a whole: `Router::layer` would wrap every route
     /// separately, and each request would then clone the stack once per layer.
     pub fn build_router(&self) -> Router {
-        Router::new().fallback_service(self.build_service())
+        Router::new().fallback_service(self.behind_middleware(main_routes(&self.config)))
     }
 
-    /// The routes behind the middleware stack, as the service [`serve`](Self::serve) runs
-    /// without wrapping it in another router.
-    fn build_service(
-        &self,
-    ) -> impl Service<
-        Request<Body>,
-        Response = Response,
-        Error = Infallible,
-        Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static {
-        self.behind_middleware(main_routes(&self.config))
-    }
-
-    /// `routes` behind the middleware stack and the HTTP metrics layer: every listener of the
-    /// server follows the same conventions (request ids, JSON `404`s, metrics).
+    /// `routes` behind the middleware stack and the HTTP metrics layer, as a service that
+    /// [`serve`](Self::serve) runs without wrapping it in another router. Every listener of
+    /// the server goes through it, so all follow the same conventions (request ids, JSON
+    /// `404`s, metrics).
     fn behind_middleware(
         &self,
         routes: Router<AppState>,
@@ -273,7 +259,7 @@ impl NetworkModule {
         let listener = listener.into_std()?;
         let app = ServiceBuilder::new()
             .map_request(|request: Request<hyper::body::Incoming>| request.map(Body::new))
-            .service(self.build_service())
+            .service(self.behind_middleware(main_routes(&self.config)))
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
