@@ -22,15 +22,19 @@ fn tls_config(files: &TlsFiles) -> NetworkConfig {
 /// A CA, a certificate with serial 1 on disk, and an echo server using it. Keep the files
 /// alive as long as the server.
 async fn echo_tls_server() -> (TestCa, TlsFiles, TestServer) {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let server = tls_server(&files, &ca).await;
-    (ca, files, server)
+    echo_tls_server_with(|config| config).await
 }
 
-async fn tls_server(files: &TlsFiles, ca: &TestCa) -> TestServer {
-    let module = NetworkModule::new(tls_config(files)).with_handler(EchoHandler);
-    TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await
+/// [`echo_tls_server`] with its configuration adjusted by `adjust`.
+async fn echo_tls_server_with(
+    adjust: impl FnOnce(NetworkConfig) -> NetworkConfig,
+) -> (TestCa, TlsFiles, TestServer) {
+    let ca = TestCa::new("test CA");
+    let files = TlsFiles::write(&ca.server_cert(1), None);
+    let module = NetworkModule::new(adjust(tls_config(&files))).with_handler(EchoHandler);
+    let server =
+        TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
+    (ca, files, server)
 }
 
 type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
@@ -315,15 +319,11 @@ async fn graceful_shutdown_over_tls() {
 
 #[tokio::test]
 async fn pending_tls_handshakes_do_not_hold_up_a_shutdown() {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let config = NetworkConfig {
+    let (ca, _files, server) = echo_tls_server_with(|config| NetworkConfig {
         shutdown: ShutdownConfig { drain_timeout: Duration::from_secs(8), ..Default::default() },
-        ..tls_config(&files)
-    };
-    let module = NetworkModule::new(config).with_handler(EchoHandler);
-    let server =
-        TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
+        ..config
+    })
+    .await;
     // One connection that says nothing, one that stops halfway through its ClientHello.
     let _silent = TcpStream::connect(server.addr).await.unwrap();
     let mut half = TcpStream::connect(server.addr).await.unwrap();
@@ -344,13 +344,11 @@ async fn pending_tls_handshakes_do_not_hold_up_a_shutdown() {
 
 #[tokio::test]
 async fn a_handshake_slower_than_the_tls_handshake_timeout_is_dropped() {
-    let ca = TestCa::new("test CA");
-    let files = TlsFiles::write(&ca.server_cert(1), None);
-    let config =
-        NetworkConfig { tls_handshake_timeout: Duration::from_millis(300), ..tls_config(&files) };
-    let module = NetworkModule::new(config).with_handler(EchoHandler);
-    let server =
-        TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
+    let (_ca, _files, server) = echo_tls_server_with(|config| NetworkConfig {
+        tls_handshake_timeout: Duration::from_millis(300),
+        ..config
+    })
+    .await;
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     let mut buf = [0_u8; 1];
     let read = tokio::time::timeout(common::DEADLINE, silent.read(&mut buf)).await;
