@@ -39,6 +39,19 @@ struct Args {
     /// Extra arguments for every `bench-server` started, e.g. `--server-arg=--read-buffer=131072`.
     #[arg(long = "server-arg", global = true)]
     server_args: Vec<String>,
+    /// Which server the WebSocket scenarios drive: the transport, or the Node.js `ws` server
+    /// of `packages/bench/node` (run `npm ci` there first).
+    #[arg(long, global = true, value_enum, default_value_t = Peer::Transport)]
+    server: Peer,
+}
+
+/// A server the WebSocket scenarios can drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Peer {
+    /// `bench-server`: the TopGun transport.
+    Transport,
+    /// `node/ws-server.mjs`: Node.js with the `ws` package, the same behaviour.
+    Node,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -105,6 +118,16 @@ enum Scenario {
     /// Every scenario with its defaults, plus the paced fan-out from the transport and from
     /// the floor server.
     All,
+    /// The transport against Node.js `ws` in one run: idle memory and handshakes at 10 000
+    /// connections, and the paced fan-out (10 broadcasts/s × 256 B to 10 000) from
+    /// `broadcast_cooperative`, the synchronous `broadcast`, Node `ws` and the floor; then
+    /// the ratios. Needs `npm ci` in `packages/bench/node`.
+    VersusNode {
+        /// Rounds of every measurement, alternated; each row is printed, the ratios use the
+        /// medians.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// A TLS server under churn, broadcasts, `/sync`, slow and vanishing clients and
     /// certificate reloads; fails unless memory, open files and every message are accounted
     /// for at the end (see `soak.rs`). Not part of `all`.
@@ -125,6 +148,7 @@ impl Scenario {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     SERVER_ARGS.set(args.server_args.clone()).ok();
+    let peer = args.server;
     let scenarios = match args.scenario {
         Scenario::All => vec![
             Scenario::Idle { connections: 10_000 },
@@ -144,35 +168,116 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Soak { minutes } => Duration::from_secs(minutes * 60) + SCENARIO_LIMIT,
             _ => SCENARIO_LIMIT,
         };
-        let row = tokio::time::timeout(limit, run(scenario.clone()))
+        let limit = match scenario {
+            Scenario::VersusNode { rounds } => limit * u32::try_from(rounds.max(1) * 6)?,
+            _ => limit,
+        };
+        let rows = tokio::time::timeout(limit, run(scenario.clone(), peer))
             .await
             .with_context(|| format!("{scenario:?} did not finish in {limit:?}"))??;
-        row.print();
+        for row in rows {
+            row.print();
+        }
     }
     Ok(())
 }
 
-async fn run(scenario: Scenario) -> anyhow::Result<Row> {
-    match scenario {
-        Scenario::Idle { connections } => idle(connections).await,
+async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
+    let row = match scenario {
+        Scenario::Idle { connections } => idle(peer, connections).await,
         Scenario::Fanout { connections, broadcasts, size, interval_ms, sync, floor } => {
-            let sender = match (floor, sync) {
-                (true, _) => Sender::Floor,
-                (false, true) => Sender::Sync,
-                (false, false) => Sender::Cooperative,
+            let sender = match (floor, sync, peer) {
+                (true, _, _) => Sender::Floor,
+                (false, _, Peer::Node) => Sender::Node,
+                (false, true, Peer::Transport) => Sender::Sync,
+                (false, false, Peer::Transport) => Sender::Cooperative,
             };
             fanout("fanout", connections, Firing { broadcasts, size, interval_ms, sender }).await
         }
         Scenario::Burst { connections, broadcasts, size, sync } => {
-            let sender = if sync { Sender::Sync } else { Sender::Cooperative };
+            let sender = match (sync, peer) {
+                (_, Peer::Node) => Sender::Node,
+                (true, Peer::Transport) => Sender::Sync,
+                (false, Peer::Transport) => Sender::Cooperative,
+            };
             fanout("burst", connections, Firing { broadcasts, size, interval_ms: 0, sender }).await
         }
-        Scenario::Echo { connections, round_trips } => echo(connections, round_trips).await,
+        Scenario::Echo { connections, round_trips } => echo(peer, connections, round_trips).await,
         Scenario::Http { seconds, rounds } => http(seconds, rounds).await,
-        Scenario::Drain { connections } => drain(connections).await,
+        Scenario::Drain { connections } => drain(peer, connections).await,
         Scenario::Soak { minutes } => soak::soak(minutes).await,
+        Scenario::VersusNode { rounds } => return versus_node(rounds).await,
         Scenario::All => unreachable!("expanded in main"),
+    };
+    Ok(vec![row?])
+}
+
+/// Idle memory, handshakes and the paced fan-out from the transport and from Node.js `ws`,
+/// alternated `rounds` times in one run; every measurement's row, then the ratios of the
+/// medians to Node `ws` and to the floor.
+async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut figures: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
+    let mut keep = |key: &'static str, row: &Row, figure: &str| {
+        if let Some(value) = row.figure(figure) {
+            figures.entry(key).or_default().push(value);
+        }
+    };
+    for _ in 0..rounds.max(1) {
+        for peer in [Peer::Transport, Peer::Node] {
+            let row = idle(peer, 10_000).await?;
+            let name = if peer == Peer::Node { "node" } else { "transport" };
+            keep(leak(format!("{name}_idle")), &row, "server_rss_per_connection_bytes");
+            keep(leak(format!("{name}_handshakes")), &row, "handshakes_per_sec");
+            rows.push(row);
+        }
+        for (sender, name) in [
+            (Sender::Cooperative, "cooperative"),
+            (Sender::Sync, "sync"),
+            (Sender::Node, "node"),
+            (Sender::Floor, "floor"),
+        ] {
+            let firing = Firing { broadcasts: 50, size: 256, interval_ms: 100, sender };
+            let row = fanout("fanout", 10_000, firing).await?;
+            keep(leak(format!("{name}_p50")), &row, "p50_ms");
+            keep(leak(format!("{name}_p99")), &row, "p99_ms");
+            keep(leak(format!("{name}_delivered")), &row, "delivered_ratio");
+            rows.push(row);
+        }
     }
+    let median = |key: &str| -> f64 {
+        let mut values = figures.get(key).cloned().unwrap_or_default();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let ratio = |a: &str, b: &str| (median(a) / median(b) * 1000.0).round() / 1000.0;
+    rows.push(
+        Row::new("versus node (medians)")
+            .with("rounds", rounds.max(1))
+            .with("idle_bytes_per_connection", median("transport_idle"))
+            .with("node_idle_bytes_per_connection", median("node_idle"))
+            .with("idle_ratio_to_node", ratio("transport_idle", "node_idle"))
+            .with("handshakes_ratio_to_node", ratio("transport_handshakes", "node_handshakes"))
+            .with("cooperative_p50_ms", median("cooperative_p50"))
+            .with("cooperative_p99_ms", median("cooperative_p99"))
+            .with("node_p50_ms", median("node_p50"))
+            .with("node_p99_ms", median("node_p99"))
+            .with("floor_p50_ms", median("floor_p50"))
+            .with("floor_p99_ms", median("floor_p99"))
+            .with("p50_ratio_to_node", ratio("cooperative_p50", "node_p50"))
+            .with("p99_ratio_to_node", ratio("cooperative_p99", "node_p99"))
+            .with("sync_p50_ratio_to_node", ratio("sync_p50", "node_p50"))
+            .with("sync_p99_ratio_to_node", ratio("sync_p99", "node_p99"))
+            .with("p50_ratio_to_floor", ratio("cooperative_p50", "floor_p50"))
+            .with("p99_ratio_to_floor", ratio("cooperative_p99", "floor_p99"))
+            .with("node_p99_ratio_to_floor", ratio("node_p99", "floor_p99")),
+    );
+    Ok(rows)
+}
+
+/// A figure key built at run time that lives as long as the run.
+fn leak(key: String) -> &'static str {
+    Box::leak(key.into_boxed_str())
 }
 
 /// One result line: a table row for people and a JSON object for tools.
@@ -189,6 +294,19 @@ impl Row {
     fn with(mut self, name: &'static str, value: impl Into<serde_json::Value>) -> Self {
         self.figures.push((name, value.into()));
         self
+    }
+
+    /// The row named after the server that produced it (`idle (node ws)`).
+    fn labelled(mut self, peer: Peer) -> Self {
+        if peer == Peer::Node {
+            self.scenario.push_str(" (node ws)");
+        }
+        self
+    }
+
+    /// A numeric figure of the row.
+    fn figure(&self, name: &str) -> Option<f64> {
+        self.figures.iter().find(|(k, _)| *k == name).and_then(|(_, v)| v.as_f64())
     }
 
     fn print(&self) {
@@ -220,6 +338,25 @@ impl Server {
         Self::spawn(SERVER_ARGS.get().cloned().unwrap_or_default()).await
     }
 
+    /// The server the WebSocket scenarios drive.
+    async fn under_test(peer: Peer) -> anyhow::Result<Self> {
+        match peer {
+            Peer::Transport => Self::transport().await,
+            Peer::Node => Self::node().await,
+        }
+    }
+
+    /// Node.js with the `ws` package (`packages/bench/node`).
+    async fn node() -> anyhow::Result<Self> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+        if !dir.join("node_modules/ws").is_dir() {
+            bail!("the Node.js peer needs its packages: npm ci --prefix {}", dir.display());
+        }
+        let mut command = Command::new("node");
+        command.arg(dir.join("ws-server.mjs"));
+        Self::start(command).await.context("the Node.js peer needs `node` on the PATH")
+    }
+
     /// A bare axum router, the HTTP baseline.
     async fn bare() -> anyhow::Result<Self> {
         Self::spawn(vec!["--bare".into()]).await
@@ -243,14 +380,18 @@ impl Server {
 
     async fn spawn(args: Vec<String>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let binary = exe.with_file_name("bench-server");
-        let mut command = Command::new(&binary);
+        let mut command = Command::new(exe.with_file_name("bench-server"));
         command.args(args);
+        Self::start(command).await
+    }
+
+    /// Starts a server that prints `LISTENING <port>` first.
+    async fn start(mut command: Command) -> anyhow::Result<Self> {
         let mut child = command
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+            .with_context(|| format!("cannot start {:?}", command.as_std().get_program()))?;
         let mut stdout = BufReader::new(child.stdout.take().context("stdout")?).lines();
         let line = stdout.next_line().await?.context("server exited before listening")?;
         let port = line.strip_prefix("LISTENING ").context("unexpected first line")?.parse()?;
@@ -391,8 +532,8 @@ fn per_second(count: usize, elapsed: Duration) -> f64 {
     (count as f64 / elapsed.as_secs_f64()).round()
 }
 
-async fn idle(connections: usize) -> anyhow::Result<Row> {
-    let server = Server::transport().await?;
+async fn idle(peer: Peer, connections: usize) -> anyhow::Result<Row> {
+    let server = Server::under_test(peer).await?;
     let (before, _) = server.memory()?;
     let (clients, took) = connect_many(server.port, connections).await?;
     wait_for_connections(server.port, connections).await?;
@@ -401,6 +542,7 @@ async fn idle(connections: usize) -> anyhow::Result<Row> {
     drop(clients);
     server.stop().await?;
     Ok(Row::new("idle")
+        .labelled(peer)
         .with("connections", connections)
         .with("server_rss_per_connection_bytes", per_connection)
         .with("server_rss_mib", after / (1 << 20))
@@ -470,15 +612,18 @@ enum Sender {
     Sync,
     /// The floor server: one blocking write per connection, nothing else.
     Floor,
+    /// Node.js `ws`: one `send` per connection.
+    Node,
 }
 
 async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Result<Row> {
     let floor = firing.sender == Sender::Floor;
-    let server = if floor {
-        Server::floor(connections, &firing).await?
-    } else {
-        Server::transport().await?
+    let server = match firing.sender {
+        Sender::Floor => Server::floor(connections, &firing).await?,
+        Sender::Node => Server::node().await?,
+        Sender::Cooperative | Sender::Sync => Server::transport().await?,
     };
+    let counts_drops = matches!(firing.sender, Sender::Cooperative | Sender::Sync);
     let Firing { broadcasts, size, interval_ms, sender } = firing;
     let (clients, _) = connect_many(server.port, connections).await?;
     if !floor {
@@ -512,13 +657,13 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
     let elapsed = started.elapsed();
     // The floor server exits once it has sent everything and counts nothing.
     let peak = server.memory().ok().map(|(_, peak)| peak / (1 << 20));
-    let counted = if floor {
-        None
-    } else {
+    let counted = if counts_drops {
         // Let closing connections finish (their leftover queues are counted as they close).
         drop(control);
         wait_for_connections(server.port, 0).await?;
         Some(server_dropped(server.port).await?)
+    } else {
+        None
     };
     server.stop().await?;
     total.latencies_us.sort_unstable();
@@ -530,6 +675,7 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         Sender::Cooperative => {}
         Sender::Sync => name.push_str(" (sync broadcast)"),
         Sender::Floor => name.push_str(" (floor: blocking writes)"),
+        Sender::Node => name.push_str(" (node ws)"),
     }
     #[allow(clippy::cast_precision_loss)]
     let delivered = total.messages as f64 / wanted as f64;
@@ -550,8 +696,8 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         .with("server_peak_rss_mib", peak))
 }
 
-async fn echo(connections: usize, round_trips: usize) -> anyhow::Result<Row> {
-    let server = Server::transport().await?;
+async fn echo(peer: Peer, connections: usize, round_trips: usize) -> anyhow::Result<Row> {
+    let server = Server::under_test(peer).await?;
     let (clients, _) = connect_many(server.port, connections).await?;
     let started = Instant::now();
     let sessions: Vec<_> = clients
@@ -584,6 +730,7 @@ async fn echo(connections: usize, round_trips: usize) -> anyhow::Result<Row> {
     server.stop().await?;
     rtts.sort_unstable();
     Ok(Row::new("echo")
+        .labelled(peer)
         .with("connections", connections)
         .with("round_trips", rtts.len())
         .with("round_trips_per_sec", per_second(rtts.len(), elapsed))
@@ -636,8 +783,8 @@ async fn http(seconds: u64, rounds: usize) -> anyhow::Result<Row> {
         .with("layers_only_ratios", layers_ratios))
 }
 
-async fn drain(connections: usize) -> anyhow::Result<Row> {
-    let mut server = Server::transport().await?;
+async fn drain(peer: Peer, connections: usize) -> anyhow::Result<Row> {
+    let mut server = Server::under_test(peer).await?;
     let (clients, _) = connect_many(server.port, connections).await?;
     wait_for_connections(server.port, connections).await?;
     let watchers: Vec<_> = clients
@@ -667,6 +814,7 @@ async fn drain(connections: usize) -> anyhow::Result<Row> {
     server.child.wait().await?;
     let exited = started.elapsed();
     Ok(Row::new("drain")
+        .labelled(peer)
         .with("connections", connections)
         .with("closed_with_1001", closed_1001)
         .with("all_closed_ms", u64::try_from(all_closed.as_millis()).unwrap_or(u64::MAX))

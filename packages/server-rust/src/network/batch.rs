@@ -15,11 +15,13 @@
 //! assert_eq!(decode_frame(&frame).unwrap(), messages);
 //! ```
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::config::ConnectionConfig;
+use super::queue::OutboundMessage;
 
 /// The `type` value that marks a batch frame.
 pub const BATCH_TYPE: &str = "BATCH";
@@ -40,8 +42,13 @@ const IN_MEMORY: &str = "writing to memory cannot fail";
 /// outbound writer bounds batches far below that.
 #[must_use]
 pub fn encode_batch(messages: &[Bytes]) -> Bytes {
+    encode_batch_of(messages.iter())
+}
+
+/// [`encode_batch`] over any re-iterable sequence of messages (the writer's queue, in place).
+fn encode_batch_of<'m>(messages: impl ExactSizeIterator<Item = &'m Bytes> + Clone) -> Bytes {
     let count = u32::try_from(messages.len()).expect("batch message count fits in u32");
-    let data_len = 4 + messages.iter().map(|m| 4 + m.len()).sum::<usize>();
+    let data_len = 4 + messages.clone().map(|m| 4 + m.len()).sum::<usize>();
     let data_len_u32 = u32::try_from(data_len).expect("batch payload fits in u32");
     // fixmap(3) + "type" + "BATCH" + "count" + u32 + "data" + bin32 header, at most 32 bytes.
     let mut frame = BytesMut::with_capacity(32 + data_len).writer();
@@ -139,11 +146,22 @@ pub(crate) struct Frame {
     pub(crate) messages: usize,
 }
 
+/// What [`FrameBuilder::next`] took off the front of a burst.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// The next data frame.
+    Frame(Frame),
+    /// An [`OutboundMessage::Close`] was next; everything before it has been framed.
+    Close(Option<String>),
+    /// The burst is empty.
+    Empty,
+}
+
 /// Groups ready messages into frames: one message alone goes out as itself, several as a
-/// `BATCH` frame bounded by `max_batch_messages` and `max_batch_bytes`.
+/// `BATCH` frame bounded by `max_batch_messages` and `max_batch_bytes`. Frames are built
+/// straight from the writer's queue: no list of payloads is allocated per frame.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct FrameBuilder {
-    pending: Vec<Bytes>,
-    pending_bytes: usize,
     max_messages: usize,
     max_bytes: usize,
 }
@@ -157,38 +175,42 @@ impl Frame {
 
 impl FrameBuilder {
     pub(crate) fn new(config: &ConnectionConfig) -> Self {
-        Self {
-            pending: Vec::new(),
-            pending_bytes: 0,
-            max_messages: config.max_batch_messages,
-            max_bytes: config.max_batch_bytes,
-        }
+        Self { max_messages: config.max_batch_messages.max(1), max_bytes: config.max_batch_bytes }
     }
 
-    /// Adds a message; returns a finished frame when the message did not fit the current one.
-    pub(crate) fn push(&mut self, payload: Bytes) -> Option<Frame> {
-        let full = !self.pending.is_empty()
-            && (self.pending.len() >= self.max_messages
-                || self.pending_bytes + payload.len() > self.max_bytes);
-        let finished = if full { self.finish() } else { None };
-        self.pending_bytes += payload.len();
-        self.pending.push(payload);
-        finished
-    }
-
-    pub(crate) fn finish(&mut self) -> Option<Frame> {
-        self.pending_bytes = 0;
-        let messages = self.pending.len();
-        let bytes = match messages {
-            0 => return None,
-            1 => self.pending.pop()?,
-            _ => {
-                let batch = encode_batch(&self.pending);
-                self.pending.clear();
-                batch
+    /// Takes the next frame's messages off the front of `burst`: as many `Binary` messages
+    /// as fit one frame, stopping at a `Close`. A message larger than `max_batch_bytes` goes
+    /// out alone.
+    pub(crate) fn next(self, burst: &mut VecDeque<OutboundMessage>) -> Next {
+        let (mut count, mut bytes) = (0, 0);
+        for message in &*burst {
+            let OutboundMessage::Binary(payload) = message else { break };
+            if count > 0 && (count >= self.max_messages || bytes + payload.len() > self.max_bytes) {
+                break;
             }
-        };
-        Some(Frame { bytes, messages })
+            count += 1;
+            bytes += payload.len();
+        }
+        match count {
+            0 => match burst.pop_front() {
+                Some(OutboundMessage::Close(reason)) => Next::Close(reason),
+                Some(OutboundMessage::Binary(_)) => unreachable!("a binary message is counted"),
+                None => Next::Empty,
+            },
+            1 => match burst.pop_front() {
+                Some(OutboundMessage::Binary(payload)) => Next::Frame(Frame::single(payload)),
+                _ => unreachable!("the first message was counted as binary"),
+            },
+            _ => {
+                let payloads = burst.range(..count).map(|message| match message {
+                    OutboundMessage::Binary(payload) => payload,
+                    OutboundMessage::Close(_) => unreachable!("only binary messages are counted"),
+                });
+                let frame = Frame { bytes: encode_batch_of(payloads), messages: count };
+                burst.drain(..count);
+                Next::Frame(frame)
+            }
+        }
     }
 }
 
@@ -266,39 +288,54 @@ mod tests {
         messages
     }
 
+    fn burst(lengths: &[usize]) -> VecDeque<OutboundMessage> {
+        lengths.iter().map(|&len| OutboundMessage::Binary(Bytes::from(vec![7; len]))).collect()
+    }
+
+    /// Every frame `builder` makes of `burst`, as the message lengths in each.
+    fn frames(builder: FrameBuilder, burst: &mut VecDeque<OutboundMessage>) -> Vec<Vec<usize>> {
+        let mut frames = Vec::new();
+        while let Next::Frame(frame) = builder.next(burst) {
+            frames.push(frame_messages(&frame).iter().map(Bytes::len).collect());
+        }
+        frames
+    }
+
     #[test]
     fn a_lone_message_goes_out_unwrapped() {
-        let mut builder = FrameBuilder::new(&config(10, 1024));
-        assert!(builder.push(Bytes::from_static(b"solo")).is_none());
+        let builder = FrameBuilder::new(&config(10, 1024));
+        let mut solo: VecDeque<_> = [OutboundMessage::Binary(Bytes::from_static(b"solo"))].into();
         assert_eq!(
-            builder.finish(),
-            Some(Frame { bytes: Bytes::from_static(b"solo"), messages: 1 })
+            builder.next(&mut solo),
+            Next::Frame(Frame { bytes: Bytes::from_static(b"solo"), messages: 1 })
         );
-        assert!(builder.finish().is_none());
+        assert_eq!(builder.next(&mut solo), Next::Empty);
     }
 
     #[test]
     fn batches_split_at_the_message_limit() {
-        let mut builder = FrameBuilder::new(&config(2, 1024));
-        let msgs: Vec<Bytes> = (0..5_u8).map(|i| Bytes::from(vec![i])).collect();
-        let mut frames: Vec<Frame> = msgs.iter().filter_map(|m| builder.push(m.clone())).collect();
-        frames.extend(builder.finish());
-        let sizes: Vec<usize> = frames.into_iter().map(|f| frame_messages(&f).len()).collect();
-        assert_eq!(sizes, [2, 2, 1]);
+        let builder = FrameBuilder::new(&config(2, 1024));
+        assert_eq!(frames(builder, &mut burst(&[1; 5])), [vec![1, 1], vec![1, 1], vec![1]]);
     }
 
     #[test]
     fn batches_split_at_the_byte_limit_and_oversized_messages_go_alone() {
-        let mut builder = FrameBuilder::new(&config(100, 10));
-        let mut frames = Vec::new();
-        for len in [4, 4, 4, 50, 1] {
-            frames.extend(builder.push(Bytes::from(vec![7; len])));
-        }
-        frames.extend(builder.finish());
-        let sizes: Vec<Vec<usize>> = frames
-            .into_iter()
-            .map(|f| frame_messages(&f).iter().map(Bytes::len).collect())
-            .collect();
-        assert_eq!(sizes, [vec![4, 4], vec![4], vec![50], vec![1]]);
+        let builder = FrameBuilder::new(&config(100, 10));
+        assert_eq!(
+            frames(builder, &mut burst(&[4, 4, 4, 50, 1])),
+            [vec![4, 4], vec![4], vec![50], vec![1]]
+        );
+    }
+
+    #[test]
+    fn a_close_ends_the_frame_before_it_and_is_returned_in_order() {
+        let builder = FrameBuilder::new(&config(100, 1024));
+        let mut queue = burst(&[3, 3]);
+        queue.push_back(OutboundMessage::Close(Some("bye".into())));
+        queue.extend(burst(&[5]));
+        let Next::Frame(first) = builder.next(&mut queue) else { panic!("a frame first") };
+        assert_eq!(frame_messages(&first).len(), 2);
+        assert_eq!(builder.next(&mut queue), Next::Close(Some("bye".into())));
+        assert_eq!(frames(builder, &mut queue), [vec![5]], "what follows stays queued");
     }
 }

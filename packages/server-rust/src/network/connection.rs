@@ -6,21 +6,21 @@
 //! choose between dropping ([`ConnectionHandle::try_send`]) and waiting
 //! ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures_util::task::AtomicWaker;
-use tokio::sync::{Notify, RwLock, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, RwLock};
 use topgun_core::{Principal, Timestamp};
 
 use super::close::{self, CloseRequest};
 use super::config::ConnectionConfig;
+pub use super::queue::OutboundMessage;
+use super::queue::{OutboundQueue, Refused, TryRecvError};
 
 /// Process-unique identifier of one connection; never reused while the registry lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,24 +61,6 @@ impl ConnectionKind {
             Self::ClusterPeer => "cluster_peer",
         }
     }
-}
-
-/// A message queued for delivery to one connection.
-///
-/// `Binary` holds [`Bytes`] rather than the `Vec<u8>` one might expect: a broadcast queues the
-/// same payload on many connections, and cloning `Bytes` only bumps a reference count. Build one
-/// from a `Vec<u8>` with `.into()`.
-///
-/// Messages that must be neither coalesced nor queued behind a backlog go through
-/// [`ConnectionHandle::try_send_priority`] instead (see there for which TopGun messages need it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutboundMessage {
-    /// A binary frame (a MsgPack-encoded message). Several queued messages may be coalesced into
-    /// one `BATCH` frame on the wire.
-    Binary(Bytes),
-    /// Close the connection: the client receives Close code 1000 with this reason after every
-    /// message queued before it.
-    Close(Option<String>),
 }
 
 /// Why a WebSocket connection ended; the `reason` label of `topgun_connections_closed_total`.
@@ -206,11 +188,6 @@ impl Default for ConnectionMetadata {
 pub struct ConnectionHandle {
     /// The connection's id.
     pub id: ConnectionId,
-    /// Sending side of the bounded outbound queue. Not public: sending through it directly
-    /// would skip drop counting, the slow-consumer close and the size limit; use
-    /// [`try_send`](Self::try_send), [`try_enqueue`](Self::try_enqueue) or
-    /// [`send_timeout`](Self::send_timeout).
-    pub(crate) tx: mpsc::Sender<OutboundMessage>,
     /// Application-level state; an async lock because handlers hold it across awaits.
     pub metadata: Arc<RwLock<ConnectionMetadata>>,
     /// When the connection was registered.
@@ -224,15 +201,12 @@ pub struct ConnectionHandle {
 /// write paths touch it on every frame.
 #[derive(Debug)]
 struct ConnectionControl {
+    /// The bounded outbound queue and priority lane. Not public: sending through it directly
+    /// would skip drop counting, the slow-consumer close and the size limit; use
+    /// [`try_send`](ConnectionHandle::try_send), [`try_enqueue`](ConnectionHandle::try_enqueue)
+    /// or [`send_timeout`](ConnectionHandle::send_timeout).
+    queue: OutboundQueue,
     close_request: OnceLock<CloseRequest>,
-    close_requested: CancellationToken,
-    /// [`ConnectionHandle::try_send_priority`] messages waiting for the writer; allocates only
-    /// while one is queued. Kept out of the outbound queue, whose every slot would otherwise
-    /// grow by a variant tag.
-    priority: Mutex<VecDeque<Bytes>>,
-    /// Wakes the writer for a priority message (smaller than a `Notify`, and so is the
-    /// future the writer waits with).
-    priority_waker: AtomicWaker,
     max_outbound_message_size: usize,
     /// Broadcasts reach the connection only once this is set: for connections the transport
     /// accepts, after the handler's `on_connect` has returned.
@@ -278,19 +252,26 @@ impl ConnectionHandle {
         if let OutboundMessage::Binary(payload) = &msg {
             self.check_size(payload)?;
         }
-        match self.tx.try_send(msg) {
-            Ok(()) => {
-                // Read first: the common case (no drops) then never writes the shared line.
-                if self.control.consecutive_drops.load(Ordering::Relaxed) != 0 {
-                    self.control.consecutive_drops.store(0, Ordering::Relaxed);
-                }
-                Ok(())
+        let queued = self.control.queue.push(msg);
+        if queued.is_ok() {
+            // Read first: the common case (no drops) then never writes the shared line.
+            if self.control.consecutive_drops.load(Ordering::Relaxed) != 0 {
+                self.control.consecutive_drops.store(0, Ordering::Relaxed);
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        }
+        self.settle(queued)
+    }
+
+    /// Counts a refused message: a drop (towards the 1013 close) when the queue was full,
+    /// undelivered when the connection was closed.
+    fn settle(&self, queued: Result<(), Refused>) -> Result<(), SendError> {
+        match queued {
+            Ok(()) => Ok(()),
+            Err(Refused::Full) => {
                 self.record_drop();
                 Err(SendError::Full)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(Refused::Closed) => {
                 self.record_undelivered(1);
                 Err(SendError::Disconnected)
             }
@@ -337,56 +318,21 @@ impl ConnectionHandle {
     }
 
     fn enqueue_priority(&self, payload: Bytes) -> Result<(), SendError> {
-        {
-            let mut lane =
-                self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Checked under the lock: the writer closes the queue, then empties the lane under
-            // it, so a message is either refused here or found (and counted) there.
-            if !self.is_connected() {
-                drop(lane);
-                self.record_undelivered(1);
-                return Err(SendError::Disconnected);
-            }
-            if lane.len() >= Self::PRIORITY_CAPACITY {
-                drop(lane);
-                self.record_drop();
-                return Err(SendError::Full);
-            }
-            lane.push_back(payload);
+        self.settle(self.control.queue.push_priority(payload))
+    }
+
+    /// The connection's queue, for the engine and the [`OutboundReceiver`].
+    pub(crate) fn queue(&self) -> &OutboundQueue {
+        &self.control.queue
+    }
+
+    /// Closes the queue (later sends fail) and counts what it still held as undelivered.
+    pub(crate) fn close_queue(&self) {
+        let undelivered = self.control.queue.close();
+        if undelivered > 0 {
+            tracing::debug!(conn_id = %self.id, undelivered, "messages still queued at close");
+            self.record_undelivered(undelivered);
         }
-        self.control.priority_waker.wake();
-        Ok(())
-    }
-
-    /// The oldest waiting priority message, for the writer.
-    pub(crate) fn take_priority(&self) -> Option<Bytes> {
-        let mut lane =
-            self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = lane.pop_front();
-        if lane.is_empty() && lane.capacity() > 0 {
-            // Keep idle connections free of the lane's allocation.
-            *lane = VecDeque::new();
-        }
-        next
-    }
-
-    /// Completes when a priority message is waiting.
-    pub(crate) fn priority_queued(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            self.control.priority_waker.register(cx.waker());
-            let lane =
-                self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if lane.is_empty() { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-        })
-    }
-
-    /// Priority messages still waiting, counted as undelivered when the connection ends.
-    pub(crate) fn discard_priority(&self) -> u64 {
-        let mut lane =
-            self.control.priority.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let left = lane.len() as u64;
-        *lane = VecDeque::new();
-        left
     }
 
     /// Marks the connection authenticated as `principal`: sets
@@ -436,7 +382,7 @@ impl ConnectionHandle {
         let control = &self.control;
         self.record_undelivered(1);
         let in_a_row = control.consecutive_drops.fetch_add(1, Ordering::Relaxed) + 1;
-        if in_a_row >= control.max_consecutive_drops && !control.close_requested.is_cancelled() {
+        if in_a_row >= control.max_consecutive_drops && control.close_request.get().is_none() {
             tracing::info!(conn_id = %self.id, dropped = in_a_row, "closing slow consumer");
             self.close_because(
                 DisconnectReason::SlowConsumer,
@@ -465,7 +411,7 @@ impl ConnectionHandle {
         let request = CloseRequest { code, reason: reason.into() };
         if self.control.close_request.set(request).is_ok() {
             self.note_disconnect(why);
-            self.control.close_requested.cancel();
+            self.control.queue.wake_consumer();
         }
     }
 
@@ -500,15 +446,11 @@ impl ConnectionHandle {
     /// Messages waiting in the outbound queue (not counting priority messages); 0 once the
     /// connection's writer has gone.
     pub fn queued(&self) -> usize {
-        if self.tx.is_closed() { 0 } else { self.tx.max_capacity() - self.tx.capacity() }
+        self.control.queue.len()
     }
 
     pub(crate) fn close_request(&self) -> Option<&CloseRequest> {
         self.control.close_request.get()
-    }
-
-    pub(crate) fn close_requested(&self) -> &CancellationToken {
-        &self.control.close_requested
     }
 
     /// Queues `msg`, waiting up to `timeout` for space.
@@ -525,16 +467,91 @@ impl ConnectionHandle {
         if let OutboundMessage::Binary(payload) = &msg {
             self.check_size(payload)?;
         }
-        match tokio::time::timeout(timeout, self.tx.send(msg)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(SendError::Disconnected),
+        match tokio::time::timeout(timeout, self.control.queue.push_waiting(msg)).await {
+            Ok(queued) => self.settle(queued),
             Err(_) => Err(SendError::Timeout),
         }
     }
 
     /// Whether the connection's writer is still reading the queue.
     pub fn is_connected(&self) -> bool {
-        !self.tx.is_closed()
+        !self.control.queue.is_closed()
+    }
+}
+
+/// The receiving end of a connection's outbound queue, for code that writes a connection's
+/// messages itself; [`ConnectionRegistry::register`](crate::network::ConnectionRegistry::register)
+/// returns it. Shaped like a tokio `mpsc::Receiver`: [`recv`](Self::recv),
+/// [`try_recv`](Self::try_recv), [`close`](Self::close), [`len`](Self::len).
+///
+/// Priority messages ([`ConnectionHandle::try_send_priority`]) come out first, as
+/// [`OutboundMessage::Binary`]. Dropping the receiver closes the queue: later sends fail with
+/// [`SendError::Disconnected`](crate::network::SendError::Disconnected), and whatever was still
+/// queued counts as dropped.
+///
+/// ```
+/// use topgun_server::network::{ConnectionConfig, ConnectionKind, ConnectionRegistry, OutboundMessage};
+///
+/// let registry = ConnectionRegistry::new();
+/// let (conn, mut outbound) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+/// conn.try_send(OutboundMessage::Binary(vec![1].into()));
+/// conn.try_send_priority(vec![2]).unwrap();
+/// assert_eq!(outbound.try_recv(), Ok(OutboundMessage::Binary(vec![2].into())), "priority first");
+/// assert_eq!(outbound.try_recv(), Ok(OutboundMessage::Binary(vec![1].into())));
+/// drop(outbound);
+/// assert!(!conn.is_connected());
+/// ```
+#[derive(Debug)]
+pub struct OutboundReceiver {
+    conn: Arc<ConnectionHandle>,
+}
+
+impl OutboundReceiver {
+    pub(crate) fn new(conn: Arc<ConnectionHandle>) -> Self {
+        Self { conn }
+    }
+
+    /// The next message, waiting for one; `None` once the queue is closed and empty.
+    pub async fn recv(&mut self) -> Option<OutboundMessage> {
+        std::future::poll_fn(|cx| self.conn.queue().poll_next(cx)).await
+    }
+
+    /// The next message if one is queued.
+    ///
+    /// # Errors
+    ///
+    /// [`TryRecvError::Empty`] when nothing is queued, [`TryRecvError::Disconnected`] when
+    /// the queue is closed.
+    pub fn try_recv(&mut self) -> Result<OutboundMessage, TryRecvError> {
+        let queue = self.conn.queue();
+        match queue.try_next() {
+            Some(message) => Ok(message),
+            None if queue.is_closed() => Err(TryRecvError::Disconnected),
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    /// Closes the queue: later sends fail, and what is still queued counts as dropped.
+    pub fn close(&mut self) {
+        self.conn.close_queue();
+    }
+
+    /// Messages queued (priority messages not counted).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.conn.queue().len()
+    }
+
+    /// Whether no message is queued.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for OutboundReceiver {
+    fn drop(&mut self) {
+        self.conn.close_queue();
     }
 }
 
@@ -573,10 +590,10 @@ impl ConnectionRegistry {
         &self,
         kind: ConnectionKind,
         config: &ConnectionConfig,
-    ) -> (Arc<ConnectionHandle>, mpsc::Receiver<OutboundMessage>) {
-        let (handle, rx) = self.register_pending(kind, config);
+    ) -> (Arc<ConnectionHandle>, OutboundReceiver) {
+        let handle = self.register_pending(kind, config);
         handle.accept_broadcasts();
-        (handle, rx)
+        (Arc::clone(&handle), OutboundReceiver::new(handle))
     }
 
     /// Like [`register`](Self::register), but broadcasts skip the connection until
@@ -586,20 +603,19 @@ impl ConnectionRegistry {
         &self,
         kind: ConnectionKind,
         config: &ConnectionConfig,
-    ) -> (Arc<ConnectionHandle>, mpsc::Receiver<OutboundMessage>) {
-        let (tx, rx) = mpsc::channel(config.outbound_channel_capacity.max(1));
+    ) -> Arc<ConnectionHandle> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let handle = Arc::new(ConnectionHandle {
             id,
-            tx,
             metadata: Arc::new(RwLock::new(ConnectionMetadata::default())),
             connected_at: Instant::now(),
             kind,
             control: ConnectionControl {
+                queue: OutboundQueue::new(
+                    config.outbound_channel_capacity,
+                    ConnectionHandle::PRIORITY_CAPACITY,
+                ),
                 close_request: OnceLock::new(),
-                close_requested: CancellationToken::new(),
-                priority: Mutex::new(VecDeque::new()),
-                priority_waker: AtomicWaker::new(),
                 max_outbound_message_size: config.max_outbound_message_size,
                 accepting_broadcasts: AtomicBool::new(false),
                 authenticated: AtomicBool::new(false),
@@ -615,7 +631,7 @@ impl ConnectionRegistry {
         });
         self.counts_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.connections.insert(id, Arc::clone(&handle));
-        (handle, rx)
+        handle
     }
 
     /// Removes a connection. Returns its handle the first time, `None` afterwards.
@@ -718,6 +734,13 @@ impl ConnectionRegistry {
             );
         }
         outcome
+    }
+
+    /// Wakes every connection's task, to look at the shutdown state.
+    pub(crate) fn wake_all(&self) {
+        for entry in &self.connections {
+            entry.value().queue().wake_consumer();
+        }
     }
 
     /// Messages dropped on full queues, over every connection this registry has held.
@@ -839,9 +862,9 @@ mod tests {
     fn ac02_register_creates_a_bounded_channel_of_the_configured_capacity() {
         let registry = ConnectionRegistry::new();
         let (handle, _rx) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
-        assert_eq!(handle.tx.max_capacity(), 256);
+        assert_eq!(handle.queue().capacity(), 256);
         let (custom, _rx) = registry.register(ConnectionKind::Client, &config_with_capacity(8));
-        assert_eq!(custom.tx.max_capacity(), 8);
+        assert_eq!(custom.queue().capacity(), 8);
         assert_ne!(handle.id, custom.id);
     }
 
@@ -881,7 +904,7 @@ mod tests {
         let request = handle.close_request().expect("close requested");
         assert_eq!(request.code, 1013);
         assert!(request.reason.contains("3 messages dropped"), "{}", request.reason);
-        assert!(handle.close_requested().is_cancelled());
+        assert!(handle.close_request().is_some());
     }
 
     #[test]
@@ -980,7 +1003,7 @@ mod tests {
         registry: &ConnectionRegistry,
         count: usize,
         backlog: usize,
-    ) -> Vec<mpsc::Receiver<OutboundMessage>> {
+    ) -> Vec<OutboundReceiver> {
         (0..count)
             .map(|_| {
                 let (handle, rx) =

@@ -8,14 +8,16 @@
 //! task and [`NetworkModule::serve`](crate::network::NetworkModule::serve), which walks the
 //! whole sequence. Work that must finish before the process exits holds an [`InFlightGuard`].
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+
+use super::connection::ConnectionRegistry;
 
 /// Lifecycle state reported by the health endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -90,8 +92,15 @@ pub struct ShutdownController {
     shutdown_signal: watch::Sender<bool>,
     in_flight: Arc<InFlightCounter>,
     health_state: Arc<ArcSwap<HealthState>>,
+    /// Cancelled with `close_connections`: the TLS acceptor drops pending handshakes on it.
     close_connections: CancellationToken,
-    force_close: CancellationToken,
+    /// The registry whose connections this controller closes: they look at the shutdown
+    /// state only when woken, and [`close_connections`](Self::close_connections) wakes them.
+    connections: OnceLock<Weak<ConnectionRegistry>>,
+    /// The shutdown state as plain flags: every connection looks at them whenever it is
+    /// polled, and a token's own check takes its lock.
+    closing: AtomicBool,
+    forced: AtomicBool,
 }
 
 impl Default for ShutdownController {
@@ -109,7 +118,9 @@ impl ShutdownController {
             in_flight: Arc::default(),
             health_state: Arc::new(ArcSwap::from_pointee(HealthState::Starting)),
             close_connections: CancellationToken::new(),
-            force_close: CancellationToken::new(),
+            connections: OnceLock::new(),
+            closing: AtomicBool::new(false),
+            forced: AtomicBool::new(false),
         }
     }
 
@@ -205,21 +216,45 @@ impl ShutdownController {
     /// [`NetworkModule::serve`](crate::network::NetworkModule::serve) calls this after the
     /// grace period; call it yourself only when serving the router some other way.
     pub fn close_connections(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         self.close_connections.cancel();
+        self.wake_connections();
     }
 
     /// Drops every remaining WebSocket connection without further ceremony.
     pub fn force_close_connections(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.forced.store(true, Ordering::SeqCst);
         self.close_connections.cancel();
-        self.force_close.cancel();
+        self.wake_connections();
+    }
+
+    /// Whether [`close_connections`](Self::close_connections) (or the forced close) was called.
+    pub(crate) fn closing_connections(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`force_close_connections`](Self::force_close_connections) was called.
+    pub(crate) fn forcing_close(&self) -> bool {
+        self.forced.load(Ordering::SeqCst)
+    }
+
+    /// Binds the controller to the registry its connections live in (the first binding
+    /// stays); the engine does this for every connection it serves.
+    pub(crate) fn serve_registry(&self, registry: &Arc<ConnectionRegistry>) {
+        if self.connections.get().is_none() {
+            let _ = self.connections.set(Arc::downgrade(registry));
+        }
+    }
+
+    fn wake_connections(&self) {
+        if let Some(registry) = self.connections.get().and_then(Weak::upgrade) {
+            registry.wake_all();
+        }
     }
 
     pub(crate) fn close_connections_token(&self) -> &CancellationToken {
         &self.close_connections
-    }
-
-    pub(crate) fn force_close_token(&self) -> &CancellationToken {
-        &self.force_close
     }
 
     fn transition(&self, next: impl Fn(HealthState) -> Option<HealthState>) {

@@ -13,7 +13,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use topgun_server::network::{
     ConnectionConfig, ConnectionHandle, ConnectionKind, ConnectionRegistry, MetricsConfig,
-    NetworkConfig, NetworkModule, OutboundMessage, close,
+    NetworkConfig, NetworkModule, OutboundMessage, OutboundReceiver, close,
 };
 
 async fn scrape(url: String) -> String {
@@ -29,12 +29,13 @@ async fn scrape(url: String) -> String {
 }
 
 /// Connections opened and closed for known reasons, 2 messages of 10 bytes echoed, one upgrade
-/// over the limit, one forced drop (on a cluster-peer queue, returned so it stays open) and
+/// over the limit, one forced drop (on a cluster-peer queue, returned with its receiver so it
+/// stays open: a dropped receiver counts what it still holds as undelivered) and
 /// HTTP requests answered 200, 200, 404 and 415.
 async fn run_scripted_sequence(
     server: &TestServer,
     registry: &ConnectionRegistry,
-) -> Arc<ConnectionHandle> {
+) -> (Arc<ConnectionHandle>, OutboundReceiver) {
     let mut a = server.ws().await;
     let mut b = server.ws().await;
     let mut c = server.ws().await;
@@ -56,7 +57,7 @@ async fn run_scripted_sequence(
     assert_eq!(u16::from(expect_close(&mut c).await.code), close::TRY_AGAIN_LATER);
     eventually("all closed", || registry.count_by_kind(ConnectionKind::Client) == 0).await;
     // A forced drop: a peer connection whose one-slot queue is full.
-    let (peer, _queue) = registry.register(
+    let (peer, queue) = registry.register(
         ConnectionKind::ClusterPeer,
         &ConnectionConfig { outbound_channel_capacity: 1, ..Default::default() },
     );
@@ -76,7 +77,7 @@ async fn run_scripted_sequence(
         .await
         .unwrap();
 
-    peer
+    (peer, queue)
 }
 
 #[tokio::test]
@@ -93,7 +94,7 @@ async fn scraped_metrics_match_a_scripted_sequence() {
     let module = NetworkModule::new(config).with_handler(EchoHandler);
     let registry = module.registry();
     let server = TestServer::from_module(module).await;
-    let peer = run_scripted_sequence(&server, &registry).await;
+    let (peer, peer_queue) = run_scripted_sequence(&server, &registry).await;
 
     let text = scrape(server.url("/metrics")).await;
     let value = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
@@ -133,7 +134,7 @@ async fn scraped_metrics_match_a_scripted_sequence() {
     assert_eq!(value("topgun_health_state", &[("state", "draining")]), "0");
     assert_eq!(value("topgun_in_flight_operations", &[]), "0");
     assert!(value("topgun_uptime_seconds", &[]).parse::<f64>().unwrap() >= 0.0);
-    drop(peer);
+    drop((peer, peer_queue));
     server.stop().await.unwrap();
 }
 

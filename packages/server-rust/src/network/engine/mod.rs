@@ -4,38 +4,41 @@
 //! inbound:   socket → reader.rs → InboundHandler (answer_inline at once, on_message in order)
 //! outbound:  ConnectionHandle / ConnectionRegistry → queue → writer.rs → socket
 //!            (priority lane first; the rest coalesced into BATCH frames by batch.rs)
-//! shutdown:  ShutdownController tokens → writer.rs (queued messages, then Close) → reader.rs
+//! shutdown:  ShutdownController (wakes every connection of its registry) → writer.rs
+//!            (queued messages, then Close) → reader.rs
 //! ```
 //!
+//! One connection is one task and one future, [`Connection`]: it owns the socket unsplit and
+//! polls its two halves side by side, so the reader never waits for the writer nor the writer
+//! for the handler. Nothing else is allocated per connection: no second task, no channel
+//! block, no per-connection cancellation token. Everything that should make the connection
+//! act (a queued message, a close request, a shutdown) wakes it through the one waker of its
+//! [`OutboundQueue`](crate::network::queue::OutboundQueue); the task then looks at atomics.
+//!
 //! [`serve_connection`] is the connection's lifecycle, in the order a handler relies on:
-//! register (invisible to broadcasts) → writer spawned → `on_connect` → broadcasts reach it →
-//! reader until the client leaves or the server closes it → writer finishes → removed from the
-//! registry → `on_disconnect`, exactly once. The reader and the writer are tied together by
-//! two cancellation tokens: `reader_done` tells the writer the client is gone, and
-//! `force_close` (a child of the server's force-close token) stops both at once. Close requests
-//! from anywhere ([`ConnectionHandle::close_with`]) reach the writer through the connection.
+//! register (invisible to broadcasts) → `on_connect` (while its call runs, what it queues is
+//! already written and the client's messages wait for it) → broadcasts reach it → read and
+//! write until the client leaves or the server closes it → removed from the registry →
+//! `on_disconnect`, exactly once.
 
 mod reader;
 mod writer;
 
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::extract::ws::{Message, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use axum::extract::ws::WebSocket;
+use tokio::time::{Instant, Sleep};
 
 use super::config::NetworkConfig;
-use super::connection::{ConnectionHandle, ConnectionRegistry, DisconnectReason, OutboundMessage};
+use super::connection::{ConnectionHandle, ConnectionRegistry, DisconnectReason};
 use super::inbound::{InboundHandler, call_guarded};
 use super::metrics::TransportMetrics;
 use super::shutdown::ShutdownController;
 use reader::Reader;
 use writer::Writer;
-
-/// The socket's sending half, owned by the writer.
-type Sink = SplitSink<WebSocket, Message>;
 
 /// What the engine uses of the server, the same for every connection (all shared pointers).
 #[derive(Clone)]
@@ -51,42 +54,23 @@ pub(crate) struct Shared {
 pub(crate) async fn serve_connection(
     state: &Shared,
     conn: &Arc<ConnectionHandle>,
-    sink: Sink,
-    stream: SplitStream<WebSocket>,
-    outbound: mpsc::Receiver<OutboundMessage>,
+    socket: WebSocket,
 ) {
     tracing::debug!("connected");
-    let force_close = state.shutdown.force_close_token().child_token();
-    let reader_done = CancellationToken::new();
-    let writer = tokio::spawn(
-        Writer {
-            conn: Arc::clone(conn),
-            config: Arc::clone(&state.config),
-            force_close: force_close.clone(),
-            reader_done: reader_done.clone(),
-            server_closing: state.shutdown.close_connections_token().clone(),
-            metrics: Arc::clone(&state.metrics),
-        }
-        .run(sink, outbound)
-        .in_current_span(),
-    );
+    state.shutdown.serve_registry(&state.registry);
+    let mut connection = Connection {
+        socket,
+        reader: Reader::new(conn, state),
+        writer: Writer::new(conn, state),
+        forced: false,
+    };
+    let mut timer = pin!(tokio::time::sleep_until(connection.writer.deadline()));
+    poll_fn(|cx| connection.poll_run(cx, timer.as_mut())).await;
+    drop(connection);
 
-    {
-        let _in_flight = state.shutdown.in_flight_guard();
-        call_guarded("on_connect", state.handler.on_connect(conn)).await;
-    }
-    // Only now: whatever the handler queued in `on_connect` (an AUTH_REQUIRED, a welcome)
-    // is the first thing the client receives.
-    conn.accept_broadcasts();
-    Reader { conn, state, force_close: &force_close }.run(stream).await;
-    reader_done.cancel();
-
-    // The writer ends promptly once the reader is done: it only finishes a close frame,
-    // itself bounded by `send_timeout`.
-    if let Err(err) = writer.await {
-        tracing::error!(%err, "websocket writer task failed");
-    }
-    if state.shutdown.force_close_token().is_cancelled() {
+    // Nothing reads the queue any more: later sends fail, leftovers count as undelivered.
+    conn.close_queue();
+    if state.shutdown.forcing_close() {
         conn.note_disconnect(DisconnectReason::Shutdown);
     }
     let reason = conn.disconnect_reason();
@@ -96,4 +80,59 @@ pub(crate) async fn serve_connection(
         call_guarded("on_disconnect", state.handler.on_disconnect(conn)).await;
     }
     tracing::debug!(reason = reason.as_str(), dropped = conn.dropped_messages(), "disconnected");
+}
+
+/// One connection's socket and its two halves.
+struct Connection<'a> {
+    socket: WebSocket,
+    reader: Reader<'a>,
+    writer: Writer<'a>,
+    /// The server's drain deadline passed: nothing more is read or written.
+    forced: bool,
+}
+
+impl Connection<'_> {
+    /// Makes whatever progress the socket, the handler and the queue allow; ready once the
+    /// reader and the writer are both finished.
+    fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+        // Registered before anything is looked at, so a message, close request or shutdown
+        // that lands meanwhile wakes the task again.
+        self.writer.register(cx);
+        if !self.forced && self.writer.force_closed() {
+            self.forced = true;
+            self.reader.stop();
+            self.writer.abandon();
+        }
+        let mut reader_done = self.reader.poll_read(&mut self.socket, cx).is_ready();
+        let writer_done = self.forced || {
+            let done = self.writer.poll_write(&mut self.socket, cx, reader_done).is_ready();
+            if done && !reader_done {
+                // The writer has closed the connection or given up on it: finish the
+                // handler call in progress, read and handle nothing more.
+                self.reader.stop();
+                reader_done = self.reader.poll_read(&mut self.socket, cx).is_ready();
+            }
+            done
+        };
+        if reader_done && writer_done {
+            return Poll::Ready(());
+        }
+        if !writer_done {
+            let deadline = self.writer.deadline();
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                // A deadline is due: let the writer act on it in a fresh poll.
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// The instant after which nothing is due: the timer's resting deadline.
+fn far_future() -> Instant {
+    // About 30 years, as tokio's own `Instant::far_future`.
+    Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30)
 }

@@ -9,14 +9,14 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::ws::{Message, WebSocket};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::Stream;
 use futures_util::future::{BoxFuture, CatchUnwind};
-use futures_util::stream::SplitStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::network::close;
 use crate::network::connection::{ConnectionHandle, DisconnectReason};
@@ -25,16 +25,21 @@ use crate::network::shutdown::InFlightGuard;
 
 use super::Shared;
 
+/// The socket's reading half and the handler calls it feeds.
 pub(super) struct Reader<'a> {
-    pub(super) conn: &'a Arc<ConnectionHandle>,
-    pub(super) state: &'a Shared,
-    pub(super) force_close: &'a CancellationToken,
+    conn: &'a Arc<ConnectionHandle>,
+    state: &'a Shared,
+    /// The handler call in progress: `on_connect` first, then one `on_message` at a time.
+    call: Option<Call<'a>>,
+    ahead: ReadAhead,
+    reading: bool,
 }
 
-/// The `on_message` call in progress: the handler's own boxed future (no allocation of ours),
+/// A handler call in progress: the handler's own boxed future (no allocation of ours),
 /// counted as in-flight work while it lives.
-struct Dispatch<'a> {
-    call: CatchUnwind<AssertUnwindSafe<BoxFuture<'a, ()>>>,
+struct Call<'a> {
+    future: CatchUnwind<AssertUnwindSafe<BoxFuture<'a, ()>>>,
+    connect: bool,
     _in_flight: InFlightGuard,
 }
 
@@ -58,63 +63,102 @@ impl ReadAhead {
     fn pop(&mut self) -> Option<Bytes> {
         let payload = self.messages.pop_front()?;
         self.bytes -= payload.len();
+        if self.messages.is_empty() {
+            // Keep a quiet connection free of the buffer.
+            self.messages = VecDeque::new();
+        }
         Some(payload)
     }
 }
 
-impl Reader<'_> {
-    /// Reads until the client leaves, the read fails or the connection is force-closed, then
-    /// finishes the handler call in progress (and, unless force-closed, the messages already
-    /// read) before returning.
-    pub(super) async fn run(self, mut stream: SplitStream<WebSocket>) {
-        let mut current: Option<Dispatch<'_>> = None;
-        let mut ahead = ReadAhead::default();
-        let mut reading = true;
+impl<'a> Reader<'a> {
+    /// A reader whose first handler call, `on_connect`, is already under way; broadcasts
+    /// reach the connection once it has returned.
+    pub(super) fn new(conn: &'a Arc<ConnectionHandle>, state: &'a Shared) -> Self {
+        conn.set_handler_busy(true);
+        let call = Call {
+            future: guarded(state.handler.on_connect(conn)),
+            connect: true,
+            _in_flight: state.shutdown.in_flight_guard(),
+        };
+        Self { conn, state, call: Some(call), ahead: ReadAhead::default(), reading: true }
+    }
+
+    /// Reads what the socket has, answers inline what the handler answers inline, and drives
+    /// the handler call in progress. Ready once the client has gone (or [`stop`](Self::stop)
+    /// was called) and every call has finished.
+    pub(super) fn poll_read(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let busy = current.is_some();
-            if !busy {
-                if let Some(next) = ahead.pop() {
-                    current = Some(self.dispatch(next));
-                    continue;
-                }
-                if !reading {
-                    return;
-                }
+            if let Some(call) = &mut self.call
+                && let Poll::Ready(result) = Pin::new(&mut call.future).poll(cx)
+            {
+                let connect = call.connect;
+                self.call = None;
+                self.finished(connect, result.is_err());
             }
-            tokio::select! {
-                biased;
-                () = self.force_close.cancelled(), if reading => {
-                    reading = false;
-                    if !ahead.messages.is_empty() {
-                        tracing::debug!(dropped = ahead.messages.len(), "inbound messages not handled: connection force-closed");
-                        ahead = ReadAhead::default();
-                    }
-                }
-                result = async { (&mut current.as_mut().expect("busy").call).await }, if busy => {
-                    current = None;
-                    // The client's silence while the handler worked was not the client's doing.
-                    self.conn.touch();
-                    self.conn.set_handler_busy(false);
-                    if report_panic("on_message", result).is_none() {
-                        self.conn.close_because(DisconnectReason::Error, close::INTERNAL_ERROR, close::HANDLER_FAILED_REASON);
-                    }
-                }
-                next = stream.next(), if reading && ahead.has_room() => {
-                    let Some(Ok(message)) = next else {
-                        if let Some(Err(err)) = next {
-                            self.read_failed(&err);
+            if self.call.is_none()
+                && let Some(next) = self.ahead.pop()
+            {
+                self.call = Some(self.dispatch(next));
+                continue;
+            }
+            if self.reading && self.ahead.has_room() {
+                match Pin::new(&mut *socket).poll_next(cx) {
+                    Poll::Ready(Some(Ok(message))) => {
+                        if let Some(payload) = self.accept(message) {
+                            self.ahead.push(payload);
                         }
-                        reading = false;
                         continue;
-                    };
-                    let Some(payload) = self.accept(message) else { continue };
-                    if busy {
-                        ahead.push(payload);
-                    } else {
-                        current = Some(self.dispatch(payload));
                     }
+                    Poll::Ready(Some(Err(err))) => {
+                        self.read_failed(&err);
+                        self.reading = false;
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        self.reading = false;
+                        continue;
+                    }
+                    Poll::Pending => {}
                 }
             }
+            break;
+        }
+        if !self.reading && self.call.is_none() && self.ahead.messages.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Reads nothing more and drops the messages read but not handled; the call in progress
+    /// still finishes.
+    pub(super) fn stop(&mut self) {
+        self.reading = false;
+        if !self.ahead.messages.is_empty() {
+            tracing::debug!(
+                dropped = self.ahead.messages.len(),
+                "inbound messages not handled: connection closed"
+            );
+            self.ahead = ReadAhead::default();
+        }
+    }
+
+    fn finished(&self, connect: bool, panicked: bool) {
+        // The client's silence while the handler worked was not the client's doing.
+        self.conn.touch();
+        self.conn.set_handler_busy(false);
+        if connect {
+            // Only now: whatever the handler queued in `on_connect` (an AUTH_REQUIRED, a
+            // welcome) is the first thing the client receives.
+            self.conn.accept_broadcasts();
+            report_panic("on_connect", if panicked { Err(()) } else { Ok(()) });
+        } else if report_panic("on_message", if panicked { Err(()) } else { Ok(()) }).is_none() {
+            self.conn.close_because(
+                DisconnectReason::Error,
+                close::INTERNAL_ERROR,
+                close::HANDLER_FAILED_REASON,
+            );
         }
     }
 
@@ -124,8 +168,8 @@ impl Reader<'_> {
         self.conn.touch();
         // Once a close is under way, data is discarded; reading goes on only so the
         // client's close acknowledgement is seen.
-        let closing = self.conn.close_requested().is_cancelled()
-            || self.state.shutdown.close_connections_token().is_cancelled();
+        let closing =
+            self.conn.close_request().is_some() || self.state.shutdown.closing_connections();
         match message {
             Message::Binary(payload) if !closing => {
                 self.state.metrics.messages_received.increment(1);
@@ -172,11 +216,12 @@ impl Reader<'_> {
     }
 
     /// Starts one `on_message` call, counted as in-flight work.
-    fn dispatch(&self, payload: Bytes) -> Dispatch<'_> {
+    fn dispatch(&self, payload: Bytes) -> Call<'a> {
         self.conn.set_handler_busy(true);
-        Dispatch {
+        Call {
+            future: guarded(self.state.handler.on_message(self.conn, payload)),
+            connect: false,
             _in_flight: self.state.shutdown.in_flight_guard(),
-            call: guarded(self.state.handler.on_message(self.conn, payload)),
         }
     }
 

@@ -8,7 +8,7 @@ use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use http::header::{RETRY_AFTER, UPGRADE};
 use http::{HeaderMap, StatusCode};
 use tracing::Instrument;
@@ -88,13 +88,11 @@ fn unavailable(reason: &'static str) -> Response {
 }
 
 /// Runs one upgraded connection to its end: registers it, then hands it to the engine, which
-/// spawns the writer, reads until the client leaves or the server closes it, and removes it
+/// reads and writes until the client leaves or the server closes it, and removes it
 /// from the registry exactly once.
 ///
-/// Every open connection holds this future and its writer's, so both are kept small: the
-/// socket is split before the future is built, and rarely taken paths are boxed.
+/// Every open connection holds this future (one task per connection), so it is kept small.
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
-    let (sink, stream) = socket.split();
     let shared = Shared {
         registry: state.registry,
         shutdown: state.shutdown,
@@ -103,10 +101,10 @@ pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output =
         metrics: state.metrics,
     };
     async move {
-        let (conn, outbound) =
+        let conn =
             shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
         let span = tracing::info_span!("conn", id = %conn.id);
         shared.metrics.connection_opened(conn.kind);
-        serve_connection(&shared, &conn, sink, stream, outbound).instrument(span).await;
+        serve_connection(&shared, &conn, socket).instrument(span).await;
     }
 }
