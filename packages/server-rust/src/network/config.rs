@@ -219,10 +219,10 @@ pub struct ConnectionConfig {
     /// included, counts as activity. Must be shorter than `idle_timeout`. Default: 20 s.
     pub ping_interval: Duration,
     /// Size of each connection's WebSocket read buffer, and so the most read from the socket
-    /// in one system call; a larger message still arrives whole, over several reads. Every
-    /// open connection holds one, so it dominates the memory of idle connections: raise it
-    /// for peers that mostly send large messages. Default: 2 KiB (tungstenite's own default
-    /// is 128 KiB).
+    /// in one system call; a larger message still arrives whole, over several reads (a 1 MiB
+    /// message takes 1 024 reads at the default). Every open connection holds one, so it is
+    /// the largest single cost of an idle connection: raise it for peers that mostly send
+    /// large messages. Default: 1 KiB (tungstenite's own default is 128 KiB).
     pub ws_read_buffer_size: usize,
     /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
     pub ws_write_buffer_size: usize,
@@ -271,7 +271,7 @@ impl Default for ConnectionConfig {
             send_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(20),
-            ws_read_buffer_size: 2048,
+            ws_read_buffer_size: 1024,
             ws_write_buffer_size: 131_072,
             ws_max_write_buffer_size: 524_288,
             max_batch_messages: 256,

@@ -25,15 +25,18 @@ mod reader;
 mod writer;
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::ws::WebSocket;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
 
 use super::config::NetworkConfig;
-use super::connection::{ConnectionHandle, ConnectionRegistry, DisconnectReason};
+use super::connection::{ConnectionHandle, ConnectionKind, ConnectionRegistry, DisconnectReason};
 use super::inbound::{InboundHandler, call_guarded};
 use super::metrics::TransportMetrics;
 use super::shutdown::ShutdownController;
@@ -50,41 +53,69 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<TransportMetrics>,
 }
 
-/// Runs one registered connection to its end.
-pub(crate) async fn serve_connection(
-    state: &Shared,
-    conn: &Arc<ConnectionHandle>,
+/// Registers an upgraded socket and returns the future that serves it to its end, holding
+/// `slot` (its place under `max_connections`) until then.
+///
+/// Every open connection is this future, so what it owns is moved in once, here, and used in
+/// place: the socket is not moved again once the future runs.
+pub(crate) fn run(
+    shared: Shared,
     socket: WebSocket,
-) {
-    tracing::debug!("connected");
-    state.shutdown.serve_registry(&state.registry);
-    let mut connection = Connection {
-        socket,
-        reader: Reader::new(conn, state),
-        writer: Writer::new(conn, state),
-        forced: false,
-    };
-    let mut timer = pin!(tokio::time::sleep_until(connection.writer.deadline()));
-    poll_fn(|cx| connection.poll_run(cx, timer.as_mut())).await;
-    drop(connection);
+    slot: Option<OwnedSemaphorePermit>,
+    peer: Option<SocketAddr>,
+) -> impl Future<Output = ()> + Send {
+    let conn = shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
+    shared.metrics.connection_opened(conn.kind);
+    let span = tracing::info_span!("conn", id = %conn.id, peer = peer.map(tracing::field::display));
+    serve(shared, conn, socket, slot).instrument(span)
+}
 
-    // Nothing reads the queue any more: later sends fail, leftovers count as undelivered.
-    conn.close_queue();
-    if state.shutdown.forcing_close() {
-        conn.note_disconnect(DisconnectReason::Shutdown);
+/// The connection's lifecycle; see the module docs.
+#[allow(clippy::manual_async_fn)] // an `async fn` would keep a second copy of each argument
+fn serve(
+    state: Shared,
+    conn: Arc<ConnectionHandle>,
+    mut socket: WebSocket,
+    slot: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        tracing::debug!("connected");
+        state.shutdown.serve_registry(&state.registry);
+        {
+            let mut connection = Connection {
+                socket: &mut socket,
+                reader: Reader::new(&conn, &state),
+                writer: Writer::new(&conn, &state),
+                forced: false,
+            };
+            let mut timer = pin!(tokio::time::sleep_until(connection.writer.deadline()));
+            poll_fn(|cx| connection.poll_run(cx, timer.as_mut())).await;
+        }
+        drop(socket);
+
+        // Nothing reads the queue any more: later sends fail, leftovers count as undelivered.
+        conn.close_queue();
+        if state.shutdown.forcing_close() {
+            conn.note_disconnect(DisconnectReason::Shutdown);
+        }
+        let reason = conn.disconnect_reason();
+        if state.registry.remove(conn.id).is_some() {
+            state.metrics.connection_closed(conn.kind, reason);
+            let _in_flight = state.shutdown.in_flight_guard();
+            call_guarded("on_disconnect", state.handler.on_disconnect(&conn)).await;
+        }
+        tracing::debug!(
+            reason = reason.as_str(),
+            dropped = conn.dropped_messages(),
+            "disconnected"
+        );
+        drop(slot);
     }
-    let reason = conn.disconnect_reason();
-    if state.registry.remove(conn.id).is_some() {
-        state.metrics.connection_closed(conn.kind, reason);
-        let _in_flight = state.shutdown.in_flight_guard();
-        call_guarded("on_disconnect", state.handler.on_disconnect(conn)).await;
-    }
-    tracing::debug!(reason = reason.as_str(), dropped = conn.dropped_messages(), "disconnected");
 }
 
 /// One connection's socket and its two halves.
 struct Connection<'a> {
-    socket: WebSocket,
+    socket: &'a mut WebSocket,
     reader: Reader<'a>,
     writer: Writer<'a>,
     /// The server's drain deadline passed: nothing more is read or written.
@@ -103,14 +134,14 @@ impl Connection<'_> {
             self.reader.stop();
             self.writer.abandon();
         }
-        let mut reader_done = self.reader.poll_read(&mut self.socket, cx).is_ready();
+        let mut reader_done = self.reader.poll_read(self.socket, cx).is_ready();
         let writer_done = self.forced || {
-            let done = self.writer.poll_write(&mut self.socket, cx, reader_done).is_ready();
+            let done = self.writer.poll_write(self.socket, cx, reader_done).is_ready();
             if done && !reader_done {
                 // The writer has closed the connection or given up on it: finish the
                 // handler call in progress, read and handle nothing more.
                 self.reader.stop();
-                reader_done = self.reader.poll_read(&mut self.socket, cx).is_ready();
+                reader_done = self.reader.poll_read(self.socket, cx).is_ready();
             }
             done
         };

@@ -8,14 +8,11 @@ use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::FutureExt;
 use http::header::{RETRY_AFTER, UPGRADE};
 use http::{HeaderMap, StatusCode};
-use tracing::Instrument;
 
 use super::AppState;
-use crate::network::connection::ConnectionKind;
-use crate::network::engine::{Shared, serve_connection};
+use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
 
 /// `GET /ws`: upgrades to a WebSocket configured from
@@ -69,8 +66,8 @@ fn upgrade(state: AppState, peer: Option<SocketAddr>, ws: WebSocketUpgrade) -> R
         );
         return unavailable("connection limit reached");
     };
-    let span = tracing::info_span!("ws", peer = peer.map(tracing::field::display));
     let config = &state.config.connection;
+    let shared = Shared::from(&state);
     ws.read_buffer_size(config.ws_read_buffer_size)
         .write_buffer_size(config.ws_write_buffer_size)
         .max_write_buffer_size(config.write_buffer_limit())
@@ -78,9 +75,19 @@ fn upgrade(state: AppState, peer: Option<SocketAddr>, ws: WebSocketUpgrade) -> R
         .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"))
         // The slot is released when the connection's future completes.
-        .on_upgrade(move |socket| {
-            handle_socket(socket, state).inspect(move |()| drop(slot)).instrument(span)
-        })
+        .on_upgrade(move |socket| engine::run(shared, socket, Some(slot), peer))
+}
+
+impl From<&AppState> for Shared {
+    fn from(state: &AppState) -> Self {
+        Self {
+            registry: Arc::clone(&state.registry),
+            shutdown: Arc::clone(&state.shutdown),
+            config: Arc::clone(&state.config),
+            handler: Arc::clone(&state.handler),
+            metrics: Arc::clone(&state.metrics),
+        }
+    }
 }
 
 fn unavailable(reason: &'static str) -> Response {
@@ -88,23 +95,10 @@ fn unavailable(reason: &'static str) -> Response {
 }
 
 /// Runs one upgraded connection to its end: registers it, then hands it to the engine, which
-/// reads and writes until the client leaves or the server closes it, and removes it
-/// from the registry exactly once.
+/// reads and writes until the client leaves or the server closes it, and removes it from the
+/// registry exactly once.
 ///
 /// Every open connection holds this future (one task per connection), so it is kept small.
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
-    let shared = Shared {
-        registry: state.registry,
-        shutdown: state.shutdown,
-        config: state.config,
-        handler: state.handler,
-        metrics: state.metrics,
-    };
-    async move {
-        let conn =
-            shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
-        let span = tracing::info_span!("conn", id = %conn.id);
-        shared.metrics.connection_opened(conn.kind);
-        serve_connection(&shared, &conn, socket).instrument(span).await;
-    }
+    engine::run(Shared::from(&state), socket, None, None)
 }
