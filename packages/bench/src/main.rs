@@ -408,6 +408,12 @@ impl Server {
         bail!("the server exited without its OFFERED line")
     }
 
+    /// CPU time (user + system) the server process has used so far.
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        let pid = self.child.id().context("server exited")?;
+        cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+    }
+
     /// Current and peak resident memory of the server process, in bytes.
     fn memory(&self) -> anyhow::Result<(u64, u64)> {
         let pid = self.child.id().context("server exited")?;
@@ -549,6 +555,22 @@ async fn idle(peer: Peer, connections: usize) -> anyhow::Result<Row> {
         .with("handshakes_per_sec", per_second(connections, took)))
 }
 
+/// User plus system CPU time from a `/proc/<pid>/stat` line (clock ticks of 10 ms).
+fn cpu_time(stat: &str) -> anyhow::Result<Duration> {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks = |index: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(index).context("stat field")?.parse()?)
+    };
+    // utime and stime are the 14th and 15th fields, the 12th and 13th after the name.
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// CPU time this process (the clients) has used so far.
+fn own_cpu() -> anyhow::Result<Duration> {
+    cpu_time(&std::fs::read_to_string("/proc/self/stat")?)
+}
+
 fn now_nanos() -> u64 {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)
@@ -563,7 +585,9 @@ struct Received {
 }
 
 /// Reads until `expected` messages arrived, the server closed, or `quiet` passed in silence.
-async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> Received {
+/// Hands the connection back rather than closing it: clients that finish first must not load
+/// the server with their closes while it still delivers to the others.
+async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> (Received, Ws) {
     let mut seen = Received { latencies_us: Vec::with_capacity(expected), ..Received::default() };
     while seen.messages < expected {
         let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await else {
@@ -583,7 +607,7 @@ async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> Received {
             }
         }
     }
-    seen
+    (seen, ws)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -646,15 +670,22 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         "cooperative": sender == Sender::Cooperative,
     });
     let started = Instant::now();
+    let cpu_before = (server.cpu().unwrap_or_default(), own_cpu()?);
     control.send(Message::Binary(rmp_serde::to_vec_named(&request)?.into())).await?;
     let mut total = Received::default();
+    let mut finished = Vec::with_capacity(receivers.len());
     for receiver in receivers {
-        let seen = receiver.await?;
+        let (seen, ws) = receiver.await?;
+        finished.push(ws);
         total.messages += seen.messages;
         total.frames += seen.frames;
         total.latencies_us.extend(seen.latencies_us);
     }
     let elapsed = started.elapsed();
+    drop(finished);
+    // The floor server may have exited already (it sends, then leaves): no figure then.
+    let server_cpu = server.cpu().ok().map(|cpu| cpu.saturating_sub(cpu_before.0));
+    let client_cpu = own_cpu()?.saturating_sub(cpu_before.1);
     // The floor server exits once it has sent everything and counts nothing.
     let peak = server.memory().ok().map(|(_, peak)| peak / (1 << 20));
     let counted = if counts_drops {
@@ -693,6 +724,8 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         .with("p99_ms", percentile(&total.latencies_us, 0.99))
         .with("max_ms", percentile(&total.latencies_us, 1.0))
         .with("frames_per_message", (frames_per_message * 1000.0).round() / 1000.0)
+        .with("server_cpu_ms", server_cpu.map(|cpu| u64::try_from(cpu.as_millis()).unwrap_or(0)))
+        .with("client_cpu_ms", u64::try_from(client_cpu.as_millis()).unwrap_or(0))
         .with("server_peak_rss_mib", peak))
 }
 

@@ -809,6 +809,8 @@ impl ConnectionRegistry {
         tokio::task::yield_now().await;
         let tolerated = outcome.queued / 100 + 1;
         let deadline = tokio::time::Instant::now() + Self::COOPERATIVE_MAX_WAIT;
+        // Soon at first, then less often: every look walks the lagging queues.
+        let mut recheck = Duration::from_millis(1);
         while lagging.len() > tolerated {
             if tokio::time::Instant::now() >= deadline {
                 for handle in &lagging {
@@ -816,7 +818,8 @@ impl ConnectionRegistry {
                 }
                 break;
             }
-            tokio::time::sleep(Self::COOPERATIVE_RECHECK).await;
+            tokio::time::sleep(recheck).await;
+            recheck = (recheck * 2).min(Self::COOPERATIVE_RECHECK_MAX);
             lagging.retain(|handle| handle.queued() > Self::COOPERATIVE_BACKLOG);
         }
         outcome
@@ -828,9 +831,9 @@ impl ConnectionRegistry {
     /// Longest [`broadcast_cooperative`](Self::broadcast_cooperative) waits for lagging
     /// recipients before it returns anyway.
     pub const COOPERATIVE_MAX_WAIT: Duration = Duration::from_millis(250);
-    /// How often a waiting [`broadcast_cooperative`](Self::broadcast_cooperative) looks at
-    /// the lagging queues again.
-    const COOPERATIVE_RECHECK: Duration = Duration::from_millis(1);
+    /// The longest a waiting [`broadcast_cooperative`](Self::broadcast_cooperative) goes
+    /// without looking at the lagging queues again (it starts at 1 ms and doubles).
+    const COOPERATIVE_RECHECK_MAX: Duration = Duration::from_millis(8);
 
     /// Removes and returns every connection, for shutdown.
     ///

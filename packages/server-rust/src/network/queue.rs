@@ -11,7 +11,7 @@
 //! for code that drives a connection itself rather than through the transport's engine.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
@@ -39,6 +39,9 @@ pub(crate) struct OutboundQueue {
     lanes: Mutex<Lanes>,
     /// Set once, under the lock; read without it by `is_connected`.
     closed: AtomicBool,
+    /// `lanes.messages.len()`, kept under the lock and read without it: waiting broadcasts
+    /// look at thousands of queues.
+    queued: AtomicUsize,
     /// The task that drains the queue: woken for every message, priority message and close.
     consumer: AtomicWaker,
     /// Senders waiting for space (`send_timeout`); notified when a full queue is drained.
@@ -52,6 +55,7 @@ impl OutboundQueue {
         Self {
             lanes: Mutex::new(Lanes::default()),
             closed: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
             consumer: AtomicWaker::new(),
             space: Notify::new(),
             capacity: capacity.max(1),
@@ -84,6 +88,7 @@ impl OutboundQueue {
                 return Err((Refused::Full, message));
             }
             lanes.messages.push_back(message);
+            self.queued.store(lanes.messages.len(), Ordering::Relaxed);
         }
         self.consumer.wake();
         Ok(())
@@ -122,7 +127,11 @@ impl OutboundQueue {
 
     /// Everything queued, in order, leaving the queue empty (and unallocated).
     pub(crate) fn take_all(&self) -> VecDeque<OutboundMessage> {
-        let taken = std::mem::take(&mut self.lock().messages);
+        let taken = {
+            let mut lanes = self.lock();
+            self.queued.store(0, Ordering::Relaxed);
+            std::mem::take(&mut lanes.messages)
+        };
         if taken.len() >= self.capacity {
             self.space.notify_waiters();
         }
@@ -140,7 +149,7 @@ impl OutboundQueue {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.lock().messages.len()
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -156,6 +165,7 @@ impl OutboundQueue {
             let left = lanes.priority.len()
                 + lanes.messages.iter().filter(|m| matches!(m, OutboundMessage::Binary(_))).count();
             *lanes = Lanes::default();
+            self.queued.store(0, Ordering::Relaxed);
             left as u64
         };
         self.space.notify_waiters();
@@ -190,6 +200,7 @@ impl OutboundQueue {
         }
         let was_full = lanes.messages.len() >= self.capacity;
         let next = lanes.messages.pop_front();
+        self.queued.store(lanes.messages.len(), Ordering::Relaxed);
         drop(lanes);
         if was_full {
             self.space.notify_waiters();
