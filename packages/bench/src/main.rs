@@ -38,7 +38,7 @@ struct Args {
     scenario: Scenario,
     /// Extra arguments for every `bench-server` started, e.g. `--server-arg=--read-buffer=131072`.
     #[arg(long = "server-arg", global = true)]
-    server_args: Vec<String>,
+    passed_to_server: Vec<String>,
     /// Which server the WebSocket scenarios drive: the transport, or the Node.js `ws` server
     /// of `packages/bench/node` (run `npm ci` there first).
     #[arg(long, global = true, value_enum, default_value_t = Peer::Transport)]
@@ -147,7 +147,7 @@ impl Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    SERVER_ARGS.set(args.server_args.clone()).ok();
+    SERVER_ARGS.set(args.passed_to_server.clone()).ok();
     let peer = args.server;
     let scenarios = match args.scenario {
         Scenario::All => vec![

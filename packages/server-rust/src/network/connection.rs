@@ -818,7 +818,7 @@ impl ConnectionRegistry {
                 }
                 break;
             }
-            tokio::time::sleep(recheck).await;
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + recheck)).await;
             recheck = (recheck * 2).min(Self::COOPERATIVE_RECHECK_MAX);
             lagging.retain(|handle| handle.queued() > Self::COOPERATIVE_BACKLOG);
         }

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 /// Why a message was not queued (before the handle's policy turns it into a
 /// [`SendError`](crate::network::SendError)).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
     Full,
     Closed,

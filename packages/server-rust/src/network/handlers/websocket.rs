@@ -67,26 +67,22 @@ fn upgrade(state: AppState, peer: Option<SocketAddr>, ws: WebSocketUpgrade) -> R
         return unavailable("connection limit reached");
     };
     let config = &state.config.connection;
-    let shared = Shared::from(&state);
-    ws.read_buffer_size(config.ws_read_buffer_size)
+    let ws = ws
+        .read_buffer_size(config.ws_read_buffer_size)
         .write_buffer_size(config.ws_write_buffer_size)
         .max_write_buffer_size(config.write_buffer_limit())
         .max_message_size(config.max_message_size)
         .max_frame_size(config.max_frame_size)
-        .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"))
-        // The slot is released when the connection's future completes.
-        .on_upgrade(move |socket| engine::run(shared, socket, Some(slot), peer))
+        .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"));
+    let shared = Shared::from(state);
+    // The slot is released when the connection's future completes.
+    ws.on_upgrade(move |socket| engine::run(shared, socket, Some(slot), peer))
 }
 
-impl From<&AppState> for Shared {
-    fn from(state: &AppState) -> Self {
-        Self {
-            registry: Arc::clone(&state.registry),
-            shutdown: Arc::clone(&state.shutdown),
-            config: Arc::clone(&state.config),
-            handler: Arc::clone(&state.handler),
-            metrics: Arc::clone(&state.metrics),
-        }
+impl From<AppState> for Shared {
+    fn from(state: AppState) -> Self {
+        let AppState { registry, shutdown, config, handler, metrics, .. } = state;
+        Self { registry, shutdown, config, handler, metrics }
     }
 }
 
@@ -100,5 +96,5 @@ fn unavailable(reason: &'static str) -> Response {
 ///
 /// Every open connection holds this future (one task per connection), so it is kept small.
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
-    engine::run(Shared::from(&state), socket, None, None)
+    engine::run(Shared::from(state), socket, None, None)
 }
