@@ -1119,6 +1119,23 @@ mod tests {
         assert_eq!(std::mem::size_of::<OutboundMessage>(), std::mem::size_of::<Bytes>());
     }
 
+    #[tokio::test]
+    async fn the_receiver_hands_out_messages_and_its_drop_counts_what_it_still_held() {
+        let registry = ConnectionRegistry::new();
+        let (handle, mut rx) =
+            registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+        for byte in 1..=3 {
+            assert!(handle.try_send(binary(byte)));
+        }
+        assert_eq!(rx.len(), 3);
+        assert_eq!(rx.recv().await, Some(binary(1)));
+        drop(rx);
+        assert!(!handle.is_connected());
+        assert_eq!(handle.dropped_messages(), 2, "the two messages never read");
+        assert_eq!(handle.try_enqueue(binary(4)), Err(SendError::Disconnected));
+        assert_eq!(registry.dropped_messages_total(), 3);
+    }
+
     #[test]
     fn metadata_starts_unauthenticated() {
         let registry = ConnectionRegistry::new();

@@ -238,3 +238,56 @@ pub enum OutboundMessage {
     /// message queued before it.
     Close(Option<String>),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary(byte: u8) -> OutboundMessage {
+        OutboundMessage::Binary(Bytes::from(vec![byte]))
+    }
+
+    #[test]
+    fn an_emptied_queue_holds_no_allocation() {
+        let queue = OutboundQueue::new(256, 16);
+        for byte in 0..100 {
+            queue.push(binary(byte)).unwrap();
+        }
+        queue.push_priority(Bytes::from_static(b"p")).unwrap();
+        assert_eq!(queue.take_all().len(), 100);
+        assert_eq!(queue.take_priority(), Some(Bytes::from_static(b"p")));
+        let lanes = queue.lock();
+        assert_eq!((lanes.messages.capacity(), lanes.priority.capacity()), (0, 0));
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_and_reports_what_it_held() {
+        let queue = OutboundQueue::new(4, 1);
+        queue.push(binary(1)).unwrap();
+        queue.push(OutboundMessage::Close(None)).unwrap();
+        queue.push_priority(Bytes::from_static(b"p")).unwrap();
+        assert_eq!(queue.push_priority(Bytes::from_static(b"q")), Err(Refused::Full));
+        assert_eq!(
+            queue.close(),
+            2,
+            "one message and one priority message; the close request is not one"
+        );
+        assert_eq!(queue.push(binary(2)), Err(Refused::Closed));
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_sender_gets_in_once_the_queue_is_drained() {
+        let queue = std::sync::Arc::new(OutboundQueue::new(1, 1));
+        queue.push(binary(1)).unwrap();
+        let waiting = tokio::spawn({
+            let queue = std::sync::Arc::clone(&queue);
+            async move { queue.push_waiting(binary(2)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the queue is full");
+        assert_eq!(queue.take_all().len(), 1);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(queue.take_all(), [binary(2)]);
+    }
+}

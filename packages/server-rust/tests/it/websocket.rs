@@ -251,6 +251,47 @@ async fn a_thousand_connect_disconnect_cycles_leave_no_connection_and_no_task() 
     server.stop().await.unwrap();
 }
 
+/// Holds `on_message` until released.
+#[derive(Default)]
+struct Stalled {
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl InboundHandler for Stalled {
+    async fn on_message(&self, _conn: &Arc<ConnectionHandle>, _payload: Bytes) {
+        self.release.notified().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_is_one_task_and_a_busy_handler_does_not_hold_back_its_messages() {
+    let stalled = Arc::new(Stalled::default());
+    let server = TestServer::with_handler(test_config(), Arc::clone(&stalled)).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(server.ws().await);
+    }
+    eventually("one task per connection, nothing else left running", || {
+        metrics.num_alive_tasks() == baseline + 5
+    })
+    .await;
+
+    // The handler is stuck on this client's message; what the server sends it still arrives.
+    send_binary(&mut clients[0], &b"hold"[..]).await;
+    let outcome = server.registry.broadcast(&b"news"[..], ConnectionKind::Client);
+    assert_eq!(outcome.queued, 5);
+    for client in &mut clients {
+        assert_eq!(next_frame(client).await, Bytes::from_static(b"news"));
+    }
+    stalled.release.notify_one();
+    drop(clients);
+    server.until_connections(0, "all gone").await;
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn upgrades_are_refused_with_503_while_draining() {
     let config = topgun_server::network::NetworkConfig {
