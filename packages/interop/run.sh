@@ -45,5 +45,15 @@ timeout 600 python3 run_clients.py "$target/examples/interop_server"
 echo "== rolling restart behind HAProxy"
 timeout 600 python3 rolling_restart.py "$target/topgun-server"
 
+echo "== the load harness, against the transport and against its Node.js ws peer (small counts)"
+npm ci --prefix ../bench/node --no-audit --no-fund --loglevel=error
+cargo build -q -p topgun-bench
+for peer in transport node; do
+  row=$(timeout 300 "$target/topgun-bench" --server "$peer" \
+    fanout --connections 200 --broadcasts 5 --interval-ms 50 | head -1)
+  echo "$row"
+  case "$row" in *"delivered_ratio=1.0 "*) ;; *) echo "the $peer peer did not deliver everything" >&2; exit 1 ;; esac
+done
+
 echo "== the container image (deploy/image) built with buildah and run"
 timeout 1200 bash ../../deploy/image/build.sh

@@ -1,7 +1,7 @@
 //! Connection identity, per-connection state and the registry of live connections.
 //!
 //! Each WebSocket connection owns a bounded outbound queue. Other parts of the server hold an
-//! [`Arc<ConnectionHandle>`] and push [`OutboundMessage`]s into it; the connection's writer task
+//! [`Arc<ConnectionHandle>`] and push [`OutboundMessage`]s into it; the connection's task
 //! drains the queue onto the socket. A full queue means the client is not keeping up: callers
 //! choose between dropping ([`ConnectionHandle::try_send`]) and waiting
 //! ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.

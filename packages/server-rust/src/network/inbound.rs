@@ -34,6 +34,11 @@ use super::connection::ConnectionHandle;
 /// that bound the reader stops reading and TCP backpressure reaches the client. The server's
 /// own idle timeout does not run while a handler call is in progress.
 ///
+/// The handler's futures are polled by the connection's own task, beside its reading and
+/// writing: while a call awaits, messages queued for the connection keep going out. A call
+/// that blocks its thread instead of awaiting holds up that one connection entirely; move
+/// blocking work to `tokio::task::spawn_blocking`.
+///
 /// ```
 /// use std::sync::Arc;
 /// use bytes::Bytes;

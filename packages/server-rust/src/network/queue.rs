@@ -209,7 +209,7 @@ impl OutboundQueue {
     }
 }
 
-/// Why [`OutboundReceiver::try_recv`] returned nothing.
+/// Why [`OutboundReceiver::try_recv`](crate::network::OutboundReceiver::try_recv) returned nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TryRecvError {

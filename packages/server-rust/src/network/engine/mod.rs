@@ -15,7 +15,7 @@
 //! act (a queued message, a close request, a shutdown) wakes it through the one waker of its
 //! [`OutboundQueue`](crate::network::queue::OutboundQueue); the task then looks at atomics.
 //!
-//! [`serve_connection`] is the connection's lifecycle, in the order a handler relies on:
+//! [`run`] is the connection's lifecycle, in the order a handler relies on:
 //! register (invisible to broadcasts) → `on_connect` (while its call runs, what it queues is
 //! already written and the client's messages wait for it) → broadcasts reach it → read and
 //! write until the client leaves or the server closes it → removed from the registry →
