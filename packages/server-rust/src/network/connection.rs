@@ -19,8 +19,7 @@ use topgun_core::{Principal, Timestamp};
 
 use super::close::{self, CloseRequest};
 use super::config::ConnectionConfig;
-pub use super::queue::OutboundMessage;
-use super::queue::{OutboundQueue, Refused, TryRecvError};
+use super::queue::{OutboundMessage, OutboundQueue, Refused, TryRecvError};
 
 /// Process-unique identifier of one connection; never reused while the registry lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -42,7 +42,7 @@ pub use config::{
 };
 pub use connection::{
     BroadcastOutcome, ConnectionHandle, ConnectionId, ConnectionKind, ConnectionMetadata,
-    ConnectionRegistry, DisconnectReason, OutboundMessage, OutboundReceiver, SendError,
+    ConnectionRegistry, DisconnectReason, OutboundReceiver, SendError,
 };
 pub use handlers::{
     ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket,
@@ -59,6 +59,6 @@ pub use middleware::{
     build_http_layers,
 };
 pub use module::NetworkModule;
-pub use queue::TryRecvError;
+pub use queue::{OutboundMessage, TryRecvError};
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController, shutdown_signal};
 pub use tls::{TlsError, TlsReloader};

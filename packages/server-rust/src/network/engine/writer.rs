@@ -23,9 +23,8 @@ use tokio::time::Instant;
 use super::{Shared, far_future};
 use crate::network::batch::{Frame, FrameBuilder, Next};
 use crate::network::close::{self, CloseRequest};
-use crate::network::connection::{
-    ConnectionHandle, ConnectionKind, DisconnectReason, OutboundMessage,
-};
+use crate::network::connection::{ConnectionHandle, ConnectionKind, DisconnectReason};
+use crate::network::queue::OutboundMessage;
 
 pub(super) struct Writer<'a> {
     conn: &'a Arc<ConnectionHandle>,
