@@ -49,8 +49,9 @@ echo "== the load harness, against the transport and against its Node.js ws peer
 npm ci --prefix ../bench/node --no-audit --no-fund --loglevel=error
 cargo build -q -p topgun-bench
 for peer in transport node; do
-  row=$(timeout 300 "$target/topgun-bench" --server "$peer" \
-    fanout --connections 200 --broadcasts 5 --interval-ms 50 | head -1)
+  out=$(timeout 300 "$target/topgun-bench" --server "$peer" \
+    fanout --connections 200 --broadcasts 5 --interval-ms 50)
+  row=${out%%$'\n'*}
   echo "$row"
   case "$row" in *"delivered_ratio=1.0 "*) ;; *) echo "the $peer peer did not deliver everything" >&2; exit 1 ;; esac
 done
