@@ -4,8 +4,8 @@
 //! off the queue in one step and coalesced into `BATCH` frames ([`FrameBuilder`]), then
 //! flushed once. The writer also pings the client, closes idle and (with `auth_timeout`)
 //! unauthenticated connections, and sends the close frame however a connection ends:
-//! application close, shutdown, limits. A socket that takes nothing for `send_timeout` ends
-//! the connection.
+//! application close, shutdown, limits. A socket that takes no frame for `send_timeout` while
+//! the writer has some for it ends the connection.
 //!
 //! It is polled, not spawned: [`Writer::poll_write`] does what the socket accepts now and
 //! returns, and [`Writer::deadline`] tells the connection's one timer when to look again.
@@ -124,12 +124,18 @@ impl<'a> Writer<'a> {
                 return Poll::Ready(());
             }
         }
-        if self.write(socket, cx).is_err() || self.flush(socket, cx).is_err() {
+        let Ok(accepted) = self.write(socket, cx) else {
+            return self.fail(DisconnectReason::Error);
+        };
+        if self.flush(socket, cx).is_err() {
             return self.fail(DisconnectReason::Error);
         }
         let written = self.waiting.is_none() && !self.unflushed;
         if written {
             self.blocked_since = None;
+        } else if accepted {
+            // Still behind, but the socket is taking frames: the deadline counts from here.
+            self.blocked_since = Some(now);
         } else {
             self.blocked_since.get_or_insert(now);
         }
@@ -199,8 +205,10 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Hands frames to the socket until it stops taking them or nothing is left.
-    fn write(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Result<(), axum::Error> {
+    /// Hands frames to the socket until it stops taking them or nothing is left; `true` when
+    /// it took at least one.
+    fn write(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Result<bool, axum::Error> {
+        let mut accepted = false;
         loop {
             if let Some((message, messages)) = self.waiting.take() {
                 match Pin::new(&mut *socket).poll_ready(cx) {
@@ -211,7 +219,7 @@ impl<'a> Writer<'a> {
                     }
                     Poll::Pending => {
                         self.waiting = Some((message, messages));
-                        return Ok(());
+                        return Ok(accepted);
                     }
                 }
                 let bytes = match &message {
@@ -224,15 +232,16 @@ impl<'a> Writer<'a> {
                     return Err(err);
                 }
                 self.unflushed = true;
+                accepted = true;
                 if messages > 0 {
                     self.count_sent(messages, bytes);
                 }
                 if closing {
-                    return Ok(());
+                    return Ok(accepted);
                 }
             }
             if let Phase::CloseSent(_) = self.phase {
-                return Ok(());
+                return Ok(accepted);
             }
             // Priority messages go ahead of the next frame.
             if let Some(payload) = self.conn.queue().take_priority() {
@@ -253,7 +262,7 @@ impl<'a> Writer<'a> {
                 Next::Empty if self.phase == Phase::Draining => {
                     self.close_now(close_frame(close::GOING_AWAY, close::SHUTDOWN_REASON));
                 }
-                Next::Empty => return Ok(()),
+                Next::Empty => return Ok(accepted),
             }
         }
     }
