@@ -217,8 +217,9 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
 /// medians to Node `ws` and to the floor.
 async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let mut figures: std::collections::BTreeMap<&str, Vec<f64>> = std::collections::BTreeMap::new();
-    let mut keep = |key: &'static str, row: &Row, figure: &str| {
+    let mut figures: std::collections::BTreeMap<String, Vec<f64>> =
+        std::collections::BTreeMap::new();
+    let mut keep = |key: String, row: &Row, figure: &str| {
         if let Some(value) = row.figure(figure) {
             figures.entry(key).or_default().push(value);
         }
@@ -227,8 +228,8 @@ async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
         for peer in [Peer::Transport, Peer::Node] {
             let row = idle(peer, 10_000).await?;
             let name = if peer == Peer::Node { "node" } else { "transport" };
-            keep(leak(format!("{name}_idle")), &row, "server_rss_per_connection_bytes");
-            keep(leak(format!("{name}_handshakes")), &row, "handshakes_per_sec");
+            keep(format!("{name}_idle"), &row, "server_rss_per_connection_bytes");
+            keep(format!("{name}_handshakes"), &row, "handshakes_per_sec");
             rows.push(row);
         }
         for (sender, name) in [
@@ -239,9 +240,9 @@ async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
         ] {
             let firing = Firing { broadcasts: 50, size: 256, interval_ms: 100, sender };
             let row = fanout("fanout", 10_000, firing).await?;
-            keep(leak(format!("{name}_p50")), &row, "p50_ms");
-            keep(leak(format!("{name}_p99")), &row, "p99_ms");
-            keep(leak(format!("{name}_delivered")), &row, "delivered_ratio");
+            keep(format!("{name}_p50"), &row, "p50_ms");
+            keep(format!("{name}_p99"), &row, "p99_ms");
+            keep(format!("{name}_delivered"), &row, "delivered_ratio");
             rows.push(row);
         }
     }
@@ -273,11 +274,6 @@ async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
             .with("node_p99_ratio_to_floor", ratio("node_p99", "floor_p99")),
     );
     Ok(rows)
-}
-
-/// A figure key built at run time that lives as long as the run.
-fn leak(key: String) -> &'static str {
-    Box::leak(key.into_boxed_str())
 }
 
 /// One result line: a table row for people and a JSON object for tools.

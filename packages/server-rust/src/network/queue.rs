@@ -33,6 +33,11 @@ struct Lanes {
     priority: VecDeque<Bytes>,
 }
 
+/// What dropping `messages` loses: the binary messages among them (close requests do not count).
+pub(crate) fn undelivered(messages: &VecDeque<OutboundMessage>) -> u64 {
+    messages.iter().filter(|m| matches!(m, OutboundMessage::Binary(_))).count() as u64
+}
+
 /// The queue itself; owned by the connection's handle.
 #[derive(Debug)]
 pub(crate) struct OutboundQueue {
@@ -127,6 +132,11 @@ impl OutboundQueue {
 
     /// Everything queued, in order, leaving the queue empty (and unallocated).
     pub(crate) fn take_all(&self) -> VecDeque<OutboundMessage> {
+        // Without the lock when there is nothing: a message pushed meanwhile wakes the consumer,
+        // which looks again.
+        if self.len() == 0 {
+            return VecDeque::new();
+        }
         let taken = {
             let mut lanes = self.lock();
             self.queued.store(0, Ordering::Relaxed);
@@ -162,11 +172,10 @@ impl OutboundQueue {
         let left = {
             let mut lanes = self.lock();
             self.closed.store(true, Ordering::Release);
-            let left = lanes.priority.len()
-                + lanes.messages.iter().filter(|m| matches!(m, OutboundMessage::Binary(_))).count();
+            let left = lanes.priority.len() as u64 + undelivered(&lanes.messages);
             *lanes = Lanes::default();
             self.queued.store(0, Ordering::Relaxed);
-            left as u64
+            left
         };
         self.space.notify_waiters();
         self.consumer.wake();

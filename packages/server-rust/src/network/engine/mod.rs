@@ -86,7 +86,6 @@ fn serve(
                 socket: &mut socket,
                 reader: Reader::new(&conn, &state),
                 writer: Writer::new(&conn, &state),
-                forced: false,
             };
             let mut timer = pin!(tokio::time::sleep_until(connection.writer.deadline()));
             poll_fn(|cx| connection.poll_run(cx, timer.as_mut())).await;
@@ -118,8 +117,6 @@ struct Connection<'a> {
     socket: &'a mut WebSocket,
     reader: Reader<'a>,
     writer: Writer<'a>,
-    /// The server's drain deadline passed: nothing more is read or written.
-    forced: bool,
 }
 
 impl Connection<'_> {
@@ -129,22 +126,19 @@ impl Connection<'_> {
         // Registered before anything is looked at, so a message, close request or shutdown
         // that lands meanwhile wakes the task again.
         self.writer.register(cx);
-        if !self.forced && self.writer.force_closed() {
-            self.forced = true;
+        if self.writer.force_closed() && !self.writer.is_done() {
+            // The drain deadline passed: nothing more is read or written.
             self.reader.stop();
             self.writer.abandon();
         }
         let mut reader_done = self.reader.poll_read(self.socket, cx).is_ready();
-        let writer_done = self.forced || {
-            let done = self.writer.poll_write(self.socket, cx, reader_done).is_ready();
-            if done && !reader_done {
-                // The writer has closed the connection or given up on it: finish the
-                // handler call in progress, read and handle nothing more.
-                self.reader.stop();
-                reader_done = self.reader.poll_read(self.socket, cx).is_ready();
-            }
-            done
-        };
+        let writer_done = self.writer.poll_write(self.socket, cx, reader_done).is_ready();
+        if writer_done && !reader_done {
+            // The writer has closed the connection or given up on it: finish the handler
+            // call in progress, read and handle nothing more.
+            self.reader.stop();
+            reader_done = self.reader.poll_read(self.socket, cx).is_ready();
+        }
         if reader_done && writer_done {
             return Poll::Ready(());
         }

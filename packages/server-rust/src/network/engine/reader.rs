@@ -94,7 +94,7 @@ impl<'a> Reader<'a> {
             {
                 let connect = call.connect;
                 self.call = None;
-                self.finished(connect, result.is_err());
+                self.finished(connect, result);
             }
             if self.call.is_none()
                 && let Some(next) = self.ahead.pop()
@@ -144,22 +144,27 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn finished(&self, connect: bool, panicked: bool) {
+    fn finished(&self, connect: bool, result: std::thread::Result<()>) {
         // The client's silence while the handler worked was not the client's doing.
         self.conn.touch();
         self.conn.set_handler_busy(false);
+        let returned = report_panic(if connect { "on_connect" } else { "on_message" }, result);
         if connect {
             // Only now: whatever the handler queued in `on_connect` (an AUTH_REQUIRED, a
             // welcome) is the first thing the client receives.
             self.conn.accept_broadcasts();
-            report_panic("on_connect", if panicked { Err(()) } else { Ok(()) });
-        } else if report_panic("on_message", if panicked { Err(()) } else { Ok(()) }).is_none() {
-            self.conn.close_because(
-                DisconnectReason::Error,
-                close::INTERNAL_ERROR,
-                close::HANDLER_FAILED_REASON,
-            );
+        } else if returned.is_none() {
+            self.handler_failed();
         }
+    }
+
+    /// A handler call panicked: the connection closes with 1011.
+    fn handler_failed(&self) {
+        self.conn.close_because(
+            DisconnectReason::Error,
+            close::INTERNAL_ERROR,
+            close::HANDLER_FAILED_REASON,
+        );
     }
 
     /// Looks at one frame: returns a binary message that still needs `on_message`, handles
@@ -198,18 +203,14 @@ impl<'a> Reader<'a> {
     /// (or the handler panicked, which closes the connection with 1011).
     fn answer_inline(&self, payload: &Bytes) -> Option<()> {
         let handler = &self.state.handler;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let answered = std::panic::catch_unwind(AssertUnwindSafe(|| {
             handler.answer_inline(self.conn, payload)
-        })) {
-            Ok(true) => Some(()),
-            Ok(false) => None,
-            Err(_) => {
-                tracing::error!(call = "answer_inline", "inbound handler panicked");
-                self.conn.close_because(
-                    DisconnectReason::Error,
-                    close::INTERNAL_ERROR,
-                    close::HANDLER_FAILED_REASON,
-                );
+        }));
+        match report_panic("answer_inline", answered) {
+            Some(true) => Some(()),
+            Some(false) => None,
+            None => {
+                self.handler_failed();
                 Some(())
             }
         }

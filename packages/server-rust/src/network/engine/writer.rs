@@ -24,7 +24,7 @@ use super::{Shared, far_future};
 use crate::network::batch::{Frame, FrameBuilder, Next};
 use crate::network::close::{self, CloseRequest};
 use crate::network::connection::{ConnectionHandle, ConnectionKind, DisconnectReason};
-use crate::network::queue::OutboundMessage;
+use crate::network::queue::{OutboundMessage, undelivered};
 
 pub(super) struct Writer<'a> {
     conn: &'a Arc<ConnectionHandle>,
@@ -80,6 +80,10 @@ impl<'a> Writer<'a> {
     /// Registers the connection's task to be woken by its queue.
     pub(super) fn register(&self, cx: &Context<'_>) {
         self.conn.queue().register_consumer(cx);
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        self.phase == Phase::Done
     }
 
     pub(super) fn force_closed(&self) -> bool {
@@ -277,36 +281,35 @@ impl<'a> Writer<'a> {
     /// Everything queued now becomes the writer's burst.
     fn take_queue(&mut self) {
         let taken = self.conn.queue().take_all();
-        if !taken.is_empty() {
-            #[allow(clippy::cast_precision_loss)] // bounded by the queue capacity
-            self.state.metrics.queue_depth.record(taken.len() as f64);
+        if taken.is_empty() {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)] // bounded by the queue capacity
+        self.state.metrics.queue_depth.record(taken.len() as f64);
+        if self.burst.is_empty() {
+            // The queue's own buffer, not a copy of it.
+            self.burst = taken;
+        } else {
             self.burst.extend(taken);
         }
     }
 
     /// Sends `frame` next, ahead of whatever the writer still holds, and nothing after it.
     fn close_now(&mut self, frame: CloseFrame) {
-        self.discard_burst();
-        if let Some((_, messages)) = self.waiting.take() {
-            self.record_undelivered(messages);
-        }
+        self.drop_held();
         self.waiting = Some((Message::Close(Some(frame)), 0));
         self.phase = Phase::CloseSent(Instant::now() + self.config().close_timeout);
     }
 
     /// The connection is over for the writer (force close): what it holds is undelivered.
     pub(super) fn abandon(&mut self) {
-        self.discard_burst();
-        if let Some((_, messages)) = self.waiting.take() {
-            self.record_undelivered(messages);
-        }
+        self.drop_held();
         self.phase = Phase::Done;
     }
 
     fn fail(&mut self, why: DisconnectReason) -> Poll<()> {
         self.conn.note_disconnect(why);
-        self.abandon();
-        Poll::Ready(())
+        self.finish()
     }
 
     fn finish(&mut self) -> Poll<()> {
@@ -314,12 +317,19 @@ impl<'a> Writer<'a> {
         Poll::Ready(())
     }
 
+    /// Drops what the writer holds (its burst and the frame waiting for the socket), counted
+    /// as undelivered.
+    fn drop_held(&mut self) {
+        self.discard_burst();
+        if let Some((_, messages)) = self.waiting.take() {
+            self.record_undelivered(messages);
+        }
+    }
+
     fn discard_burst(&mut self) {
-        let undelivered =
-            self.burst.drain(..).filter(|m| matches!(m, OutboundMessage::Binary(_))).count();
-        self.record_undelivered(undelivered as u64);
         // Keep a quiet connection free of the buffer.
-        self.burst = VecDeque::new();
+        let burst = std::mem::take(&mut self.burst);
+        self.record_undelivered(undelivered(&burst));
     }
 
     fn record_undelivered(&self, messages: u64) {
