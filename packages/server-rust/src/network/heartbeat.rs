@@ -29,7 +29,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use topgun_core::{SystemClock, WallClock};
 
-use super::connection::ConnectionHandle;
+use super::handle::ConnectionHandle;
 use super::inbound::{InboundHandler, SyncError, SyncRequest};
 
 /// Answers TopGun's `PING` with a top-level `PONG` and passes everything else to `H`.

@@ -18,7 +18,7 @@ use futures_util::future::CatchUnwind;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, StatusCode};
 
-use super::connection::ConnectionHandle;
+use super::handle::ConnectionHandle;
 
 /// Receives everything that arrives on the transport.
 ///

@@ -36,7 +36,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use super::connection::{ConnectionKind, ConnectionRegistry, DisconnectReason};
+use super::connection::{ConnectionKind, DisconnectReason};
+use super::registry::ConnectionRegistry;
 use super::routes::Route;
 use super::shutdown::{HealthState, ShutdownController};
 

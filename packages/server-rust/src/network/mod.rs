@@ -5,7 +5,11 @@
 //! | file | concern |
 //! |---|---|
 //! | `config` | [`NetworkConfig`] and its parts, with defaults and validation |
-//! | `connection` | [`ConnectionHandle`], [`ConnectionRegistry`], outbound queues |
+//! | `connection` | [`ConnectionId`], [`ConnectionKind`], [`ConnectionMetadata`], [`SendError`], [`DisconnectReason`] |
+//! | `handle` | [`ConnectionHandle`]: one live connection as the rest of the server sees it |
+//! | `channel` | [`OutboundSender`] (`handle.tx`) and [`OutboundReceiver`]: the queue's ends, tokio-shaped, with drop accounting |
+//! | `queue` | one connection's bounded outbound queue, [`OutboundMessage`] |
+//! | `registry` | [`ConnectionRegistry`]: every live connection, broadcasts |
 //! | `shutdown` | [`HealthState`] and [`ShutdownController`] |
 //! | `inbound` | [`InboundHandler`]: where decoded traffic leaves the transport |
 //! | `heartbeat` | [`Heartbeat`]: answers TopGun's application-level `PING` in front of a handler |
@@ -20,10 +24,12 @@
 //! | `module` | [`NetworkModule`]: router, bind, serve, shutdown |
 
 mod batch;
+mod channel;
 pub mod close;
 mod config;
 mod connection;
 mod engine;
+mod handle;
 mod handlers;
 mod heartbeat;
 mod http_metrics;
@@ -32,18 +38,20 @@ mod metrics;
 mod middleware;
 mod module;
 mod queue;
+mod registry;
 mod routes;
 mod shutdown;
 mod tls;
 
 pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, decode_frame_shared, encode_batch};
+pub use channel::{OutboundPermit, OutboundReceiver, OutboundSender};
 pub use config::{
     ConfigError, ConnectionConfig, MetricsConfig, NetworkConfig, ShutdownConfig, TlsConfig,
 };
 pub use connection::{
-    BroadcastOutcome, ConnectionHandle, ConnectionId, ConnectionKind, ConnectionMetadata,
-    ConnectionRegistry, DisconnectReason, OutboundReceiver, SendError,
+    ConnectionId, ConnectionKind, ConnectionMetadata, DisconnectReason, SendError,
 };
+pub use handle::ConnectionHandle;
 pub use handlers::{
     ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket,
     health_handler, http_sync_handler, liveness_handler, metrics_handler, readiness_handler,
@@ -59,6 +67,9 @@ pub use middleware::{
     build_http_layers,
 };
 pub use module::NetworkModule;
-pub use queue::{OutboundMessage, TryRecvError};
+pub use queue::OutboundMessage;
+pub use registry::{BroadcastOutcome, ConnectionRegistry};
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController, shutdown_signal};
 pub use tls::{TlsError, TlsReloader};
+/// What [`OutboundReceiver::try_recv`] returns when nothing is received: tokio's own.
+pub use tokio::sync::mpsc::error::TryRecvError;

@@ -19,12 +19,12 @@ use tokio::task::JoinHandle;
 use tower::{Service, ServiceBuilder};
 
 use super::config::NetworkConfig;
-use super::connection::ConnectionRegistry;
 use super::handlers::{AppState, main_routes, metrics_routes};
 use super::http_metrics::HttpMetricsLayer;
 use super::inbound::{InboundHandler, StubHandler};
 use super::metrics::TransportMetrics;
 use super::middleware::build_http_layers;
+use super::registry::ConnectionRegistry;
 use super::shutdown::ShutdownController;
 use super::tls::{TlsAcceptor, TlsReloader};
 
@@ -194,7 +194,19 @@ impl NetworkModule {
             .service(routes)
     }
 
-    fn app_state(&self) -> AppState {
+    /// The state every handler of this module's router receives, for embedders who mount the
+    /// handlers (`health_handler`, `ws_upgrade_handler`, …) on a router of their own.
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use topgun_server::network::{NetworkConfig, NetworkModule, health_handler};
+    ///
+    /// let module = NetworkModule::new(NetworkConfig::default());
+    /// let router: Router = Router::new()
+    ///     .route("/status", get(health_handler))
+    ///     .with_state(module.app_state());
+    /// ```
+    pub fn app_state(&self) -> AppState {
         AppState {
             registry: Arc::clone(&self.registry),
             shutdown: Arc::clone(&self.shutdown),

@@ -7,10 +7,13 @@
 //! takes everything queued in one step ([`OutboundQueue::take_all`]) and writes it without the
 //! lock held, so producers (a broadcast reaching thousands of queues) never wait for a socket.
 //!
-//! [`OutboundReceiver`](crate::network::OutboundReceiver) is the same queue's receiving end
+//! The queue knows nothing of drop counting or limits: every message reaches it through the
+//! connection's [`OutboundSender`](crate::network::OutboundSender) (`channel.rs`), which
+//! applies them, and [`OutboundReceiver`](crate::network::OutboundReceiver) is its receiving end
 //! for code that drives a connection itself rather than through the transport's engine.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -18,11 +21,14 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
+use tokio::time::Instant;
 
-/// Why a message was not queued (before the handle's policy turns it into a
+/// Why a message was not queued (before the sender's policy turns it into a
 /// [`SendError`](crate::network::SendError)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
+    /// No space, and (when waiting) none came before the deadline.
     Full,
     Closed,
 }
@@ -31,6 +37,8 @@ pub(crate) enum Refused {
 struct Lanes {
     messages: VecDeque<OutboundMessage>,
     priority: VecDeque<Bytes>,
+    /// Slots promised to [`OutboundPermit`](crate::network::OutboundPermit)s, not yet used.
+    reserved: usize,
 }
 
 /// What dropping `messages` loses: the binary messages among them (close requests do not count).
@@ -38,7 +46,7 @@ pub(crate) fn undelivered(messages: &VecDeque<OutboundMessage>) -> u64 {
     messages.iter().filter(|m| matches!(m, OutboundMessage::Binary(_))).count() as u64
 }
 
-/// The queue itself; owned by the connection's handle.
+/// The queue itself; owned by the connection's sender state.
 #[derive(Debug)]
 pub(crate) struct OutboundQueue {
     lanes: Mutex<Lanes>,
@@ -49,7 +57,8 @@ pub(crate) struct OutboundQueue {
     queued: AtomicUsize,
     /// The task that drains the queue: woken for every message, priority message and close.
     consumer: AtomicWaker,
-    /// Senders waiting for space (`send_timeout`); notified when a full queue is drained.
+    /// Senders waiting for space (`send`, `send_timeout`, `reserve`) or for the close
+    /// (`closed`); notified when a full queue is drained and when it closes.
     space: Notify,
     capacity: usize,
     priority_capacity: usize,
@@ -73,23 +82,25 @@ impl OutboundQueue {
         self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    #[cfg(test)]
+    /// Most messages queued at once.
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
-    pub(crate) fn push(&self, message: OutboundMessage) -> Result<(), Refused> {
-        self.offer(message).map_err(|(refused, _)| refused)
+    /// Slots free right now: the capacity less what is queued and what permits hold.
+    pub(crate) fn available(&self) -> usize {
+        let lanes = self.lock();
+        self.capacity.saturating_sub(lanes.messages.len() + lanes.reserved)
     }
 
-    /// Like [`push`](Self::push), handing a refused message back.
-    fn offer(&self, message: OutboundMessage) -> Result<(), (Refused, OutboundMessage)> {
+    /// Queues `message`, or hands it back with the reason it was refused.
+    pub(crate) fn push(&self, message: OutboundMessage) -> Result<(), (Refused, OutboundMessage)> {
         {
             let mut lanes = self.lock();
             if self.is_closed() {
                 return Err((Refused::Closed, message));
             }
-            if lanes.messages.len() >= self.capacity {
+            if lanes.messages.len() + lanes.reserved >= self.capacity {
                 return Err((Refused::Full, message));
             }
             lanes.messages.push_back(message);
@@ -114,19 +125,87 @@ impl OutboundQueue {
         Ok(())
     }
 
-    /// Queues `message`, waiting for space while the queue is full.
-    pub(crate) async fn push_waiting(&self, mut message: OutboundMessage) -> Result<(), Refused> {
+    /// Queues `message`, waiting for space while the queue is full, until `deadline` if there
+    /// is one (then [`Refused::Full`]).
+    pub(crate) async fn push_waiting(
+        &self,
+        mut message: OutboundMessage,
+        deadline: Option<Instant>,
+    ) -> Result<(), (Refused, OutboundMessage)> {
         loop {
             let space = self.space.notified();
             tokio::pin!(space);
             // Interested before looking, so a drain in between still wakes us.
             space.as_mut().enable();
-            match self.offer(message) {
-                Ok(()) => return Ok(()),
-                Err((Refused::Closed, _)) => return Err(Refused::Closed),
+            match self.push(message) {
                 Err((Refused::Full, refused)) => message = refused,
+                done => return done,
             }
-            space.await;
+            if !wait(space, deadline).await {
+                return Err((Refused::Full, message));
+            }
+        }
+    }
+
+    /// Promises one slot to a later [`push_reserved`](Self::push_reserved), waiting for space
+    /// like [`push_waiting`](Self::push_waiting).
+    pub(crate) async fn reserve_waiting(&self, deadline: Option<Instant>) -> Result<(), Refused> {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut lanes = self.lock();
+                if self.is_closed() {
+                    return Err(Refused::Closed);
+                }
+                if lanes.messages.len() + lanes.reserved < self.capacity {
+                    lanes.reserved += 1;
+                    return Ok(());
+                }
+            }
+            if !wait(space, deadline).await {
+                return Err(Refused::Full);
+            }
+        }
+    }
+
+    /// Queues `message` in a slot [`reserve_waiting`](Self::reserve_waiting) promised.
+    pub(crate) fn push_reserved(
+        &self,
+        message: OutboundMessage,
+    ) -> Result<(), (Refused, OutboundMessage)> {
+        {
+            let mut lanes = self.lock();
+            lanes.reserved = lanes.reserved.saturating_sub(1);
+            if self.is_closed() {
+                return Err((Refused::Closed, message));
+            }
+            lanes.messages.push_back(message);
+            self.queued.store(lanes.messages.len(), Ordering::Relaxed);
+        }
+        self.consumer.wake();
+        Ok(())
+    }
+
+    /// Gives back a promised slot that was not used.
+    pub(crate) fn release_reserved(&self) {
+        let mut lanes = self.lock();
+        lanes.reserved = lanes.reserved.saturating_sub(1);
+        drop(lanes);
+        self.space.notify_waiters();
+    }
+
+    /// Completes once the queue is closed.
+    pub(crate) async fn closed(&self) {
+        loop {
+            let change = self.space.notified();
+            tokio::pin!(change);
+            change.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            change.await;
         }
     }
 
@@ -137,12 +216,13 @@ impl OutboundQueue {
         if self.len() == 0 {
             return VecDeque::new();
         }
-        let taken = {
+        let (taken, was_full) = {
             let mut lanes = self.lock();
             self.queued.store(0, Ordering::Relaxed);
-            std::mem::take(&mut lanes.messages)
+            let was_full = lanes.messages.len() + lanes.reserved >= self.capacity;
+            (std::mem::take(&mut lanes.messages), was_full)
         };
-        if taken.len() >= self.capacity {
+        if was_full {
             self.space.notify_waiters();
         }
         taken
@@ -166,6 +246,16 @@ impl OutboundQueue {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Refuses every later message but keeps what is queued, for the consumer to drain.
+    pub(crate) fn shut(&self) {
+        {
+            let _lanes = self.lock();
+            self.closed.store(true, Ordering::Release);
+        }
+        self.space.notify_waiters();
+        self.consumer.wake();
+    }
+
     /// Refuses every later message and empties the queue; returns how many messages (priority
     /// messages included, close requests not) will never be delivered.
     pub(crate) fn close(&self) -> u64 {
@@ -173,7 +263,8 @@ impl OutboundQueue {
             let mut lanes = self.lock();
             self.closed.store(true, Ordering::Release);
             let left = lanes.priority.len() as u64 + undelivered(&lanes.messages);
-            *lanes = Lanes::default();
+            let reserved = lanes.reserved;
+            *lanes = Lanes { reserved, ..Lanes::default() };
             self.queued.store(0, Ordering::Relaxed);
             left
         };
@@ -192,7 +283,8 @@ impl OutboundQueue {
         self.consumer.register(cx.waker());
     }
 
-    /// The next message for an [`OutboundReceiver`]: priority messages first.
+    /// The next message for an [`OutboundReceiver`](crate::network::OutboundReceiver):
+    /// priority messages first; `None` once the queue is closed and empty.
     pub(crate) fn poll_next(&self, cx: &Context<'_>) -> Poll<Option<OutboundMessage>> {
         self.register_consumer(cx);
         match self.try_next() {
@@ -207,27 +299,26 @@ impl OutboundQueue {
         if let Some(payload) = lanes.priority.pop_front() {
             return Some(OutboundMessage::Binary(payload));
         }
-        let was_full = lanes.messages.len() >= self.capacity;
+        let was_full = lanes.messages.len() + lanes.reserved >= self.capacity;
         let next = lanes.messages.pop_front();
         self.queued.store(lanes.messages.len(), Ordering::Relaxed);
         drop(lanes);
-        if was_full {
+        if was_full && next.is_some() {
             self.space.notify_waiters();
         }
         next
     }
 }
 
-/// Why [`OutboundReceiver::try_recv`](crate::network::OutboundReceiver::try_recv) returned nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TryRecvError {
-    /// Nothing is queued right now.
-    #[error("the outbound queue is empty")]
-    Empty,
-    /// The queue is closed and empty; nothing will arrive again.
-    #[error("the outbound queue is closed")]
-    Disconnected,
+/// Waits for `space` until `deadline` (for ever without one); `false` if the deadline came.
+async fn wait(space: Pin<&mut Notified<'_>>, deadline: Option<Instant>) -> bool {
+    match deadline {
+        None => {
+            space.await;
+            true
+        }
+        Some(deadline) => tokio::time::timeout_at(deadline, space).await.is_ok(),
+    }
 }
 
 /// A message queued for delivery to one connection.
@@ -260,7 +351,7 @@ mod tests {
     fn an_emptied_queue_holds_no_allocation() {
         let queue = OutboundQueue::new(256, 16);
         for byte in 0..100 {
-            queue.push(binary(byte)).unwrap();
+            assert!(queue.push(binary(byte)).is_ok());
         }
         queue.push_priority(Bytes::from_static(b"p")).unwrap();
         assert_eq!(queue.take_all().len(), 100);
@@ -272,8 +363,8 @@ mod tests {
     #[test]
     fn a_closed_queue_refuses_and_reports_what_it_held() {
         let queue = OutboundQueue::new(4, 1);
-        queue.push(binary(1)).unwrap();
-        queue.push(OutboundMessage::Close(None)).unwrap();
+        assert!(queue.push(binary(1)).is_ok());
+        assert!(queue.push(OutboundMessage::Close(None)).is_ok());
         queue.push_priority(Bytes::from_static(b"p")).unwrap();
         assert_eq!(queue.push_priority(Bytes::from_static(b"q")), Err(Refused::Full));
         assert_eq!(
@@ -281,17 +372,17 @@ mod tests {
             2,
             "one message and one priority message; the close request is not one"
         );
-        assert_eq!(queue.push(binary(2)), Err(Refused::Closed));
+        assert_eq!(queue.push(binary(2)), Err((Refused::Closed, binary(2))));
         assert_eq!(queue.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_sender_gets_in_once_the_queue_is_drained() {
         let queue = std::sync::Arc::new(OutboundQueue::new(1, 1));
-        queue.push(binary(1)).unwrap();
+        assert!(queue.push(binary(1)).is_ok());
         let waiting = tokio::spawn({
             let queue = std::sync::Arc::clone(&queue);
-            async move { queue.push_waiting(binary(2)).await }
+            async move { queue.push_waiting(binary(2), None).await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "the queue is full");

@@ -9,5 +9,6 @@ mod lifecycle;
 mod limits;
 mod observability;
 mod shutdown;
+mod spec_057;
 mod tls;
 mod websocket;

@@ -36,9 +36,11 @@ use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use super::config::NetworkConfig;
-use super::connection::{ConnectionHandle, ConnectionKind, ConnectionRegistry, DisconnectReason};
+use super::connection::{ConnectionKind, DisconnectReason};
+use super::handle::ConnectionHandle;
 use super::inbound::{InboundHandler, call_guarded};
 use super::metrics::TransportMetrics;
+use super::registry::ConnectionRegistry;
 use super::shutdown::ShutdownController;
 use reader::Reader;
 use writer::Writer;

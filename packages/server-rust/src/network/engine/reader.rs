@@ -19,7 +19,8 @@ use futures_util::Stream;
 use futures_util::future::{BoxFuture, CatchUnwind};
 
 use crate::network::close;
-use crate::network::connection::{ConnectionHandle, DisconnectReason};
+use crate::network::connection::DisconnectReason;
+use crate::network::handle::ConnectionHandle;
 use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, guarded, report_panic};
 use crate::network::shutdown::InFlightGuard;
 

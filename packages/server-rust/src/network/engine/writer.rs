@@ -23,7 +23,8 @@ use tokio::time::Instant;
 use super::{Shared, far_future};
 use crate::network::batch::{Frame, FrameBuilder, Next};
 use crate::network::close::{self, CloseRequest};
-use crate::network::connection::{ConnectionHandle, ConnectionKind, DisconnectReason};
+use crate::network::connection::{ConnectionKind, DisconnectReason};
+use crate::network::handle::ConnectionHandle;
 use crate::network::queue::{OutboundMessage, undelivered};
 
 pub(super) struct Writer<'a> {

@@ -31,8 +31,8 @@ use axum::routing::{MethodRouter, get, post};
 use http::StatusCode;
 
 use super::config::NetworkConfig;
-use super::connection::ConnectionRegistry;
 use super::inbound::{InboundHandler, json_error};
+use super::registry::ConnectionRegistry;
 use super::routes::Route;
 use super::shutdown::ShutdownController;
 
