@@ -2,14 +2,16 @@
 //! heartbeat (so TopGun's client stays connected), configured from flags and `TOPGUN_*`
 //! environment variables.
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use topgun_server::network::{
-    ConnectionConfig, Heartbeat, MetricsConfig, NetworkConfig, NetworkModule, ShutdownConfig,
-    StubHandler, TlsConfig, TlsReloader, shutdown_signal,
+    ConnectionConfig, ForwardedHeader, Heartbeat, IpNet, MetricsConfig, NetworkConfig,
+    NetworkModule, RateLimitConfig, ShutdownConfig, StubHandler, TlsConfig, TlsReloader,
+    shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -75,9 +77,45 @@ struct Args {
     /// Do not serve `/metrics` at all.
     #[arg(long, env = "TOPGUN_NO_METRICS")]
     no_metrics: bool,
+    /// Comma-separated proxies (CIDRs or addresses) whose forwarded header names the client,
+    /// e.g. `10.0.0.0/8,127.0.0.1`. Off by default: the TCP peer is the client.
+    #[arg(long, env = "TOPGUN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    trusted_proxies: Vec<IpNet>,
+    /// The header the trusted proxies write.
+    #[arg(long, env = "TOPGUN_FORWARDED_HEADER", value_enum, default_value_t = HeaderArg::XForwardedFor)]
+    forwarded_header: HeaderArg,
+    /// Most WebSocket connections from one client address (0: no cap); more get 429.
+    #[arg(long, env = "TOPGUN_MAX_CONNECTIONS_PER_IP", default_value_t = NetworkConfig::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+    /// Requests per second one client address may make on average (HTTP requests and upgrade
+    /// attempts; health routes exempt); over it, 429. Off by default.
+    #[arg(long, env = "TOPGUN_RATE_LIMIT_PER_IP")]
+    rate_limit_per_ip: Option<NonZeroU32>,
+    /// Requests one address may make at once under --rate-limit-per-ip (default: one second's worth).
+    #[arg(long, env = "TOPGUN_RATE_LIMIT_BURST", requires = "rate_limit_per_ip")]
+    rate_limit_burst: Option<NonZeroU32>,
+    /// Close a WebSocket that has not authenticated this long after connecting (1008). Off by default.
+    #[arg(long, env = "TOPGUN_AUTH_TIMEOUT")]
+    auth_timeout: Option<humantime::Duration>,
     /// Log line format; filter with `RUST_LOG` (default `info`).
     #[arg(long, env = "TOPGUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum HeaderArg {
+    /// `X-Forwarded-For` (nginx, `HAProxy` `option forwardfor`).
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
+/// A CIDR, or a lone address as its own /32 or /128.
+fn parse_proxy(value: &str) -> Result<IpNet, String> {
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("not an address or CIDR: {value:?}"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -115,7 +153,18 @@ impl Args {
             listen_backlog: self.listen_backlog,
             tcp_nodelay: NetworkConfig::default().tcp_nodelay,
             metrics: MetricsConfig { enabled: !self.no_metrics, listen: self.metrics_listen },
+            trusted_proxies: self.trusted_proxies.clone(),
+            forwarded_header: match self.forwarded_header {
+                HeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
+                HeaderArg::Forwarded => ForwardedHeader::Forwarded,
+            },
+            max_connections_per_ip: self.max_connections_per_ip,
+            rate_limit: self.rate_limit_per_ip.map(|per_second| RateLimitConfig {
+                per_second,
+                burst: self.rate_limit_burst.unwrap_or(per_second),
+            }),
             connection: ConnectionConfig {
+                auth_timeout: self.auth_timeout.map(Into::into),
                 idle_timeout: self.idle_timeout.into(),
                 ping_interval: self.ping_interval.into(),
                 max_message_size: self.max_message_size,

@@ -175,6 +175,40 @@ impl Drop for TestServer {
     }
 }
 
+/// Attempts a WebSocket upgrade to `server` from the local address `source` (any of
+/// 127.0.0.0/8 on Linux), with extra request headers; the server's answer on success, the
+/// refusal's status and headers otherwise.
+///
+/// # Errors
+///
+/// The upgrade was refused or failed.
+pub async fn ws_from(
+    server: SocketAddr,
+    source: std::net::IpAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(source, 0)).expect("bind the source address");
+    let stream = tokio::time::timeout(DEADLINE, socket.connect(server))
+        .await
+        .expect("connect in time")
+        .expect("tcp connects");
+    let mut request = format!("ws://{server}{path}").into_client_request()?;
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                .expect("header name"),
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_str(value)
+                .expect("header value"),
+        );
+    }
+    let handshake = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream));
+    let (client, _) = tokio::time::timeout(DEADLINE, handshake).await.expect("upgrade in time")?;
+    Ok(client)
+}
+
 /// Opens a plain WebSocket to `url`.
 pub async fn connect_ws(url: &str) -> WsClient {
     install_crypto_provider();

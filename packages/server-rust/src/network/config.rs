@@ -16,8 +16,11 @@
 //! config.validate().expect("valid configuration");
 //! ```
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 /// A configuration value that cannot work; returned by [`NetworkConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +67,42 @@ pub struct NetworkConfig {
     pub tcp_nodelay: bool,
     /// Where Prometheus metrics are served.
     pub metrics: MetricsConfig,
+    /// Proxies (CIDRs) whose forwarded header names the client: only when the TCP peer is in
+    /// this list is the client address read from [`forwarded_header`](Self::forwarded_header),
+    /// taking the rightmost address that is not itself a trusted proxy. Default: empty (the
+    /// TCP peer is the client; forwarded headers are ignored).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Which header the trusted proxies write. Read only that one: the other is whatever the
+    /// client put there. Default: [`ForwardedHeader::XForwardedFor`].
+    pub forwarded_header: ForwardedHeader,
+    /// Most WebSocket connections from one client address; the next upgrade gets `429` with
+    /// `Retry-After`. `0` turns the cap off. Default: `0` (many users may share one address
+    /// behind carrier-grade NAT).
+    pub max_connections_per_ip: usize,
+    /// A token bucket per client address over HTTP requests and upgrade attempts (the health
+    /// routes are exempt); over it, `429` with `Retry-After`. Default: `None` (off).
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...` (nginx `$proxy_add_x_forwarded_for`, `HAProxy`
+    /// `option forwardfor`).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+/// A per-address token bucket: `per_second` requests refill it, `burst` is its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Requests per second an address may make on average.
+    pub per_second: NonZeroU32,
+    /// Requests an address may make at once after a quiet spell.
+    pub burst: NonZeroU32,
 }
 
 /// Where `GET /metrics` is served.
@@ -99,6 +138,10 @@ impl Default for NetworkConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             tcp_nodelay: true,
             metrics: MetricsConfig::default(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
+            max_connections_per_ip: 0,
+            rate_limit: None,
         }
     }
 }

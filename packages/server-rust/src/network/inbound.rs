@@ -139,8 +139,10 @@ pub struct SyncRequest {
     pub body: Bytes,
     /// The request's headers, `Authorization` included.
     pub headers: HeaderMap,
-    /// The client's address as this server saw it (the proxy's, behind a load balancer);
-    /// `None` when the router is served without connect info.
+    /// The client's address: the TCP peer's, or behind a trusted proxy the address it
+    /// forwarded (with port 0, which proxies do not forward; see
+    /// [`ClientAddr`](crate::network::ClientAddr)). `None` when the router is served without
+    /// connect info.
     pub peer: Option<SocketAddr>,
     /// The request's `X-Request-Id`, as echoed in the response and logged.
     pub request_id: Option<String>,

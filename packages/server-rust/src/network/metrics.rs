@@ -11,7 +11,8 @@
 //! | `topgun_connections_open` | gauge | `kind` | open connections |
 //! | `topgun_connections_opened_total` | counter | `kind` | connections opened |
 //! | `topgun_connections_closed_total` | counter | `kind`, `reason` | connections closed, by [`DisconnectReason`] |
-//! | `topgun_websocket_upgrades_refused_total` | counter | `reason` | upgrades answered `503` (`draining`, `connection_limit`) |
+//! | `topgun_websocket_upgrades_refused_total` | counter | `reason` | upgrades refused: `draining`, `connection_limit` (`503`), `per_ip_limit` (`429`), `origin` (`403`) |
+//! | `topgun_rate_limited_requests_total` | counter | | requests answered `429` by the per-address rate limit |
 //! | `topgun_websocket_messages_received_total` | counter | | binary messages received |
 //! | `topgun_websocket_received_bytes_total` | counter | | payload bytes received |
 //! | `topgun_websocket_messages_sent_total` | counter | | messages sent (inside batches or alone) |
@@ -46,6 +47,8 @@ use super::shutdown::{HealthState, ShutdownController};
 pub(crate) enum RefusedUpgrade {
     Draining,
     ConnectionLimit,
+    PerIpLimit,
+    Origin,
 }
 
 const HEALTH_STATES: [HealthState; 4] =
@@ -60,6 +63,9 @@ pub struct TransportMetrics {
     open: [Gauge; 2],
     refused_draining: Counter,
     refused_limit: Counter,
+    refused_per_ip: Counter,
+    refused_origin: Counter,
+    rate_limited: Counter,
     pub(crate) messages_received: Counter,
     pub(crate) bytes_received: Counter,
     pub(crate) messages_sent: Counter,
@@ -91,11 +97,12 @@ const DURATION_BUCKETS: [f64; 12] =
 const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// `# HELP` text and unit of every metric.
-const DESCRIPTIONS: [(&str, &str, Option<Unit>); 18] = [
+const DESCRIPTIONS: [(&str, &str, Option<Unit>); 19] = [
     ("topgun_connections_open", "Open connections.", None),
     ("topgun_connections_opened_total", "Connections opened.", None),
     ("topgun_connections_closed_total", "Connections closed, by reason.", None),
-    ("topgun_websocket_upgrades_refused_total", "WebSocket upgrades refused with 503.", None),
+    ("topgun_websocket_upgrades_refused_total", "WebSocket upgrades refused, by reason.", None),
+    ("topgun_rate_limited_requests_total", "Requests refused by the per-address rate limit.", None),
     ("topgun_websocket_messages_received_total", "Binary messages received.", None),
     ("topgun_websocket_received_bytes_total", "Payload bytes received.", Some(Unit::Bytes)),
     ("topgun_websocket_messages_sent_total", "Messages sent, batched or alone.", None),
@@ -177,6 +184,15 @@ impl TransportMetrics {
                 "topgun_websocket_upgrades_refused_total",
                 vec![Label::new("reason", "connection_limit")],
             ),
+            refused_per_ip: counter(
+                "topgun_websocket_upgrades_refused_total",
+                vec![Label::new("reason", "per_ip_limit")],
+            ),
+            refused_origin: counter(
+                "topgun_websocket_upgrades_refused_total",
+                vec![Label::new("reason", "origin")],
+            ),
+            rate_limited: counter("topgun_rate_limited_requests_total", vec![]),
             messages_received: counter("topgun_websocket_messages_received_total", vec![]),
             bytes_received: counter("topgun_websocket_received_bytes_total", vec![]),
             messages_sent: counter("topgun_websocket_messages_sent_total", vec![]),
@@ -215,7 +231,14 @@ impl TransportMetrics {
         match why {
             RefusedUpgrade::Draining => self.refused_draining.increment(1),
             RefusedUpgrade::ConnectionLimit => self.refused_limit.increment(1),
+            RefusedUpgrade::PerIpLimit => self.refused_per_ip.increment(1),
+            RefusedUpgrade::Origin => self.refused_origin.increment(1),
         }
+    }
+
+    /// Counts a request refused by the per-address rate limit.
+    pub(crate) fn rate_limited(&self) {
+        self.rate_limited.increment(1);
     }
 
     /// Records one answered HTTP request.

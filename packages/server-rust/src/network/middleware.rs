@@ -6,12 +6,14 @@
 //! 2. **Propagate request id**: copies it onto the response. Sitting outside CORS and the
 //!    timeout, it also stamps the responses those layers produce themselves (preflights, `408`s)
 //!    and `404`s.
-//! 3. **Trace**: one span per request carrying method, path and request id.
-//! 4. **CORS**: origins from [`NetworkConfig::cors_origins`], for requests that carry an
+//! 3. **Client address**: the [`ClientAddr`] behind trusted proxies (see
+//!    [`ClientAddrLayer`]).
+//! 4. **Trace**: one span per request carrying method, path, request id and client address.
+//! 5. **CORS**: origins from [`NetworkConfig::cors_origins`], for requests that carry an
 //!    `Origin` header (see [`CrossOriginLayer`]).
-//! 5. **Compression**: gzip when the client accepts it, for responses of at least
+//! 6. **Compression**: gzip when the client accepts it, for responses of at least
 //!    [`MIN_COMPRESSED_SIZE`] bytes. Inside CORS, so it never scans the `Vary` values CORS adds.
-//! 6. **Timeout**: `408 Request Timeout` after [`NetworkConfig::request_timeout`].
+//! 7. **Timeout**: `408 Request Timeout` after [`NetworkConfig::request_timeout`].
 //!
 //! Apply the stack once, around the whole router, as
 //! [`NetworkModule`](crate::network::NetworkModule) does: `Router::layer` would wrap every
@@ -50,6 +52,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use super::client_addr::{ClientAddr, ClientAddrLayer};
 use super::config::NetworkConfig;
 
 /// The header carrying each request's id.
@@ -77,8 +80,11 @@ pub type HttpLayers = ServiceBuilder<
                 Stack<
                     TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan>,
                     Stack<
-                        PropagateRequestIdLayer,
-                        Stack<SetRequestIdLayer<MakeRequestUuid>, Identity>,
+                        ClientAddrLayer,
+                        Stack<
+                            PropagateRequestIdLayer,
+                            Stack<SetRequestIdLayer<MakeRequestUuid>, Identity>,
+                        >,
                     >,
                 >,
             >,
@@ -92,6 +98,7 @@ pub fn build_http_layers(config: &NetworkConfig) -> HttpLayers {
     ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+        .layer(ClientAddrLayer::new(&config.trusted_proxies, config.forwarded_header))
         .layer(TraceLayer::new_for_http().make_span_with(request_span as MakeSpan))
         .layer(CrossOriginLayer::new(cors_layer(&config.cors_origins)))
         .layer(
@@ -111,11 +118,13 @@ fn request_span(request: &Request<Body>) -> Span {
         .get::<RequestId>()
         .and_then(|id| id.header_value().to_str().ok())
         .unwrap_or("");
+    let client = request.extensions().get::<ClientAddr>().map(|client| client.ip);
     tracing::info_span!(
         "http",
         method = %request.method(),
         path = %request.uri().path(),
         request_id = %request_id,
+        client = client.map(tracing::field::display),
     )
 }
 

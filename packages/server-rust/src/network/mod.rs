@@ -16,6 +16,9 @@
 //! | `engine` | one WebSocket connection's lifecycle: `reader` (socket → handler), `writer` (queue → socket) |
 //! | `batch` | the `BATCH` frame envelope and the writer's frame builder |
 //! | [`close`] | the WebSocket close codes the server sends |
+//! | `client_addr` | [`ClientAddr`]: the client behind trusted proxies (`X-Forwarded-For`, `Forwarded`) |
+//! | `admission` | who may open a WebSocket: origin, per-address cap; the throttled refusal log |
+//! | `rate_limit` | the per-address token bucket over HTTP requests and upgrades |
 //! | `handlers` | one axum handler per route, and [`AppState`] |
 //! | `middleware` | the HTTP middleware stack |
 //! | `metrics` | Prometheus metrics and `GET /metrics` |
@@ -23,8 +26,10 @@
 //! | `tls` | loading and reloading certificates |
 //! | `module` | [`NetworkModule`]: router, bind, serve, shutdown |
 
+mod admission;
 mod batch;
 mod channel;
+mod client_addr;
 pub mod close;
 mod config;
 mod connection;
@@ -38,6 +43,7 @@ mod metrics;
 mod middleware;
 mod module;
 mod queue;
+mod rate_limit;
 mod registry;
 mod routes;
 mod shutdown;
@@ -45,8 +51,10 @@ mod tls;
 
 pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, decode_frame_shared, encode_batch};
 pub use channel::{OutboundPermit, OutboundReceiver, OutboundSender};
+pub use client_addr::{ClientAddr, ClientAddrLayer, ClientAddrService, resolve_client_ip};
 pub use config::{
-    ConfigError, ConnectionConfig, MetricsConfig, NetworkConfig, ShutdownConfig, TlsConfig,
+    ConfigError, ConnectionConfig, ForwardedHeader, MetricsConfig, NetworkConfig, RateLimitConfig,
+    ShutdownConfig, TlsConfig,
 };
 pub use connection::{
     ConnectionId, ConnectionKind, ConnectionMetadata, DisconnectReason, SendError,
@@ -61,6 +69,8 @@ pub use heartbeat::Heartbeat;
 pub use inbound::{
     InboundHandler, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, StubHandler, SyncError, SyncRequest,
 };
+/// A network prefix in CIDR notation, for [`NetworkConfig::trusted_proxies`].
+pub use ipnet::IpNet;
 pub use metrics::TransportMetrics;
 pub use middleware::{
     CompressWhen, CrossOriginLayer, HttpLayers, MIN_COMPRESSED_SIZE, REQUEST_ID_HEADER,

@@ -18,12 +18,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tower::{Service, ServiceBuilder};
 
+use super::admission::Admission;
 use super::config::NetworkConfig;
 use super::handlers::{AppState, main_routes, metrics_routes};
 use super::http_metrics::HttpMetricsLayer;
 use super::inbound::{InboundHandler, StubHandler};
 use super::metrics::TransportMetrics;
 use super::middleware::build_http_layers;
+use super::rate_limit::RateLimitLayer;
 use super::registry::ConnectionRegistry;
 use super::shutdown::ShutdownController;
 use super::tls::{TlsAcceptor, TlsReloader};
@@ -60,6 +62,7 @@ pub struct NetworkModule {
     metrics: Arc<TransportMetrics>,
     metrics_listener: Option<TcpListener>,
     connection_slots: Arc<Semaphore>,
+    admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for NetworkModule {
@@ -89,6 +92,7 @@ impl NetworkModule {
             connection_slots: Arc::new(Semaphore::new(
                 config.max_connections.min(Semaphore::MAX_PERMITS),
             )),
+            admission: Arc::new(Admission::new(&config)),
             config,
         }
     }
@@ -187,10 +191,15 @@ impl NetworkModule {
     + Sync
     + 'static {
         let routes = routes.with_state(self.app_state());
+        let rate_limit = self.config.rate_limit.map(|limit| {
+            RateLimitLayer::new(limit, Arc::clone(&self.metrics), Arc::clone(&self.admission.log))
+        });
         ServiceBuilder::new()
             .map_response(IntoResponse::into_response)
             .layer(HttpMetricsLayer::new(Arc::clone(&self.metrics)))
             .layer(build_http_layers(&self.config))
+            // Innermost: it reads the client address and its 429 gets every layer's headers.
+            .option_layer(rate_limit)
             .service(routes)
     }
 
@@ -215,6 +224,7 @@ impl NetworkModule {
             handler: Arc::clone(&self.handler),
             connection_slots: Arc::clone(&self.connection_slots),
             metrics: Arc::clone(&self.metrics),
+            admission: Arc::clone(&self.admission),
         }
     }
 

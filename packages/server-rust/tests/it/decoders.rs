@@ -189,3 +189,46 @@ fn sync_bodies_are_answered_200_or_400() {
         }
     });
 }
+
+/// Header values a client controls, built from the pieces forwarded headers are made of.
+fn forwarded_value() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        "[0-9.:a-fA-F\\[\\]]{0,24}",
+        Just("for=".to_owned()),
+        Just("\"".to_owned()),
+        Just(";".to_owned()),
+        Just(", ".to_owned()),
+        Just("unknown".to_owned()),
+        Just("203.0.113.9".to_owned()),
+        Just("[2001:db8::1]:80".to_owned()),
+        "[ -~]{0,8}",
+    ];
+    prop::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn forwarded_headers_resolve_to_the_peer_or_an_address_they_name(
+        value in forwarded_value(),
+        forwarded in any::<bool>(),
+        trusted in any::<bool>(),
+    ) {
+        use topgun_server::network::{ForwardedHeader, IpNet, resolve_client_ip};
+        let header = if forwarded { ForwardedHeader::Forwarded } else { ForwardedHeader::XForwardedFor };
+        let name = if forwarded { "forwarded" } else { "x-forwarded-for" };
+        let Ok(header_value) = http::HeaderValue::from_str(&value) else { return Ok(()) };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(name, header_value);
+        let peer: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let proxies: Vec<IpNet> = if trusted { vec!["127.0.0.0/8".parse().unwrap()] } else { vec![] };
+        let client = resolve_client_ip(peer, &headers, &proxies, header);
+        if trusted {
+            let named = client == peer || value.contains(&client.to_string());
+            prop_assert!(named, "{client} is neither the peer nor in {value:?}");
+        } else {
+            prop_assert_eq!(client, peer, "an untrusted peer's header is ignored");
+        }
+    }
+}

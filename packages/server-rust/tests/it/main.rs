@@ -8,6 +8,7 @@ mod http;
 mod lifecycle;
 mod limits;
 mod observability;
+mod open_internet;
 mod shutdown;
 mod spec_057;
 mod tls;

@@ -30,8 +30,8 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::admission::Admitted;
 use axum::extract::ws::WebSocket;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
@@ -56,14 +56,14 @@ pub(crate) struct Shared {
 }
 
 /// Registers an upgraded socket and returns the future that serves it to its end, holding
-/// `slot` (its place under `max_connections`) until then.
+/// `slot` (its places under `max_connections` and `max_connections_per_ip`) until then.
 ///
 /// Every open connection is this future, so what it owns is moved in once, here, and used in
 /// place: the socket is not moved again once the future runs.
 pub(crate) fn run(
     shared: Shared,
     socket: WebSocket,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Admitted,
     peer: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send {
     let conn = shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
@@ -78,7 +78,7 @@ fn serve(
     state: Shared,
     conn: Arc<ConnectionHandle>,
     mut socket: WebSocket,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Admitted,
 ) -> impl Future<Output = ()> + Send {
     async move {
         tracing::debug!("connected");

@@ -1,8 +1,7 @@
 use std::io::Cursor;
-use std::net::SocketAddr;
 
 use axum::Extension;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::HeaderMap;
@@ -10,6 +9,7 @@ use http::header::CONTENT_TYPE;
 use serde::Deserialize;
 
 use super::AppState;
+use crate::network::client_addr::ClientAddr;
 use crate::network::inbound::{SyncError, SyncRequest, call_guarded};
 use crate::network::middleware::REQUEST_ID_HEADER;
 
@@ -36,7 +36,7 @@ pub const ACCEPTED_SYNC_CONTENT_TYPES: [&str; 4] = [
 /// is answered `413`, another content type `415`, and malformed MsgPack `400`.
 pub async fn http_sync_handler(
     State(state): State<AppState>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -51,7 +51,7 @@ pub async fn http_sync_handler(
     let request = SyncRequest {
         body,
         headers,
-        peer: peer.map(|Extension(ConnectInfo(addr))| addr),
+        peer: client.map(|Extension(client)| client.socket_addr()),
         request_id,
     };
     let _in_flight = state.shutdown.in_flight_guard();

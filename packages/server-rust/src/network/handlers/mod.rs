@@ -53,6 +53,8 @@ pub struct AppState {
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// The transport's Prometheus metrics.
     pub metrics: Arc<super::metrics::TransportMetrics>,
+    /// Upgrade checks: origin, per-address cap, refusal log.
+    pub(crate) admission: Arc<super::admission::Admission>,
 }
 
 impl fmt::Debug for AppState {

@@ -1,32 +1,37 @@
-//! The WebSocket routes, `GET /ws` and `GET /`: admission (draining, connection limit) and the
-//! upgrade. What happens on the connection afterwards is the engine's (`network/engine/`).
+//! The WebSocket routes, `GET /ws` and `GET /`: admission (draining, origin, per-address and
+//! server-wide connection limits; see `admission.rs`) and the upgrade. What happens on the connection afterwards is the engine's (`network/engine/`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use http::header::{RETRY_AFTER, UPGRADE};
 use http::{HeaderMap, StatusCode};
 
 use super::AppState;
+use crate::network::admission::{Admitted, Refusal};
+use crate::network::client_addr::ClientAddr;
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
+use crate::network::rate_limit::too_many_requests;
 
 /// `GET /ws`: upgrades to a WebSocket configured from
 /// [`ConnectionConfig`](crate::network::ConnectionConfig) and runs [`handle_socket`] on it.
 ///
 /// Refused with `503` and `Retry-After` while the server is draining (so clients reconnect to
-/// a node that is staying up) and when `max_connections` are open. Requests that are not valid
-/// upgrades get axum's `400`/`405`/`426` answers.
+/// a node that is staying up) and when `max_connections` are open; with `403` when
+/// `cors_origins` is a list and the request's `Origin` is not in it; with `429` and
+/// `Retry-After` when its client address holds `max_connections_per_ip` already. Requests that
+/// are not valid upgrades get axum's `400`/`405`/`426` answers.
 pub async fn ws_upgrade_handler(
     State(state): State<AppState>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, peer.map(|Extension(ConnectInfo(addr))| addr), ws)
+    upgrade(state, client.map(|Extension(client)| client), &headers, ws)
 }
 
 /// `GET /`: the same WebSocket endpoint as `/ws` for clients given the server's bare URL, as
@@ -34,12 +39,12 @@ pub async fn ws_upgrade_handler(
 /// is not an upgrade attempt gets a short JSON description of the server's routes instead.
 pub async fn root_handler(
     State(state): State<AppState>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => upgrade(state, peer.map(|Extension(ConnectInfo(addr))| addr), ws),
+        Ok(ws) => upgrade(state, client.map(|Extension(client)| client), &headers, ws),
         // An attempt that went wrong gets axum's answer, as at `/ws`.
         Err(rejection) if headers.contains_key(UPGRADE) => rejection.into_response(),
         Err(_) => Json(serde_json::json!({
@@ -53,11 +58,33 @@ pub async fn root_handler(
 }
 
 /// Admits and upgrades one WebSocket; shared by both routes so limits and metrics are one.
-fn upgrade(state: AppState, peer: Option<SocketAddr>, ws: WebSocketUpgrade) -> Response {
+fn upgrade(
+    state: AppState,
+    client: Option<ClientAddr>,
+    headers: &HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if state.shutdown.is_shutting_down() {
         state.metrics.upgrade_refused(RefusedUpgrade::Draining);
         return unavailable("server is shutting down");
     }
+    let admission = &state.admission;
+    let ip = client.map(|client| client.ip);
+    if !admission.origin_allowed(headers) {
+        state.metrics.upgrade_refused(RefusedUpgrade::Origin);
+        if let Some(ip) = ip {
+            admission.log.refused(Refusal::Origin, ip);
+        }
+        return (StatusCode::FORBIDDEN, "websocket origin not allowed\n").into_response();
+    }
+    let per_ip = match ip.map(|ip| admission.acquire(ip).ok_or(ip)).transpose() {
+        Ok(slot) => slot,
+        Err(ip) => {
+            state.metrics.upgrade_refused(RefusedUpgrade::PerIpLimit);
+            admission.log.refused(Refusal::PerIpConnections, ip);
+            return too_many_requests(1, "per-address connection limit reached");
+        }
+    };
     let Ok(slot) = Arc::clone(&state.connection_slots).try_acquire_owned() else {
         state.metrics.upgrade_refused(RefusedUpgrade::ConnectionLimit);
         tracing::info!(
@@ -75,8 +102,10 @@ fn upgrade(state: AppState, peer: Option<SocketAddr>, ws: WebSocketUpgrade) -> R
         .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"));
     let shared = Shared::from(state);
-    // The slot is released when the connection's future completes.
-    ws.on_upgrade(move |socket| engine::run(shared, socket, Some(slot), peer))
+    let admitted = Admitted { server_wide: Some(slot), per_ip };
+    let peer = client.map(|client| client.socket_addr());
+    // The slots are released when the connection's future completes.
+    ws.on_upgrade(move |socket| engine::run(shared, socket, admitted, peer))
 }
 
 impl From<AppState> for Shared {
@@ -96,5 +125,6 @@ fn unavailable(reason: &'static str) -> Response {
 ///
 /// Every open connection holds this future (one task per connection), so it is kept small.
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
-    engine::run(Shared::from(state), socket, None, None)
+    let admitted = Admitted { server_wide: None, per_ip: None };
+    engine::run(Shared::from(state), socket, admitted, None)
 }
