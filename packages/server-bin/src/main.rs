@@ -94,6 +94,17 @@ struct Args {
     /// Requests one address may make at once under --rate-limit-per-ip (default: one second's worth).
     #[arg(long, env = "TOPGUN_RATE_LIMIT_BURST", requires = "rate_limit_per_ip")]
     rate_limit_burst: Option<NonZeroU32>,
+    /// Every connection must start with a PROXY protocol header (v1 or v2, `HAProxy`
+    /// `send-proxy-v2`) naming the client; connections without one are closed.
+    #[arg(long, env = "TOPGUN_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
+    /// Binary messages per second one WebSocket may send on average; over it the server stops
+    /// reading that socket until the budget refills. Off by default.
+    #[arg(long, env = "TOPGUN_MAX_MESSAGES_PER_SEC")]
+    max_messages_per_sec: Option<NonZeroU32>,
+    /// Messages one WebSocket may send at once under --max-messages-per-sec (default: one second's worth).
+    #[arg(long, env = "TOPGUN_MESSAGE_BURST", requires = "max_messages_per_sec")]
+    message_burst: Option<NonZeroU32>,
     /// Close a WebSocket that has not authenticated this long after connecting (1008). Off by default.
     #[arg(long, env = "TOPGUN_AUTH_TIMEOUT")]
     auth_timeout: Option<humantime::Duration>,
@@ -159,12 +170,17 @@ impl Args {
                 HeaderArg::Forwarded => ForwardedHeader::Forwarded,
             },
             max_connections_per_ip: self.max_connections_per_ip,
+            proxy_protocol: self.proxy_protocol,
             rate_limit: self.rate_limit_per_ip.map(|per_second| RateLimitConfig {
                 per_second,
                 burst: self.rate_limit_burst.unwrap_or(per_second),
             }),
             connection: ConnectionConfig {
                 auth_timeout: self.auth_timeout.map(Into::into),
+                inbound_rate: self.max_messages_per_sec.map(|per_second| RateLimitConfig {
+                    per_second,
+                    burst: self.message_burst.unwrap_or(per_second),
+                }),
                 idle_timeout: self.idle_timeout.into(),
                 ping_interval: self.ping_interval.into(),
                 max_message_size: self.max_message_size,

@@ -171,3 +171,27 @@ async fn invalid_flags_are_usage_errors() {
     assert_eq!(code, 2);
     assert!(stderr.contains("soon"), "{stderr}");
 }
+
+#[tokio::test]
+async fn proxy_protocol_headers_name_the_client_for_the_per_address_cap() {
+    use tokio::io::AsyncWriteExt;
+    let (child, addr) = spawn_server(&["--proxy-protocol", "--max-connections-per-ip", "1"]).await;
+    let server: std::net::SocketAddr = addr.parse().unwrap();
+    let client_a: std::net::SocketAddr = "203.0.113.1:40000".parse().unwrap();
+    let client_b: std::net::SocketAddr = "203.0.113.2:40000".parse().unwrap();
+
+    // v2 (HAProxy's send-proxy-v2): the cap counts the client the header names.
+    let _a = common::ws_after(server, &common::proxy_v2(client_a, server), "/ws").await.unwrap();
+    let refused = common::ws_after(server, &common::proxy_v2(client_a, server), "/").await;
+    assert_eq!(common::upgrade_refusal(refused).0, 429);
+    // v1, another client behind the same balancer.
+    common::ws_after(server, &common::proxy_v1(client_b, server), "/ws").await.expect("client b");
+
+    // No header: closed before any HTTP answer.
+    let mut bare = tokio::net::TcpStream::connect(server).await.unwrap();
+    bare.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    assert!(common::read_until_eof(&mut bare).await.is_empty(), "no answer without a header");
+
+    signal(&child, "TERM");
+    assert!(wait_exit(child).await.success());
+}

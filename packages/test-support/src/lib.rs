@@ -209,6 +209,70 @@ pub async fn ws_from(
     Ok(client)
 }
 
+/// The status and `Retry-After` of a refused upgrade.
+///
+/// # Panics
+///
+/// The upgrade was accepted, or failed otherwise than with an HTTP answer.
+pub fn upgrade_refusal(
+    result: Result<WsClient, tokio_tungstenite::tungstenite::Error>,
+) -> (u16, Option<String>) {
+    match result {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => (
+            response.status().as_u16(),
+            response.headers().get("retry-after").map(|value| value.to_str().unwrap().to_owned()),
+        ),
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("the upgrade was accepted"),
+    }
+}
+
+/// A PROXY protocol v1 header naming `source` (IPv4) as the client.
+pub fn proxy_v1(source: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    format!("PROXY TCP4 {} {} {} {}\r\n", source.ip(), server.ip(), source.port(), server.port())
+        .into_bytes()
+}
+
+/// A PROXY protocol v2 header (`PROXY` command, TCP over IPv4) naming `source` as the client,
+/// as `HAProxy`'s `send-proxy-v2` writes it.
+///
+/// # Panics
+///
+/// Either address is not IPv4.
+pub fn proxy_v2(source: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(source), SocketAddr::V4(server)) = (source, server) else {
+        panic!("IPv4 only")
+    };
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend(source.ip().octets());
+    header.extend(server.ip().octets());
+    header.extend(source.port().to_be_bytes());
+    header.extend(server.port().to_be_bytes());
+    header
+}
+
+/// Connects to `server`, writes `preamble` (a PROXY header), then upgrades to a WebSocket at
+/// `path`.
+///
+/// # Errors
+///
+/// The upgrade was refused or failed.
+pub async fn ws_after(
+    server: SocketAddr,
+    preamble: &[u8],
+    path: &str,
+) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = TcpStream::connect(server).await.expect("tcp connects");
+    stream.write_all(preamble).await.expect("preamble written");
+    let handshake = tokio_tungstenite::client_async(
+        format!("ws://{server}{path}"),
+        MaybeTlsStream::Plain(stream),
+    );
+    let (client, _) = tokio::time::timeout(DEADLINE, handshake).await.expect("upgrade in time")?;
+    Ok(client)
+}
+
 /// Opens a plain WebSocket to `url`.
 pub async fn connect_ws(url: &str) -> WsClient {
     install_crypto_provider();

@@ -29,6 +29,8 @@ pub(crate) enum Refusal {
     RateLimit,
     PerIpConnections,
     Origin,
+    ProxyHeader,
+    InboundRate,
 }
 
 impl Refusal {
@@ -37,6 +39,8 @@ impl Refusal {
             Self::RateLimit => "rate limit exceeded",
             Self::PerIpConnections => "per-address connection limit reached",
             Self::Origin => "websocket origin not allowed",
+            Self::ProxyHeader => "connection without a valid PROXY protocol header closed",
+            Self::InboundRate => "connection over its inbound message budget; reading paused",
         }
     }
 }

@@ -45,6 +45,7 @@ use ipnet::IpNet;
 use tower::{Layer, Service};
 
 use super::config::ForwardedHeader;
+use super::proxy_protocol::ProxiedPeer;
 
 /// The header nginx and `HAProxy` write by default.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -55,7 +56,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub struct ClientAddr {
     /// The client's IP address: the TCP peer's, or the one a trusted proxy forwarded.
     pub ip: IpAddr,
-    /// The TCP peer (the proxy's address when the request came through one).
+    /// The TCP peer (the proxy's address when the request came through one), or the source a
+    /// PROXY protocol header named.
     pub peer: SocketAddr,
 }
 
@@ -133,7 +135,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Resolves each request's [`ClientAddr`] from its connect info and headers.
+/// Resolves each request's [`ClientAddr`] from its connect info (or the connection's PROXY
+/// protocol header) and headers.
 ///
 /// Requests served without connect info (a router driven by `oneshot` in a test) get no
 /// extension.
@@ -178,8 +181,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
-            let peer = *peer;
+        let extensions = request.extensions();
+        let proxied = extensions.get::<ProxiedPeer>().map(|ProxiedPeer(source)| *source);
+        let connected = extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(peer)| *peer);
+        if let Some(peer) = proxied.or(connected) {
             let layer = &self.layer;
             let ip = resolve_client_ip(
                 peer.ip(),

@@ -82,6 +82,11 @@ pub struct NetworkConfig {
     /// A token bucket per client address over HTTP requests and upgrade attempts (the health
     /// routes are exempt); over it, `429` with `Retry-After`. Default: `None` (off).
     pub rate_limit: Option<RateLimitConfig>,
+    /// Every accepted connection must start with a PROXY protocol header (v1 or v2, as
+    /// `HAProxy`'s `send-proxy-v2` writes), whose source address is then the client's; a
+    /// connection without one is closed. Only for a port that nothing but the balancer can
+    /// reach. Default: `false`.
+    pub proxy_protocol: bool,
 }
 
 /// The header a trusted proxy names the client in.
@@ -142,6 +147,7 @@ impl Default for NetworkConfig {
             forwarded_header: ForwardedHeader::default(),
             max_connections_per_ip: 0,
             rate_limit: None,
+            proxy_protocol: false,
         }
     }
 }
@@ -305,6 +311,11 @@ pub struct ConnectionConfig {
     /// `auth_timeout`). For handlers that gate clients behind a handshake; `None` turns it
     /// off. Default: `None`.
     pub auth_timeout: Option<Duration>,
+    /// A message budget per connection: `per_second` binary messages on average, `burst` at
+    /// once. Over it the server stops reading the socket until the budget refills, so TCP
+    /// pushes back on the client: nothing is dropped or reordered, other connections are not
+    /// slowed, and time spent throttled never counts as idleness. Default: `None` (off).
+    pub inbound_rate: Option<RateLimitConfig>,
 }
 
 impl Default for ConnectionConfig {
@@ -325,6 +336,7 @@ impl Default for ConnectionConfig {
             max_consecutive_drops: 32,
             max_outbound_message_size: 8 * 1024 * 1024,
             auth_timeout: None,
+            inbound_rate: None,
         }
     }
 }

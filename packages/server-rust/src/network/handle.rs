@@ -5,8 +5,9 @@
 //! client is not keeping up: callers choose between dropping ([`ConnectionHandle::try_send`])
 //! and waiting ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -65,6 +66,10 @@ pub(crate) struct ConnectionState {
     /// Still behind after a `broadcast_cooperative` waited its longest for it: later
     /// broadcasts do not wait for this connection again until it has caught up.
     pub(crate) slow_for_broadcasts: AtomicBool,
+    /// Reading is paused by the inbound message budget: the silence is the server's doing.
+    throttled: AtomicBool,
+    /// The client's address, as `ClientAddr` resolved it.
+    peer: OnceLock<SocketAddr>,
 }
 
 impl ConnectionHandle {
@@ -182,6 +187,29 @@ impl ConnectionHandle {
     /// Whether an inbound handler call for this connection is running.
     pub(crate) fn handler_busy(&self) -> bool {
         self.state.handler_busy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_throttled(&self, throttled: bool) {
+        self.state.throttled.store(throttled, Ordering::Relaxed);
+    }
+
+    /// Whether the inbound message budget has paused reading.
+    pub(crate) fn throttled(&self) -> bool {
+        self.state.throttled.load(Ordering::Relaxed)
+    }
+
+    /// The client's address: the TCP peer, or behind trusted proxies the client they named
+    /// (port 0 when a forwarded header named it; see [`ClientAddr`]). `None` for connections
+    /// registered without one ([`ConnectionRegistry::register`], `handle_socket`).
+    ///
+    /// [`ClientAddr`]: crate::network::ClientAddr
+    /// [`ConnectionRegistry::register`]: crate::network::ConnectionRegistry::register
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.state.peer.get().copied()
+    }
+
+    pub(crate) fn set_peer(&self, peer: SocketAddr) {
+        let _ = self.state.peer.set(peer);
     }
 
     /// Counts messages that were handed to this connection but will never reach the client

@@ -13,6 +13,8 @@
 //! | `topgun_connections_closed_total` | counter | `kind`, `reason` | connections closed, by [`DisconnectReason`] |
 //! | `topgun_websocket_upgrades_refused_total` | counter | `reason` | upgrades refused: `draining`, `connection_limit` (`503`), `per_ip_limit` (`429`), `origin` (`403`) |
 //! | `topgun_rate_limited_requests_total` | counter | | requests answered `429` by the per-address rate limit |
+//! | `topgun_inbound_throttled_total` | counter | | times a connection's reading paused on its inbound message budget |
+//! | `topgun_proxy_protocol_refused_total` | counter | | connections closed for a missing or invalid PROXY protocol header |
 //! | `topgun_websocket_messages_received_total` | counter | | binary messages received |
 //! | `topgun_websocket_received_bytes_total` | counter | | payload bytes received |
 //! | `topgun_websocket_messages_sent_total` | counter | | messages sent (inside batches or alone) |
@@ -66,6 +68,8 @@ pub struct TransportMetrics {
     refused_per_ip: Counter,
     refused_origin: Counter,
     rate_limited: Counter,
+    pub(crate) proxy_protocol_refused: Counter,
+    pub(crate) inbound_throttled: Counter,
     pub(crate) messages_received: Counter,
     pub(crate) bytes_received: Counter,
     pub(crate) messages_sent: Counter,
@@ -97,12 +101,22 @@ const DURATION_BUCKETS: [f64; 12] =
 const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// `# HELP` text and unit of every metric.
-const DESCRIPTIONS: [(&str, &str, Option<Unit>); 19] = [
+const DESCRIPTIONS: [(&str, &str, Option<Unit>); 21] = [
     ("topgun_connections_open", "Open connections.", None),
     ("topgun_connections_opened_total", "Connections opened.", None),
     ("topgun_connections_closed_total", "Connections closed, by reason.", None),
     ("topgun_websocket_upgrades_refused_total", "WebSocket upgrades refused, by reason.", None),
     ("topgun_rate_limited_requests_total", "Requests refused by the per-address rate limit.", None),
+    (
+        "topgun_inbound_throttled_total",
+        "Times a connection's reading paused on its message budget.",
+        None,
+    ),
+    (
+        "topgun_proxy_protocol_refused_total",
+        "Connections closed for a missing or invalid PROXY protocol header.",
+        None,
+    ),
     ("topgun_websocket_messages_received_total", "Binary messages received.", None),
     ("topgun_websocket_received_bytes_total", "Payload bytes received.", Some(Unit::Bytes)),
     ("topgun_websocket_messages_sent_total", "Messages sent, batched or alone.", None),
@@ -193,6 +207,8 @@ impl TransportMetrics {
                 vec![Label::new("reason", "origin")],
             ),
             rate_limited: counter("topgun_rate_limited_requests_total", vec![]),
+            proxy_protocol_refused: counter("topgun_proxy_protocol_refused_total", vec![]),
+            inbound_throttled: counter("topgun_inbound_throttled_total", vec![]),
             messages_received: counter("topgun_websocket_messages_received_total", vec![]),
             bytes_received: counter("topgun_websocket_received_bytes_total", vec![]),
             messages_sent: counter("topgun_websocket_messages_sent_total", vec![]),

@@ -18,6 +18,7 @@
 //! | [`close`] | the WebSocket close codes the server sends |
 //! | `client_addr` | [`ClientAddr`]: the client behind trusted proxies (`X-Forwarded-For`, `Forwarded`) |
 //! | `admission` | who may open a WebSocket: origin, per-address cap; the throttled refusal log |
+//! | `proxy_protocol` | PROXY protocol v1/v2: the client a TCP balancer names before the first byte |
 //! | `rate_limit` | the per-address token bucket over HTTP requests and upgrades |
 //! | `handlers` | one axum handler per route, and [`AppState`] |
 //! | `middleware` | the HTTP middleware stack |
@@ -42,6 +43,7 @@ mod inbound;
 mod metrics;
 mod middleware;
 mod module;
+mod proxy_protocol;
 mod queue;
 mod rate_limit;
 mod registry;

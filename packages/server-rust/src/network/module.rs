@@ -13,6 +13,7 @@ use axum::extract::Request;
 use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::{Router, ServiceExt as _};
+use axum_server::accept::DefaultAcceptor;
 use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -25,6 +26,7 @@ use super::http_metrics::HttpMetricsLayer;
 use super::inbound::{InboundHandler, StubHandler};
 use super::metrics::TransportMetrics;
 use super::middleware::build_http_layers;
+use super::proxy_protocol::{ProxyProtocol, ProxyProtocolAcceptor};
 use super::rate_limit::RateLimitLayer;
 use super::registry::ConnectionRegistry;
 use super::shutdown::ShutdownController;
@@ -284,9 +286,20 @@ impl NetworkModule {
             .service(self.behind_middleware(main_routes(&self.config)))
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
+        // Before TLS: the balancer writes the header ahead of the client's first byte.
+        let proxy = ProxyProtocolAcceptor::new(
+            DefaultAcceptor::new(),
+            self.config.proxy_protocol.then(|| ProxyProtocol {
+                timeout: self.config.header_read_timeout,
+                listener_closed: self.shutdown.close_connections_token().clone(),
+                refused: self.metrics.proxy_protocol_refused.clone(),
+                log: Arc::clone(&self.admission.log),
+            }),
+        );
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
             None => {
-                let mut server = axum_server::from_tcp(listener).handle(handle.clone());
+                let mut server =
+                    axum_server::from_tcp(listener).acceptor(proxy).handle(handle.clone());
                 self.configure_http(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
@@ -294,7 +307,9 @@ impl NetworkModule {
                 let failures = self.metrics.tls_handshake_failures.clone();
                 let mut server = axum_server::from_tcp_rustls(listener, tls.rustls_config())
                     .map(|inner| TlsAcceptor {
-                        inner: inner.handshake_timeout(self.config.tls_handshake_timeout),
+                        inner: inner
+                            .handshake_timeout(self.config.tls_handshake_timeout)
+                            .acceptor(proxy),
                         failures,
                         listener_closed: self.shutdown.close_connections_token().clone(),
                     })

@@ -30,7 +30,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::admission::Admitted;
+use super::admission::{Admission, Admitted};
 use axum::extract::ws::WebSocket;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
@@ -53,6 +53,7 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<NetworkConfig>,
     pub(crate) handler: Arc<dyn InboundHandler>,
     pub(crate) metrics: Arc<TransportMetrics>,
+    pub(crate) admission: Arc<Admission>,
 }
 
 /// Registers an upgraded socket and returns the future that serves it to its end, holding
@@ -67,6 +68,9 @@ pub(crate) fn run(
     peer: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send {
     let conn = shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
+    if let Some(peer) = peer {
+        conn.set_peer(peer);
+    }
     shared.metrics.connection_opened(conn.kind);
     let span = tracing::info_span!("conn", id = %conn.id, peer = peer.map(tracing::field::display));
     serve(shared, conn, socket, slot).instrument(span)
@@ -145,7 +149,8 @@ impl Connection<'_> {
             return Poll::Ready(());
         }
         if !writer_done {
-            let deadline = self.writer.deadline();
+            let deadline =
+                self.writer.deadline().min(self.reader.resume_at().unwrap_or(far_future()));
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }

@@ -6,6 +6,13 @@
 //! [`READ_AHEAD_MESSAGES`] messages or [`READ_AHEAD_BYTES`] held for the handler: a heartbeat
 //! that arrives behind a slow message is still answered, and the client's pongs and pings are
 //! still seen. Past that bound it stops reading, so TCP backpressure reaches the client.
+//!
+//! With a message budget ([`ConnectionConfig::inbound_rate`]) it also stops reading when the
+//! client has sent more binary messages than the budget allows, until it refills: a flooding
+//! client is slowed by TCP, not by dropped messages, and costs the handler no more than its
+//! budget.
+//!
+//! [`ConnectionConfig::inbound_rate`]: crate::network::ConnectionConfig::inbound_rate
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -18,7 +25,13 @@ use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::future::{BoxFuture, CatchUnwind};
 
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, Quota};
+use tokio::time::Instant;
+
+use crate::network::admission::Refusal;
 use crate::network::close;
+use crate::network::config::RateLimitConfig;
 use crate::network::connection::DisconnectReason;
 use crate::network::handle::ConnectionHandle;
 use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, guarded, report_panic};
@@ -34,6 +47,38 @@ pub(super) struct Reader<'a> {
     call: Option<Call<'a>>,
     ahead: ReadAhead,
     reading: bool,
+    /// The message budget, when one is configured (boxed: most connections have none).
+    budget: Option<Box<Budget>>,
+}
+
+/// One connection's inbound message budget.
+struct Budget {
+    bucket: DefaultDirectRateLimiter,
+    /// A message was read past the budget: reading waits until then, and that message is
+    /// charged before the next one is read.
+    paused_until: Option<Instant>,
+}
+
+impl Budget {
+    fn new(rate: RateLimitConfig) -> Self {
+        let quota = Quota::per_second(rate.per_second).allow_burst(rate.burst);
+        Self { bucket: DefaultDirectRateLimiter::direct(quota), paused_until: None }
+    }
+
+    /// Charges one message; `false` (and a pause) when the budget is spent.
+    fn charge(&mut self) -> bool {
+        match self.bucket.check() {
+            Ok(()) => {
+                self.paused_until = None;
+                true
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.bucket.clock().now());
+                self.paused_until = Some(Instant::now() + wait);
+                false
+            }
+        }
+    }
 }
 
 /// A handler call in progress: the handler's own boxed future (no allocation of ours),
@@ -82,7 +127,41 @@ impl<'a> Reader<'a> {
             connect: true,
             _in_flight: state.shutdown.in_flight_guard(),
         };
-        Self { conn, state, call: Some(call), ahead: ReadAhead::default(), reading: true }
+        let budget = state.config.connection.inbound_rate.map(|rate| Box::new(Budget::new(rate)));
+        Self { conn, state, call: Some(call), ahead: ReadAhead::default(), reading: true, budget }
+    }
+
+    /// When a paused read resumes.
+    pub(super) fn resume_at(&self) -> Option<Instant> {
+        self.budget.as_ref().and_then(|budget| budget.paused_until)
+    }
+
+    /// Whether the budget lets the reader read now; settles a pause whose time has come.
+    fn within_budget(&mut self) -> bool {
+        let Some(budget) = &mut self.budget else { return true };
+        let Some(until) = budget.paused_until else { return true };
+        if Instant::now() < until || !budget.charge() {
+            return false;
+        }
+        // Throttled time is the server's doing: idleness counts from now.
+        self.conn.set_throttled(false);
+        self.conn.touch();
+        true
+    }
+
+    /// Charges a binary message to the budget, pausing reading when it is spent.
+    fn charge(&mut self) {
+        let Some(budget) = &mut self.budget else { return };
+        if budget.charge() {
+            return;
+        }
+        self.conn.set_throttled(true);
+        self.state.metrics.inbound_throttled.increment(1);
+        if let Some(peer) = self.conn.peer() {
+            self.state.admission.log.refused(Refusal::InboundRate, peer.ip());
+        } else {
+            tracing::debug!("inbound message budget spent; reading paused");
+        }
     }
 
     /// Reads what the socket has, answers inline what the handler answers inline, and drives
@@ -103,9 +182,12 @@ impl<'a> Reader<'a> {
                 self.call = Some(self.dispatch(next));
                 continue;
             }
-            if self.reading && self.ahead.has_room() {
+            if self.reading && self.ahead.has_room() && self.within_budget() {
                 match Pin::new(&mut *socket).poll_next(cx) {
                     Poll::Ready(Some(Ok(message))) => {
+                        if matches!(message, Message::Binary(_)) {
+                            self.charge();
+                        }
                         if let Some(payload) = self.accept(message) {
                             self.ahead.push(payload);
                         }

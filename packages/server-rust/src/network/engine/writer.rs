@@ -197,7 +197,8 @@ impl<'a> Writer<'a> {
             // A handler busy with this client's message is the server's delay, not the
             // client's silence.
             let idle = self.conn.last_activity().elapsed();
-            if !self.conn.handler_busy() && idle >= self.config().idle_timeout {
+            let servers_doing = self.conn.handler_busy() || self.conn.throttled();
+            if !servers_doing && idle >= self.config().idle_timeout {
                 tracing::debug!(?idle, "closing idle connection");
                 self.conn.note_disconnect(DisconnectReason::IdleTimeout);
                 self.close_now(close_frame(close::GOING_AWAY, close::IDLE_REASON));

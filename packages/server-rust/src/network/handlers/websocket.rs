@@ -110,8 +110,8 @@ fn upgrade(
 
 impl From<AppState> for Shared {
     fn from(state: AppState) -> Self {
-        let AppState { registry, shutdown, config, handler, metrics, .. } = state;
-        Self { registry, shutdown, config, handler, metrics }
+        let AppState { registry, shutdown, config, handler, metrics, admission, .. } = state;
+        Self { registry, shutdown, config, handler, metrics, admission }
     }
 }
 
