@@ -31,8 +31,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HAPROXY_CFG = os.path.join(HERE, "..", "..", "deploy", "haproxy.cfg")
 
 
-def get_json(port: int, path: str):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+class ProxiedConnection(http.client.HTTPConnection):
+    """Speaks to a node directly, as HAProxy does: a PROXY protocol v1 line first."""
+
+    def connect(self):
+        super().connect()
+        (src, sport), (dst, dport) = self.sock.getsockname(), self.sock.getpeername()
+        self.sock.sendall(f"PROXY TCP4 {src} {dst} {sport} {dport}\r\n".encode())
+
+
+def get_json(port: int, path: str, proxied: bool = False):
+    """GET `path`; `proxied` for a node, which accepts only connections with a PROXY header."""
+    connection = ProxiedConnection if proxied else http.client.HTTPConnection
+    conn = connection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
@@ -47,13 +58,23 @@ class Node:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--host", "127.0.0.1", "--port", str(self.port), "--shutdown-grace", GRACE],
+            # deploy/haproxy.cfg names each client with a PROXY protocol v2 header.
+            [self.binary, "--host", "127.0.0.1", "--port", str(self.port), "--shutdown-grace", GRACE,
+             "--proxy-protocol"],
             stdout=subprocess.DEVNULL,
         )
-        wait_for(f"{self.name} ready", lambda: get_json(self.port, "/health/ready")[0] == 200)
+        wait_for(f"{self.name} ready", lambda: get_json(self.port, "/health/ready", proxied=True)[0] == 200)
 
     def connections(self) -> int:
-        return get_json(self.port, "/health")[1]["connections"]
+        return get_json(self.port, "/health", proxied=True)[1]["connections"]
+
+    def refuses_bare_connections(self) -> bool:
+        """A connection without a PROXY header is closed before any answer."""
+        try:
+            get_json(self.port, "/health")
+        except (OSError, http.client.HTTPException):
+            return True
+        return False
 
     def stop(self) -> int:
         self.process.terminate()
@@ -175,6 +196,8 @@ async def main(binary: str) -> int:
     nodes = [Node(binary, "node1"), Node(binary, "node2")]
     for node in nodes:
         node.start()
+    strict = all(node.refuses_bare_connections() for node in nodes)
+    print(f"nodes refuse connections without a PROXY header: {strict}")
     lb = HAProxy(nodes)
     try:
         for name in ("node1", "node2"):
@@ -214,7 +237,8 @@ async def main(binary: str) -> int:
           f"{ws.reconnects} reconnects, {len(ws.unexpected)} unexpected {ws.unexpected[:5]}")
     print(f"node exit codes on SIGTERM: {exits}")
     ok = (
-        load.failed == 0
+        strict
+        and load.failed == 0
         and load.ok > 0
         and ws.closes_1001 == expected_1001
         and ws.reconnects == expected_1001

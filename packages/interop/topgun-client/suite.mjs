@@ -15,6 +15,8 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, describe, it } from "node:test";
 
+import WebSocket from "ws";
+
 import {
   HEARTBEAT_INTERVAL_MS,
   TopGunClientModel,
@@ -349,9 +351,10 @@ async function startNginx(upstreamPorts) {
 
 describe("behind nginx (deploy/nginx.conf)", { skip: NGINX ? false : "set NGINX_BIN to run" }, () => {
   it("proxies the WebSocket at / and /ws, /sync, and a node's shutdown reaches the client as 1001", async () => {
+    // As deploy/nginx.conf says: the nodes trust nginx's X-Forwarded-For.
     const nodes = [
-      await startServer(SERVER_BIN, ["--port", "0"]),
-      await startServer(SERVER_BIN, ["--port", "0"]),
+      await startServer(SERVER_BIN, ["--port", "0", "--trusted-proxies", "127.0.0.1"]),
+      await startServer(SERVER_BIN, ["--port", "0", "--trusted-proxies", "127.0.0.1"]),
     ];
     const nginx = await startNginx(nodes.map((node) => node.port));
     const clients = [
@@ -388,6 +391,38 @@ describe("behind nginx (deploy/nginx.conf)", { skip: NGINX ? false : "set NGINX_
       nginx.child.kill("SIGQUIT");
       await withDeadline(nginx.child.exited, 10000, "nginx exit");
       for (const node of nodes) if (running.has(node.child)) await stopServer(node);
+    }
+  });
+
+  it("the node sees each client's own address through nginx, so a per-address cap holds per client", async () => {
+    // One node behind both upstream entries; clients on their own loopback addresses.
+    const node = await startServer(SERVER_BIN, [
+      "--port", "0", "--trusted-proxies", "127.0.0.1", "--max-connections-per-ip", "1",
+    ]);
+    const nginx = await startNginx([node.port, node.port]);
+    const open = (localAddress) =>
+      new Promise((resolve) => {
+        const socket = new WebSocket(`ws://127.0.0.1:${nginx.port}/ws`, { localAddress });
+        socket.on("open", () => resolve({ socket, status: 101 }));
+        socket.on("unexpected-response", (_, response) => resolve({ socket, status: response.statusCode }));
+        socket.on("error", () => {});
+      });
+    const sockets = [];
+    try {
+      const first = await open("127.0.0.2");
+      sockets.push(first.socket);
+      assert.equal(first.status, 101);
+      const second = await open("127.0.0.2");
+      sockets.push(second.socket);
+      assert.equal(second.status, 429, "the same client is at its cap");
+      const other = await open("127.0.0.3");
+      sockets.push(other.socket);
+      assert.equal(other.status, 101, "another client behind the same nginx is not");
+    } finally {
+      for (const socket of sockets) socket.terminate();
+      nginx.child.kill("SIGQUIT");
+      await withDeadline(nginx.child.exited, 10000, "nginx exit");
+      await stopServer(node);
     }
   });
 });
