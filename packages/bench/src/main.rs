@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use topgun_server::network::decode_frame_shared;
 
+mod abuse;
 mod soak;
 
 /// Longest any one scenario may run before it gives up.
@@ -128,6 +129,9 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// Hostile clients against the open-internet limits, honest clients measured alongside
+    /// (see `abuse.rs`). Not part of `all`.
+    Abuse,
     /// A TLS server under churn, broadcasts, `/sync`, slow and vanishing clients and
     /// certificate reloads; fails unless memory, open files and every message are accounted
     /// for at the end (see `soak.rs`). Not part of `all`.
@@ -170,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let limit = match scenario {
             Scenario::VersusNode { rounds } => limit * u32::try_from(rounds.max(1) * 6)?,
+            Scenario::Abuse => limit * 3,
             _ => limit,
         };
         let rows = tokio::time::timeout(limit, run(scenario.clone(), peer))
@@ -207,6 +212,7 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
         Scenario::Drain { connections } => drain(peer, connections).await,
         Scenario::Soak { minutes } => soak::soak(minutes).await,
         Scenario::VersusNode { rounds } => return versus_node(rounds).await,
+        Scenario::Abuse => return abuse::abuse().await,
         Scenario::All => unreachable!("expanded in main"),
     };
     Ok(vec![row?])
