@@ -1,4 +1,5 @@
-//! Log lines an operator can follow: one request by its id, one connection by its id and peer.
+//! Log lines an operator can follow: one request by its id and client, one connection by its id
+//! and peer.
 //!
 //! A file of its own: the subscriber here is thread-local, and tracing caches per-callsite
 //! interest process-wide, so tests running beside it in one process could hide its events.
@@ -36,7 +37,7 @@ impl Captured {
 
 // Current-thread runtime: the server runs on this thread, under this thread's subscriber.
 #[tokio::test]
-async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
+async fn log_lines_carry_the_request_id_and_client_and_the_connection_id_and_peer() {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -46,8 +47,19 @@ async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let server = TestServer::start(test_config()).await;
-    http().get(server.url("/health")).header("x-request-id", "trace-7f3a").send().await.unwrap();
+    // Behind a trusted proxy on loopback: the client is the address it forwards.
+    let config = topgun_server::network::NetworkConfig {
+        trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()],
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    http()
+        .get(server.url("/health"))
+        .header("x-request-id", "trace-7f3a")
+        .header("x-forwarded-for", "6.6.6.6, 203.0.113.9")
+        .send()
+        .await
+        .unwrap();
     let ws = server.ws().await;
     let conn_id = server.registry.iter().next().unwrap().id;
     drop(ws);
@@ -56,9 +68,15 @@ async fn log_lines_carry_the_request_id_and_the_connection_id_and_peer() {
 
     let lines = captured.lines();
     assert!(
-        lines.iter().any(|l| l.contains("request_id=trace-7f3a") && l.contains("path=/health")),
-        "no request line with its id:\n{}",
+        lines.iter().any(|l| l.contains("request_id=trace-7f3a")
+            && l.contains("path=/health")
+            && l.contains("client=203.0.113.9")),
+        "no request line with its id and client:\n{}",
         lines.join("\n")
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("path=/ws") && l.contains("client=127.0.0.1")),
+        "the upgrade's line names its client"
     );
     // One span per connection carries both: `conn{id=7 peer=127.0.0.1:40312}`.
     let connection_lines: Vec<&String> = lines

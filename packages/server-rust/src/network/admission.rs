@@ -118,17 +118,18 @@ impl Admission {
         }
     }
 
-    /// Takes one of `ip`'s connection slots; `None` when it holds the cap already.
-    pub(crate) fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+    /// Takes one of `ip`'s connection slots: `Ok(None)` when there is no cap (nothing to hold,
+    /// nothing allocated), an error when `ip` holds the cap already.
+    pub(crate) fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Option<Box<IpSlot>>, AtCap> {
         if self.per_ip_cap == 0 {
-            return Some(IpSlot { admission: None, ip });
+            return Ok(None);
         }
         let mut held = self.per_ip.entry(ip).or_insert(0);
         if *held >= self.per_ip_cap {
-            return None;
+            return Err(AtCap(ip));
         }
         *held += 1;
-        Some(IpSlot { admission: Some(Arc::clone(self)), ip })
+        Ok(Some(Box::new(IpSlot { admission: Arc::clone(self), ip })))
     }
 
     /// Connections `ip` holds (for tests and the bounded-table check).
@@ -147,18 +148,20 @@ impl Admission {
     }
 }
 
+/// An address at its connection cap.
+#[derive(Debug)]
+pub(crate) struct AtCap(pub(crate) IpAddr);
+
 /// One connection's place under the per-address cap, given back when dropped.
 #[derive(Debug)]
 pub(crate) struct IpSlot {
-    admission: Option<Arc<Admission>>,
+    admission: Arc<Admission>,
     ip: IpAddr,
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        if let Some(admission) = &self.admission {
-            admission.release(self.ip);
-        }
+        self.admission.release(self.ip);
     }
 }
 
@@ -167,7 +170,8 @@ impl Drop for IpSlot {
 #[allow(dead_code)] // held only to be given back when the connection's future drops them
 pub(crate) struct Admitted {
     pub(crate) server_wide: Option<OwnedSemaphorePermit>,
-    pub(crate) per_ip: Option<IpSlot>,
+    /// Boxed: held only with a per-address cap, and every open connection carries the field.
+    pub(crate) per_ip: Option<Box<IpSlot>>,
 }
 
 #[cfg(test)]
@@ -181,11 +185,12 @@ mod tests {
         let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
         let first = admission.acquire(a).unwrap();
         let second = admission.acquire(a).unwrap();
-        assert!(admission.acquire(a).is_none(), "a is at its cap");
-        assert!(admission.acquire(b).is_some(), "b is not a");
+        assert!(admission.acquire(a).is_err(), "a is at its cap");
+        assert!(admission.acquire(b).unwrap().is_some(), "b is not a");
         drop(first);
         assert_eq!(admission.held(a), 1);
         let third = admission.acquire(a).expect("a freed slot is usable again");
+        assert!(third.is_some());
         drop(third);
         drop(second);
         assert!(admission.per_ip.is_empty(), "no entry for an address without connections");

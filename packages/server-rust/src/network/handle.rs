@@ -6,8 +6,8 @@
 //! and waiting ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,6 +46,8 @@ pub struct ConnectionHandle {
     pub connected_at: Instant,
     /// Client or cluster peer.
     pub kind: ConnectionKind,
+    /// The client's address, as `ClientAddr` resolved it.
+    peer: Option<SocketAddr>,
     state: ConnectionState,
 }
 
@@ -68,18 +70,21 @@ pub(crate) struct ConnectionState {
     pub(crate) slow_for_broadcasts: AtomicBool,
     /// Reading is paused by the inbound message budget: the silence is the server's doing.
     throttled: AtomicBool,
-    /// The client's address, as `ClientAddr` resolved it.
-    peer: OnceLock<SocketAddr>,
 }
 
 impl ConnectionHandle {
-    pub(crate) fn new(kind: ConnectionKind, outbound: Arc<Outbound>) -> Self {
+    pub(crate) fn new(
+        kind: ConnectionKind,
+        outbound: Arc<Outbound>,
+        peer: Option<SocketAddr>,
+    ) -> Self {
         Self {
             id: outbound.id(),
             tx: OutboundSender::new(outbound),
             metadata: Arc::new(RwLock::new(ConnectionMetadata::default())),
             connected_at: Instant::now(),
             kind,
+            peer,
             state: ConnectionState::default(),
         }
     }
@@ -205,11 +210,7 @@ impl ConnectionHandle {
     /// [`ClientAddr`]: crate::network::ClientAddr
     /// [`ConnectionRegistry::register`]: crate::network::ConnectionRegistry::register
     pub fn peer(&self) -> Option<SocketAddr> {
-        self.state.peer.get().copied()
-    }
-
-    pub(crate) fn set_peer(&self, peer: SocketAddr) {
-        let _ = self.state.peer.set(peer);
+        self.peer
     }
 
     /// Counts messages that were handed to this connection but will never reach the client

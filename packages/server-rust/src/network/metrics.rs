@@ -53,6 +53,19 @@ pub(crate) enum RefusedUpgrade {
     Origin,
 }
 
+impl RefusedUpgrade {
+    const ALL: [Self; 4] = [Self::Draining, Self::ConnectionLimit, Self::PerIpLimit, Self::Origin];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::ConnectionLimit => "connection_limit",
+            Self::PerIpLimit => "per_ip_limit",
+            Self::Origin => "origin",
+        }
+    }
+}
+
 const HEALTH_STATES: [HealthState; 4] =
     [HealthState::Starting, HealthState::Ready, HealthState::Draining, HealthState::Stopped];
 
@@ -63,10 +76,8 @@ pub struct TransportMetrics {
     opened: [Counter; 2],
     closed: [[Counter; DisconnectReason::ALL.len()]; 2],
     open: [Gauge; 2],
-    refused_draining: Counter,
-    refused_limit: Counter,
-    refused_per_ip: Counter,
-    refused_origin: Counter,
+    /// `topgun_websocket_upgrades_refused_total`, in [`RefusedUpgrade::ALL`] order.
+    refused: [Counter; RefusedUpgrade::ALL.len()],
     rate_limited: Counter,
     pub(crate) proxy_protocol_refused: Counter,
     pub(crate) inbound_throttled: Counter,
@@ -190,22 +201,12 @@ impl TransportMetrics {
                 })
             }),
             open: ConnectionKind::ALL.map(|k| gauge("topgun_connections_open", vec![kind(k)])),
-            refused_draining: counter(
-                "topgun_websocket_upgrades_refused_total",
-                vec![Label::new("reason", "draining")],
-            ),
-            refused_limit: counter(
-                "topgun_websocket_upgrades_refused_total",
-                vec![Label::new("reason", "connection_limit")],
-            ),
-            refused_per_ip: counter(
-                "topgun_websocket_upgrades_refused_total",
-                vec![Label::new("reason", "per_ip_limit")],
-            ),
-            refused_origin: counter(
-                "topgun_websocket_upgrades_refused_total",
-                vec![Label::new("reason", "origin")],
-            ),
+            refused: RefusedUpgrade::ALL.map(|why| {
+                counter(
+                    "topgun_websocket_upgrades_refused_total",
+                    vec![Label::new("reason", why.as_str())],
+                )
+            }),
             rate_limited: counter("topgun_rate_limited_requests_total", vec![]),
             proxy_protocol_refused: counter("topgun_proxy_protocol_refused_total", vec![]),
             inbound_throttled: counter("topgun_inbound_throttled_total", vec![]),
@@ -244,12 +245,7 @@ impl TransportMetrics {
     }
 
     pub(crate) fn upgrade_refused(&self, why: RefusedUpgrade) {
-        match why {
-            RefusedUpgrade::Draining => self.refused_draining.increment(1),
-            RefusedUpgrade::ConnectionLimit => self.refused_limit.increment(1),
-            RefusedUpgrade::PerIpLimit => self.refused_per_ip.increment(1),
-            RefusedUpgrade::Origin => self.refused_origin.increment(1),
-        }
+        self.refused[why as usize].increment(1);
     }
 
     /// Counts a request refused by the per-address rate limit.

@@ -1,5 +1,6 @@
 //! **registry** → queue → writer: every live connection, and broadcasts to them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -50,7 +51,7 @@ impl ConnectionRegistry {
         kind: ConnectionKind,
         config: &ConnectionConfig,
     ) -> (Arc<ConnectionHandle>, OutboundReceiver) {
-        let handle = self.register_pending(kind, config);
+        let handle = self.register_pending(kind, config, None);
         handle.accept_broadcasts();
         let receiver = OutboundReceiver::new(Arc::clone(handle.tx.outbound()));
         (handle, receiver)
@@ -63,10 +64,11 @@ impl ConnectionRegistry {
         &self,
         kind: ConnectionKind,
         config: &ConnectionConfig,
+        peer: Option<SocketAddr>,
     ) -> Arc<ConnectionHandle> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let outbound = Outbound::new(id, config, Arc::clone(&self.dropped_total));
-        let handle = Arc::new(ConnectionHandle::new(kind, Arc::new(outbound)));
+        let handle = Arc::new(ConnectionHandle::new(kind, Arc::new(outbound), peer));
         self.counts_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.connections.insert(id, Arc::clone(&handle));
         handle

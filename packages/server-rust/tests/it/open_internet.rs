@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use common::{TestServer, eventually, http, sample, test_config, upgrade_refusal, ws_from};
 use topgun_server::network::{
-    ConnectionHandle, InboundHandler, NetworkConfig, RateLimitConfig, SyncError, SyncRequest,
+    ConnectionConfig, ConnectionHandle, InboundHandler, NetworkConfig, RateLimitConfig, SyncError,
+    SyncRequest,
 };
 
 fn rate(per_second: u32, burst: u32) -> RateLimitConfig {
@@ -127,7 +128,11 @@ async fn the_cap_counts_the_forwarded_address_behind_a_trusted_proxy() {
     let _a = ws_from(server.addr, proxy, "/ws", &client_a).await.unwrap();
     assert_eq!(upgrade_refusal(ws_from(server.addr, proxy, "/ws", &client_a).await).0, 429);
     let client_b = [("x-forwarded-for", "203.0.113.2")];
-    ws_from(server.addr, proxy, "/ws", &client_b).await.expect("another client behind the proxy");
+    let _b = ws_from(server.addr, proxy, "/ws", &client_b).await.expect("another client");
+    let mut peers: Vec<String> =
+        server.registry.iter().filter_map(|conn| conn.peer()).map(|p| p.to_string()).collect();
+    peers.sort();
+    assert_eq!(peers, ["203.0.113.1:0", "203.0.113.2:0"], "each connection knows its client");
     server.stop().await.unwrap();
 }
 
@@ -235,15 +240,9 @@ async fn with_the_proxy_protocol_the_header_names_the_client_and_a_bare_connecti
 
 #[tokio::test]
 async fn a_connection_over_its_message_budget_is_slowed_not_dropped_and_others_go_on() {
-    let connection = topgun_server::network::ConnectionConfig {
-        inbound_rate: Some(rate(50, 5)),
-        ..Default::default()
-    };
-    let server = TestServer::with_handler(
-        NetworkConfig { connection, ..test_config() },
-        common::EchoHandler,
-    )
-    .await;
+    let server =
+        echo_server(ConnectionConfig { inbound_rate: Some(rate(50, 5)), ..Default::default() })
+            .await;
     let mut flooder = server.ws().await;
     let started = std::time::Instant::now();
     for n in 0..30_u8 {
@@ -263,6 +262,12 @@ async fn a_connection_over_its_message_budget_is_slowed_not_dropped_and_others_g
     server.stop().await.unwrap();
 }
 
+/// An echo server with `connection` settings.
+async fn echo_server(connection: ConnectionConfig) -> TestServer {
+    TestServer::with_handler(NetworkConfig { connection, ..test_config() }, common::EchoHandler)
+        .await
+}
+
 /// Waits until `server`'s metrics show a connection throttled; panics at the deadline.
 async fn until_throttled(server: &TestServer) {
     let deadline = tokio::time::Instant::now() + common::DEADLINE;
@@ -279,16 +284,12 @@ async fn until_throttled(server: &TestServer) {
 
 #[tokio::test]
 async fn time_spent_throttled_is_not_idleness() {
-    let connection = topgun_server::network::ConnectionConfig {
+    let server = echo_server(ConnectionConfig {
         inbound_rate: Some(rate(2, 1)),
         idle_timeout: std::time::Duration::from_millis(300),
         ping_interval: std::time::Duration::from_millis(100),
         ..Default::default()
-    };
-    let server = TestServer::with_handler(
-        NetworkConfig { connection, ..test_config() },
-        common::EchoHandler,
-    )
+    })
     .await;
     let mut client = server.ws().await;
     for n in 0..4_u8 {

@@ -67,10 +67,8 @@ pub(crate) fn run(
     slot: Admitted,
     peer: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send {
-    let conn = shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection);
-    if let Some(peer) = peer {
-        conn.set_peer(peer);
-    }
+    let conn =
+        shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection, peer);
     shared.metrics.connection_opened(conn.kind);
     let span = tracing::info_span!("conn", id = %conn.id, peer = peer.map(tracing::field::display));
     serve(shared, conn, socket, slot).instrument(span)

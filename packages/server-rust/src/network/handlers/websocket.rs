@@ -11,7 +11,7 @@ use http::header::{RETRY_AFTER, UPGRADE};
 use http::{HeaderMap, StatusCode};
 
 use super::AppState;
-use crate::network::admission::{Admitted, Refusal};
+use crate::network::admission::{Admitted, AtCap, Refusal};
 use crate::network::client_addr::ClientAddr;
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
@@ -77,9 +77,9 @@ fn upgrade(
         }
         return (StatusCode::FORBIDDEN, "websocket origin not allowed\n").into_response();
     }
-    let per_ip = match ip.map(|ip| admission.acquire(ip).ok_or(ip)).transpose() {
+    let per_ip = match ip.map_or(Ok(None), |ip| admission.acquire(ip)) {
         Ok(slot) => slot,
-        Err(ip) => {
+        Err(AtCap(ip)) => {
             state.metrics.upgrade_refused(RefusedUpgrade::PerIpLimit);
             admission.log.refused(Refusal::PerIpConnections, ip);
             return too_many_requests(1, "per-address connection limit reached");
