@@ -59,7 +59,8 @@ impl RefusalLog {
     /// from many addresses costs a bounded table (and at most one line per address).
     const MAX_ENTRIES: usize = 16_384;
 
-    pub(crate) fn refused(&self, why: Refusal, ip: IpAddr) {
+    /// Records a refusal; `true` when it was logged.
+    pub(crate) fn refused(&self, why: Refusal, ip: IpAddr) -> bool {
         if self.last.len() >= Self::MAX_ENTRIES {
             self.last.clear();
         }
@@ -69,7 +70,7 @@ impl RefusalLog {
                 let (logged_at, since) = seen.get_mut();
                 if now.duration_since(*logged_at) < Self::INTERVAL {
                     *since += 1;
-                    return;
+                    return false;
                 }
                 let suppressed = *since;
                 *seen.get_mut() = (now, 0);
@@ -81,6 +82,7 @@ impl RefusalLog {
             }
         };
         tracing::info!(client = %ip, suppressed, "{}", why.as_str());
+        true
     }
 }
 
@@ -211,6 +213,17 @@ mod tests {
         headers.insert(ORIGIN, HeaderValue::from_static("https://app.example"));
         assert!(listed.origin_allowed(&headers));
         assert!(listed.origin_allowed(&HeaderMap::new()), "no Origin: not a browser");
+    }
+
+    #[test]
+    fn a_flood_of_refusals_is_logged_once_per_address_and_reason() {
+        let log = RefusalLog::default();
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let logged = (0..1_000).filter(|_| log.refused(Refusal::RateLimit, a)).count();
+        assert_eq!(logged, 1);
+        assert!(log.refused(Refusal::Origin, a), "another reason");
+        assert!(log.refused(Refusal::RateLimit, b), "another address");
+        assert_eq!(log.last.get(&(a, Refusal::RateLimit)).map(|seen| seen.1), Some(999));
     }
 
     #[test]

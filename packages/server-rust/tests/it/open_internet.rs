@@ -301,3 +301,17 @@ async fn time_spent_throttled_is_not_idleness() {
     assert_eq!(server.registry.count(), 1, "not closed as idle");
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_no_proxy_header_is_closed_after_the_header_read_timeout() {
+    let config = NetworkConfig {
+        proxy_protocol: true,
+        header_read_timeout: std::time::Duration::from_millis(200),
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Nothing sent: the server gives up on the header and closes.
+    assert!(common::read_until_eof(&mut silent).await.is_empty());
+    server.stop().await.unwrap();
+}

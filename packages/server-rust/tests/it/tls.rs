@@ -358,3 +358,20 @@ async fn a_handshake_slower_than_the_tls_handshake_timeout_is_dropped() {
     );
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_proxy_protocol_header_comes_before_tls() {
+    let (ca, _files, server) =
+        echo_tls_server_with(|config| NetworkConfig { proxy_protocol: true, ..config }).await;
+    let client: std::net::SocketAddr = "203.0.113.9:51000".parse().unwrap();
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(&common::proxy_v2(client, server.addr)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config(None));
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS after the PROXY header");
+    get_live(tls).await.unwrap();
+
+    let without = tls_connect(&server, (*ca.client_config(None)).clone()).await;
+    assert!(without.is_err(), "a TLS hello where the header belongs is refused");
+    server.stop().await.unwrap();
+}
