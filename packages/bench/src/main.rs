@@ -53,6 +53,9 @@ enum Peer {
     Transport,
     /// `node/ws-server.mjs`: Node.js with the `ws` package, the same behaviour.
     Node,
+    /// `bun/bun-server.mjs`: Bun, whose WebSocket server is uWebSockets, the same behaviour
+    /// (run `npm ci` in `packages/bench/bun` first).
+    Bun,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -132,6 +135,15 @@ enum Scenario {
     /// Hostile clients against the open-internet limits, honest clients measured alongside
     /// (see `abuse.rs`). Not part of `all`.
     Abuse,
+    /// The transport against Bun (uWebSockets) and Node.js `ws` in one run: idle memory and
+    /// handshakes at 10 000, the unpaced fan-out (10 000 × 200 × 256 B), the burst
+    /// (2 000 × 1 000 × 64 B) and the paced fan-out (10/s to 10 000), every one with the
+    /// README's `broadcast_cooperative`; then the ratios to Bun. Needs `npm ci` in
+    /// `packages/bench/bun` and `packages/bench/node`.
+    VersusBun {
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// A TLS server under churn, broadcasts, `/sync`, slow and vanishing clients and
     /// certificate reloads; fails unless memory, open files and every message are accounted
     /// for at the end (see `soak.rs`). Not part of `all`.
@@ -175,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         let limit = match scenario {
             Scenario::VersusNode { rounds } => limit * u32::try_from(rounds.max(1) * 6)?,
             Scenario::Abuse => limit * 3,
+            Scenario::VersusBun { rounds } => limit * u32::try_from(rounds.max(1) * 12)?,
             _ => limit,
         };
         let rows = tokio::time::timeout(limit, run(scenario.clone(), peer))
@@ -194,6 +207,7 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
             let sender = match (floor, sync, peer) {
                 (true, _, _) => Sender::Floor,
                 (false, _, Peer::Node) => Sender::Node,
+                (false, _, Peer::Bun) => Sender::Bun,
                 (false, true, Peer::Transport) => Sender::Sync,
                 (false, false, Peer::Transport) => Sender::Cooperative,
             };
@@ -202,6 +216,7 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
         Scenario::Burst { connections, broadcasts, size, sync } => {
             let sender = match (sync, peer) {
                 (_, Peer::Node) => Sender::Node,
+                (_, Peer::Bun) => Sender::Bun,
                 (true, Peer::Transport) => Sender::Sync,
                 (false, Peer::Transport) => Sender::Cooperative,
             };
@@ -213,6 +228,7 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
         Scenario::Soak { minutes } => soak::soak(minutes).await,
         Scenario::VersusNode { rounds } => return versus_node(rounds).await,
         Scenario::Abuse => return abuse::abuse().await,
+        Scenario::VersusBun { rounds } => return versus_bun(rounds).await,
         Scenario::All => unreachable!("expanded in main"),
     };
     Ok(vec![row?])
@@ -282,10 +298,80 @@ async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// The transport, Bun and Node.js `ws` on the figures the issue on leading uWebSockets names,
+/// alternated `rounds` times; every row, then the medians and their ratios to Bun.
+async fn versus_bun(rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut figures: std::collections::BTreeMap<String, Vec<f64>> =
+        std::collections::BTreeMap::new();
+    let mut keep = |key: String, row: &Row, figure: &str| {
+        if let Some(value) = row.figure(figure) {
+            figures.entry(key).or_default().push(value);
+        }
+    };
+    let peers = [
+        (Peer::Transport, Sender::Cooperative, "transport"),
+        (Peer::Bun, Sender::Bun, "bun"),
+        (Peer::Node, Sender::Node, "node"),
+    ];
+    for _ in 0..rounds.max(1) {
+        for (peer, sender, name) in peers {
+            let row = idle(peer, 10_000).await?;
+            keep(format!("{name}_idle"), &row, "server_rss_per_connection_bytes");
+            keep(format!("{name}_handshakes"), &row, "handshakes_per_sec");
+            rows.push(row);
+            let shapes = [
+                ("unpaced", 10_000, Firing { broadcasts: 200, size: 256, interval_ms: 0, sender }),
+                ("burst", 2_000, Firing { broadcasts: 1_000, size: 64, interval_ms: 0, sender }),
+                ("paced", 10_000, Firing { broadcasts: 50, size: 256, interval_ms: 100, sender }),
+            ];
+            for (shape, connections, firing) in shapes {
+                let label = if shape == "burst" { "burst" } else { "fanout" };
+                let row = fanout(label, connections, firing).await?;
+                for figure in
+                    ["msgs_per_sec", "p50_ms", "p99_ms", "server_peak_rss_mib", "delivered_ratio"]
+                {
+                    keep(format!("{name}_{shape}_{figure}"), &row, figure);
+                }
+                rows.push(row);
+            }
+        }
+    }
+    let median = |key: &str| -> f64 {
+        let mut values = figures.get(key).cloned().unwrap_or_default();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let ratio = |a: &str| {
+        (median(&format!("transport_{a}")) / median(&format!("bun_{a}")) * 1000.0).round() / 1000.0
+    };
+    let mut summary =
+        Row::new("versus bun (medians; ratio = transport / bun)").with("rounds", rounds.max(1));
+    for (key, name) in [
+        ("idle", "idle_bytes"),
+        ("handshakes", "handshakes_per_sec"),
+        ("unpaced_msgs_per_sec", "unpaced_msgs_per_sec"),
+        ("unpaced_p99_ms", "unpaced_p99_ms"),
+        ("unpaced_server_peak_rss_mib", "unpaced_peak_rss_mib"),
+        ("burst_msgs_per_sec", "burst_msgs_per_sec"),
+        ("burst_p99_ms", "burst_p99_ms"),
+        ("paced_p50_ms", "paced_p50_ms"),
+        ("paced_p99_ms", "paced_p99_ms"),
+    ] {
+        summary = summary
+            .with(name, median(&format!("transport_{key}")))
+            .with(format!("bun_{name}"), median(&format!("bun_{key}")))
+            .with(format!("node_{name}"), median(&format!("node_{key}")))
+            .with(format!("{name}_ratio"), ratio(key));
+    }
+    rows.push(summary);
+    Ok(rows)
+}
+
 /// One result line: a table row for people and a JSON object for tools.
 struct Row {
     scenario: String,
-    figures: Vec<(&'static str, serde_json::Value)>,
+    figures: Vec<(std::borrow::Cow<'static, str>, serde_json::Value)>,
 }
 
 impl Row {
@@ -293,22 +379,28 @@ impl Row {
         Self { scenario: scenario.into(), figures: Vec::new() }
     }
 
-    fn with(mut self, name: &'static str, value: impl Into<serde_json::Value>) -> Self {
-        self.figures.push((name, value.into()));
+    fn with(
+        mut self,
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
+        self.figures.push((name.into(), value.into()));
         self
     }
 
     /// The row named after the server that produced it (`idle (node ws)`).
     fn labelled(mut self, peer: Peer) -> Self {
-        if peer == Peer::Node {
-            self.scenario.push_str(" (node ws)");
+        match peer {
+            Peer::Transport => {}
+            Peer::Node => self.scenario.push_str(" (node ws)"),
+            Peer::Bun => self.scenario.push_str(" (bun)"),
         }
         self
     }
 
     /// A numeric figure of the row.
     fn figure(&self, name: &str) -> Option<f64> {
-        self.figures.iter().find(|(k, _)| *k == name).and_then(|(_, v)| v.as_f64())
+        self.figures.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_f64())
     }
 
     fn print(&self) {
@@ -317,7 +409,7 @@ impl Row {
         let mut json = serde_json::Map::new();
         json.insert("scenario".into(), self.scenario.clone().into());
         for (k, v) in &self.figures {
-            json.insert((*k).into(), v.clone());
+            json.insert(k.to_string(), v.clone());
         }
         println!("{}", serde_json::Value::Object(json));
     }
@@ -345,7 +437,20 @@ impl Server {
         match peer {
             Peer::Transport => Self::transport().await,
             Peer::Node => Self::node().await,
+            Peer::Bun => Self::bun().await,
         }
+    }
+
+    /// Bun (`packages/bench/bun`), with the binary the npm registry ships.
+    async fn bun() -> anyhow::Result<Self> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bun");
+        let bun = dir.join("node_modules/@oven/bun-linux-x64/bin/bun");
+        if !bun.is_file() {
+            bail!("the Bun peer needs its packages: npm ci --prefix {}", dir.display());
+        }
+        let mut command = Command::new(bun);
+        command.arg(dir.join("bun-server.mjs"));
+        Self::start(command).await
     }
 
     /// Node.js with the `ws` package (`packages/bench/node`).
@@ -640,6 +745,8 @@ enum Sender {
     Floor,
     /// Node.js `ws`: one `send` per connection.
     Node,
+    /// Bun: `server.publish` to every subscriber.
+    Bun,
 }
 
 async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Result<Row> {
@@ -647,6 +754,7 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
     let server = match firing.sender {
         Sender::Floor => Server::floor(connections, &firing).await?,
         Sender::Node => Server::node().await?,
+        Sender::Bun => Server::bun().await?,
         Sender::Cooperative | Sender::Sync => Server::transport().await?,
     };
     let counts_drops = matches!(firing.sender, Sender::Cooperative | Sender::Sync);
@@ -709,6 +817,7 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         Sender::Sync => name.push_str(" (sync broadcast)"),
         Sender::Floor => name.push_str(" (floor: blocking writes)"),
         Sender::Node => name.push_str(" (node ws)"),
+        Sender::Bun => name.push_str(" (bun)"),
     }
     #[allow(clippy::cast_precision_loss)]
     let delivered = total.messages as f64 / wanted as f64;
