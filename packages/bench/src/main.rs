@@ -239,13 +239,8 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
 /// medians to Node `ws` and to the floor.
 async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let mut figures: std::collections::BTreeMap<String, Vec<f64>> =
-        std::collections::BTreeMap::new();
-    let mut keep = |key: String, row: &Row, figure: &str| {
-        if let Some(value) = row.figure(figure) {
-            figures.entry(key).or_default().push(value);
-        }
-    };
+    let mut figures = Medians::default();
+    let mut keep = |key: String, row: &Row, figure: &str| figures.keep(key, row, figure);
     for _ in 0..rounds.max(1) {
         for peer in [Peer::Transport, Peer::Node] {
             let row = idle(peer, 10_000).await?;
@@ -268,12 +263,8 @@ async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
             rows.push(row);
         }
     }
-    let median = |key: &str| -> f64 {
-        let mut values = figures.get(key).cloned().unwrap_or_default();
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let ratio = |a: &str, b: &str| (median(a) / median(b) * 1000.0).round() / 1000.0;
+    let median = |key: &str| figures.median(key);
+    let ratio = |a: &str, b: &str| figures.ratio(a, b);
     rows.push(
         Row::new("versus node (medians)")
             .with("rounds", rounds.max(1))
@@ -302,13 +293,8 @@ async fn versus_node(rounds: usize) -> anyhow::Result<Vec<Row>> {
 /// alternated `rounds` times; every row, then the medians and their ratios to Bun.
 async fn versus_bun(rounds: usize) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let mut figures: std::collections::BTreeMap<String, Vec<f64>> =
-        std::collections::BTreeMap::new();
-    let mut keep = |key: String, row: &Row, figure: &str| {
-        if let Some(value) = row.figure(figure) {
-            figures.entry(key).or_default().push(value);
-        }
-    };
+    let mut figures = Medians::default();
+    let mut keep = |key: String, row: &Row, figure: &str| figures.keep(key, row, figure);
     let peers = [
         (Peer::Transport, Sender::Cooperative, "transport"),
         (Peer::Bun, Sender::Bun, "bun"),
@@ -337,14 +323,8 @@ async fn versus_bun(rounds: usize) -> anyhow::Result<Vec<Row>> {
             }
         }
     }
-    let median = |key: &str| -> f64 {
-        let mut values = figures.get(key).cloned().unwrap_or_default();
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let ratio = |a: &str| {
-        (median(&format!("transport_{a}")) / median(&format!("bun_{a}")) * 1000.0).round() / 1000.0
-    };
+    let median = |key: &str| figures.median(key);
+    let ratio = |a: &str| figures.ratio(&format!("transport_{a}"), &format!("bun_{a}"));
     let mut summary =
         Row::new("versus bun (medians; ratio = transport / bun)").with("rounds", rounds.max(1));
     for (key, name) in [
@@ -366,6 +346,30 @@ async fn versus_bun(rounds: usize) -> anyhow::Result<Vec<Row>> {
     }
     rows.push(summary);
     Ok(rows)
+}
+
+/// Figures collected over rounds, by key.
+#[derive(Default)]
+struct Medians(std::collections::BTreeMap<String, Vec<f64>>);
+
+impl Medians {
+    /// Keeps `row`'s `figure` under `key`.
+    fn keep(&mut self, key: String, row: &Row, figure: &str) {
+        if let Some(value) = row.figure(figure) {
+            self.0.entry(key).or_default().push(value);
+        }
+    }
+
+    fn median(&self, key: &str) -> f64 {
+        let mut values = self.0.get(key).cloned().unwrap_or_default();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    /// `a`'s median over `b`'s, to three places.
+    fn ratio(&self, a: &str, b: &str) -> f64 {
+        (self.median(a) / self.median(b) * 1000.0).round() / 1000.0
+    }
 }
 
 /// One result line: a table row for people and a JSON object for tools.

@@ -30,11 +30,11 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::admission::{Admission, Admitted};
 use axum::extract::ws::WebSocket;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
+use super::admission::{Admission, Admitted};
 use super::config::NetworkConfig;
 use super::connection::{ConnectionKind, DisconnectReason};
 use super::handle::ConnectionHandle;

@@ -24,7 +24,6 @@ use axum::extract::ws::{Message, WebSocket};
 use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::future::{BoxFuture, CatchUnwind};
-
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::time::Instant;
