@@ -79,6 +79,7 @@ pub use middleware::{
     build_http_layers,
 };
 pub use module::NetworkModule;
+pub use proxy_protocol::read_proxy_header;
 pub use queue::OutboundMessage;
 pub use registry::{BroadcastOutcome, ConnectionRegistry};
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController, shutdown_signal};

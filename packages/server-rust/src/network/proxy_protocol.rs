@@ -87,7 +87,7 @@ where
         Box::pin(async move {
             let mut stream = stream;
             let peer = stream.peer_addr()?;
-            let read = tokio::time::timeout(settings.timeout, read_header(&mut stream));
+            let read = tokio::time::timeout(settings.timeout, read_proxy_header(&mut stream));
             let header = tokio::select! {
                 read = read => read.unwrap_or_else(|_| Err(invalid("no PROXY header in time"))),
                 () = settings.listener_closed.cancelled() => {
@@ -114,9 +114,27 @@ fn invalid(reason: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason.to_owned())
 }
 
-/// Reads exactly one PROXY header from `stream`, leaving every byte after it unread. `Ok(None)`
-/// for a header that names no client (v2 `LOCAL`, v1 `UNKNOWN`, non-IP families).
-pub(crate) async fn read_header(
+/// Reads exactly one PROXY protocol header (v1 or v2) from `stream`, leaving every byte after
+/// it unread, and returns the client it names: `Ok(None)` for a header that names none (v2
+/// `LOCAL`, v1 `UNKNOWN`, non-IP families). The server does this itself with
+/// [`NetworkConfig::proxy_protocol`]; this is for listeners of your own (a cluster port).
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use topgun_server::network::read_proxy_header;
+///
+/// let mut stream: &[u8] = b"PROXY TCP4 203.0.113.9 10.0.0.1 56324 443\r\nGET / HTTP/1.1\r\n";
+/// let client = read_proxy_header(&mut stream).await.unwrap();
+/// assert_eq!(client, Some("203.0.113.9:56324".parse().unwrap()));
+/// assert_eq!(stream, b"GET / HTTP/1.1\r\n");
+/// # });
+/// ```
+///
+/// # Errors
+///
+/// `InvalidData` for anything that is not a well-formed header; the stream's own errors
+/// (`UnexpectedEof` when it ends inside the header).
+pub async fn read_proxy_header(
     stream: &mut (impl AsyncRead + Unpin),
 ) -> io::Result<Option<SocketAddr>> {
     let mut start = [0_u8; 5];
@@ -178,14 +196,12 @@ async fn read_v2(
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
 
     fn read(bytes: &[u8]) -> (io::Result<Option<SocketAddr>>, usize) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut rest = bytes;
-        let result = runtime.block_on(read_header(&mut rest));
+        let result = runtime.block_on(read_proxy_header(&mut rest));
         (result, bytes.len() - rest.len())
     }
 
@@ -230,23 +246,6 @@ mod tests {
             b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x02\x00\x00",
         ] {
             assert!(read(input).0.is_err(), "{:?}", String::from_utf8_lossy(input));
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 2_000, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn arbitrary_bytes_never_panic_nor_read_past_the_header(
-            prefix in prop_oneof![Just(b"PROXY ".to_vec()), Just(V2_SIGNATURE.to_vec()), Just(Vec::new())],
-            tail in prop::collection::vec(any::<u8>(), 0..300),
-        ) {
-            let input = [prefix, tail].concat();
-            let (result, consumed) = read(&input);
-            prop_assert!(consumed <= input.len());
-            if result.is_ok() {
-                prop_assert!(consumed <= 16 + 65_535);
-            }
         }
     }
 }

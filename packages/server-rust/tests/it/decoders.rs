@@ -232,3 +232,33 @@ proptest! {
         }
     }
 }
+
+/// Arbitrary bytes after the start of each kind of PROXY header, and none.
+fn proxy_header_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let prefix = prop_oneof![
+        Just(b"PROXY ".to_vec()),
+        Just(b"PROXY TCP4 203.0.113.9 10.0.0.1 ".to_vec()),
+        Just(b"\r\n\r\n\0\r\nQUIT\n".to_vec()),
+        Just(b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec()),
+        Just(Vec::new()),
+    ];
+    (prefix, prop::collection::vec(any::<u8>(), 0..300))
+        .prop_map(|(prefix, tail)| [prefix, tail].concat())
+}
+
+#[test]
+fn proxy_protocol_headers_parse_or_fail_cleanly_and_never_read_past_the_header() {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    proptest!(config(), |(input in proxy_header_bytes())| {
+        let mut rest = input.as_slice();
+        let result = runtime.block_on(topgun_server::network::read_proxy_header(&mut rest));
+        let consumed = input.len() - rest.len();
+        if result.is_ok() {
+            // A v1 line ends at its CRLF; a v2 header is its 16 bytes and declared length.
+            let v1_end = input.windows(2).position(|w| w == b"\r\n").map(|at| at + 2);
+            let v2_end = (input.len() >= 16)
+                .then(|| 16 + usize::from(u16::from_be_bytes([input[14], input[15]])));
+            prop_assert!(Some(consumed) == v1_end || Some(consumed) == v2_end, "{consumed}");
+        }
+    });
+}
