@@ -700,10 +700,27 @@ struct Received {
 /// the server with their closes while it still delivers to the others.
 async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> (Received, Ws) {
     let mut seen = Received { latencies_us: Vec::with_capacity(expected), ..Received::default() };
+    // One timer for the whole run, looked at only when it fires: a timer armed per frame costs
+    // more than reading the frame when a server sends one frame per message.
+    let silence = tokio::time::sleep(quiet);
+    tokio::pin!(silence);
+    let mut last_frame = tokio::time::Instant::now();
     while seen.messages < expected {
-        let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await else {
-            break;
+        let message = tokio::select! {
+            biased;
+            next = ws.next() => match next {
+                Some(Ok(message)) => message,
+                _ => break,
+            },
+            () = &mut silence => {
+                if last_frame.elapsed() >= quiet {
+                    break;
+                }
+                silence.as_mut().reset(last_frame + quiet);
+                continue;
+            }
         };
+        last_frame = tokio::time::Instant::now();
         let Message::Binary(frame) = message else {
             continue;
         };
