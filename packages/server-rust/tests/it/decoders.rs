@@ -206,6 +206,26 @@ fn forwarded_value() -> impl Strategy<Value = String> {
     prop::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
 }
 
+/// Every address a forwarded header's entries spell (`1.2.3.4`, `for="[::1]:80"`, ...), with
+/// IPv4-mapped IPv6 addresses as IPv4.
+fn named_addresses(value: &str) -> Vec<std::net::IpAddr> {
+    value
+        .split([',', ';'])
+        .filter_map(|entry| {
+            let entry = entry.trim();
+            let entry = entry.strip_prefix("for=").unwrap_or(entry).trim_matches('"');
+            entry
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|addr| addr.ip()))
+        })
+        .map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            std::net::IpAddr::V4(_) => ip,
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -225,7 +245,7 @@ proptest! {
         let proxies: Vec<IpNet> = if trusted { vec!["127.0.0.0/8".parse().unwrap()] } else { vec![] };
         let client = resolve_client_ip(peer, &headers, &proxies, header);
         if trusted {
-            let named = client == peer || value.contains(&client.to_string());
+            let named = client == peer || named_addresses(&value).contains(&client);
             prop_assert!(named, "{client} is neither the peer nor in {value:?}");
         } else {
             prop_assert_eq!(client, peer, "an untrusted peer's header is ignored");
