@@ -117,7 +117,7 @@ fn invalid(reason: &str) -> io::Error {
 /// Reads exactly one PROXY protocol header (v1 or v2) from `stream`, leaving every byte after
 /// it unread, and returns the client it names: `Ok(None)` for a header that names none (v2
 /// `LOCAL`, v1 `UNKNOWN`, non-IP families). The server does this itself with
-/// [`NetworkConfig::proxy_protocol`]; this is for listeners of your own (a cluster port).
+/// [`NetworkConfig::proxy_protocol`](crate::network::NetworkConfig::proxy_protocol); this is for listeners of your own (a cluster port).
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
