@@ -77,14 +77,20 @@ where
 {
     type Stream = A::Stream;
     type Service = A::Service;
-    type Future = BoxFuture<'static, io::Result<(A::Stream, A::Service)>>;
+    /// Without the PROXY protocol, the inner acceptor's own future: no allocation per
+    /// connection for a feature that is off.
+    type Future = futures_util::future::Either<
+        A::Future,
+        BoxFuture<'static, io::Result<(A::Stream, A::Service)>>,
+    >;
 
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
-        let inner = self.inner.clone();
         let Some(settings) = self.settings.clone() else {
-            return Box::pin(inner.accept(stream, Either::Right(service)));
+            let accepted = self.inner.accept(stream, Either::Right(service));
+            return futures_util::future::Either::Left(accepted);
         };
-        Box::pin(async move {
+        let inner = self.inner.clone();
+        futures_util::future::Either::Right(Box::pin(async move {
             let mut stream = stream;
             let peer = stream.peer_addr()?;
             let read = tokio::time::timeout(settings.timeout, read_proxy_header(&mut stream));
@@ -106,7 +112,7 @@ where
             inner
                 .accept(stream, Either::Left(AddExtension::new(service, ProxiedPeer(source))))
                 .await
-        })
+        }))
     }
 }
 
