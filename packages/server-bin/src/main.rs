@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use topgun_server::network::{
-    ConnectionConfig, ForwardedHeader, Heartbeat, IpNet, MetricsConfig, NetworkConfig,
-    NetworkModule, RateLimitConfig, ShutdownConfig, StubHandler, TlsConfig, TlsReloader,
-    shutdown_signal,
+    ConnectionConfig, DeflateConfig, ForwardedHeader, Heartbeat, IpNet, MetricsConfig,
+    NetworkConfig, NetworkModule, RateLimitConfig, ShutdownConfig, StubHandler, TlsConfig,
+    TlsReloader, shutdown_signal,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -108,6 +108,13 @@ struct Args {
     /// Close a WebSocket that has not authenticated this long after connecting (1008). Off by default.
     #[arg(long, env = "TOPGUN_AUTH_TIMEOUT")]
     auth_timeout: Option<humantime::Duration>,
+    /// Offer permessage-deflate (RFC 7692, no context takeover) to clients that ask for it.
+    /// Off by default.
+    #[arg(long, env = "TOPGUN_PERMESSAGE_DEFLATE")]
+    permessage_deflate: bool,
+    /// Send messages shorter than this uncompressed under --permessage-deflate.
+    #[arg(long, env = "TOPGUN_DEFLATE_THRESHOLD", default_value_t = DeflateConfig::default().threshold)]
+    deflate_threshold: usize,
     /// Log line format; filter with `RUST_LOG` (default `info`).
     #[arg(long, env = "TOPGUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -177,6 +184,10 @@ impl Args {
             }),
             connection: ConnectionConfig {
                 auth_timeout: self.auth_timeout.map(Into::into),
+                permessage_deflate: self.permessage_deflate.then(|| DeflateConfig {
+                    threshold: self.deflate_threshold,
+                    ..DeflateConfig::default()
+                }),
                 inbound_rate: self.max_messages_per_sec.map(|per_second| RateLimitConfig {
                     per_second,
                     burst: self.message_burst.unwrap_or(per_second),

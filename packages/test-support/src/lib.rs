@@ -554,3 +554,150 @@ pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> String {
     }
     panic!("no sample {name}{labels:?} in:\n{exposition}");
 }
+
+/// A raw WebSocket client for protocol tests: it writes whatever frames a test builds (any
+/// bits, masked or not, compressed or not) and reads the server's frames one at a time.
+pub struct RawClient {
+    stream: TcpStream,
+    buffered: Vec<u8>,
+    /// The server's handshake response, head only.
+    pub response: String,
+}
+
+/// One frame as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    /// FIN bit.
+    pub fin: bool,
+    /// RSV1: the frame's message is compressed (permessage-deflate).
+    pub rsv1: bool,
+    /// Opcode (0x1 text, 0x2 binary, 0x8 close, 0x9 ping, 0xA pong, 0x0 continuation).
+    pub opcode: u8,
+    /// Payload as sent (still compressed when `rsv1`).
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 0x8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl RawClient {
+    /// Completes the handshake at `/ws`, offering `extensions` as `Sec-WebSocket-Extensions`.
+    pub async fn connect(addr: SocketAddr, extensions: Option<&str>) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let offer =
+            extensions.map(|e| format!("sec-websocket-extensions: {e}\r\n")).unwrap_or_default();
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n{offer}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("send handshake");
+        let mut client = Self { stream, buffered: Vec::new(), response: String::new() };
+        let end = loop {
+            if let Some(end) = client.buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            assert!(client.fill().await, "server closed during the handshake");
+        };
+        client.response = String::from_utf8_lossy(&client.buffered[..end]).into_owned();
+        client.buffered.drain(..end);
+        assert!(client.response.starts_with("HTTP/1.1 101"), "{}", client.response);
+        client
+    }
+
+    /// The `Sec-WebSocket-Extensions` the server answered with, if any.
+    pub fn extensions(&self) -> Option<&str> {
+        self.response.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-extensions").then(|| value.trim())
+        })
+    }
+
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let before = self.buffered.len();
+        self.buffered.reserve(16 * 1024);
+        let read = tokio::time::timeout(DEADLINE, self.stream.read_buf(&mut self.buffered))
+            .await
+            .expect("the server answers in time")
+            .unwrap_or(0);
+        debug_assert_eq!(self.buffered.len(), before + read);
+        read > 0
+    }
+
+    /// Sends one frame: `first` is the first byte (FIN, RSV bits, opcode), masked unless
+    /// `masked` is false.
+    pub async fn send_frame(&mut self, first: u8, payload: &[u8], masked: bool) {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = vec![first];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            len @ 0..=125 => frame.push(mask_bit | u8::try_from(len).expect("short")),
+            len @ 126..=0xffff => {
+                frame.push(mask_bit | 0x7e);
+                frame.extend_from_slice(&u16::try_from(len).expect("medium").to_be_bytes());
+            }
+            len => {
+                frame.push(mask_bit | 0x7f);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            let mask = [0x37, 0xfa, 0x21, 0x3d];
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
+        } else {
+            frame.extend_from_slice(payload);
+        }
+        // The server may already have closed on an earlier frame; the test reads why.
+        let _ = self.stream.write_all(&frame).await;
+    }
+
+    /// The server's next frame; `None` once it has closed the connection.
+    pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buffered) {
+                self.buffered.drain(..used);
+                return Some(frame);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// Reads frames until a close frame, skipping pings; returns it.
+    pub async fn read_close(&mut self) -> RawFrame {
+        loop {
+            let frame = self.read_frame().await.expect("a close frame before the end");
+            if frame.opcode == 0x8 {
+                return frame;
+            }
+        }
+    }
+
+    /// Whether the server closes the TCP connection (after anything it still sends).
+    pub async fn closed_by_server(&mut self) -> bool {
+        while self.read_frame().await.is_some() {}
+        true
+    }
+}
+
+fn parse_server_frame(bytes: &[u8]) -> Option<(RawFrame, usize)> {
+    let (first, second) = (*bytes.first()?, *bytes.get(1)?);
+    assert_eq!(second & 0x80, 0, "the server masked a frame");
+    let (len, header) = match second & 0x7f {
+        126 => (usize::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])), 4),
+        127 => (usize::try_from(u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)).ok()?, 10),
+        len => (usize::from(len), 2),
+    };
+    let payload = bytes.get(header..header + len)?.to_vec();
+    let frame =
+        RawFrame { fin: first & 0x80 != 0, rsv1: first & 0x40 != 0, opcode: first & 0x0f, payload };
+    Some((frame, header + len))
+}

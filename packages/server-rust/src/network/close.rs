@@ -5,7 +5,9 @@
 //! | `1000` | [`OutboundMessage::Close`](crate::network::OutboundMessage::Close) from the application | the application's |
 //! | `1001` | graceful shutdown | [`SHUTDOWN_REASON`] |
 //! | `1001` | no frame (not even a pong) for `idle_timeout` | [`IDLE_REASON`] |
+//! | `1002` | a frame breaking RFC 6455 or the negotiated extensions (unmasked, reserved bits, a stray continuation, a bad close frame...) | names the rule |
 //! | `1003` | a text frame on this binary-only protocol | [`TEXT_FRAME_REASON`] |
+//! | `1007` | a text message or close reason that is not UTF-8, or compressed data that does not inflate | says which |
 //! | `1008` | not [authenticated](crate::network::ConnectionHandle::authenticate) within `auth_timeout` | [`AUTH_TIMEOUT_REASON`] |
 //! | `1009` | a message or frame over `max_message_size` / `max_frame_size` | names the limit |
 //! | `1011` | the inbound handler panicked | [`HANDLER_FAILED_REASON`] |
@@ -18,8 +20,12 @@
 pub const NORMAL: u16 = 1000;
 /// The server is going away: shutdown, or the connection went idle.
 pub const GOING_AWAY: u16 = 1001;
+/// The client broke the WebSocket protocol.
+pub const PROTOCOL_ERROR: u16 = 1002;
 /// The server cannot accept this data type (text frames).
 pub const UNSUPPORTED_DATA: u16 = 1003;
+/// A message's data is not what its frame says (text that is not UTF-8, data that does not inflate).
+pub const INVALID_PAYLOAD: u16 = 1007;
 /// The connection broke a policy: it did not authenticate in time.
 pub const POLICY_VIOLATION: u16 = 1008;
 /// A message was too big to process.

@@ -316,6 +316,10 @@ pub struct ConnectionConfig {
     /// pushes back on the client: nothing is dropped or reordered, other connections are not
     /// slowed, and time spent throttled never counts as idleness. Default: `None` (off).
     pub inbound_rate: Option<RateLimitConfig>,
+    /// permessage-deflate (RFC 7692) for clients that offer it, without context takeover so an
+    /// idle connection holds no compressor; see [`DeflateConfig`](crate::network::DeflateConfig).
+    /// `None` answers no extension, and frames are plain. Default: `None` (off).
+    pub permessage_deflate: Option<crate::network::DeflateConfig>,
 }
 
 impl Default for ConnectionConfig {
@@ -337,6 +341,7 @@ impl Default for ConnectionConfig {
             max_outbound_message_size: 8 * 1024 * 1024,
             auth_timeout: None,
             inbound_rate: None,
+            permessage_deflate: None,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | `inbound` | [`InboundHandler`]: where decoded traffic leaves the transport |
 //! | `heartbeat` | [`Heartbeat`]: answers TopGun's application-level `PING` in front of a handler |
 //! | `engine` | one WebSocket connection's lifecycle: `reader` (socket → handler), `writer` (queue → socket) |
+//! | `deflate` | permessage-deflate: negotiation, pooled compression, bounded inflation ([`DeflateConfig`]) |
 //! | `batch` | the `BATCH` frame envelope and the writer's frame builder |
 //! | [`close`] | the WebSocket close codes the server sends |
 //! | `client_addr` | [`ClientAddr`]: the client behind trusted proxies (`X-Forwarded-For`, `Forwarded`) |
@@ -34,6 +35,7 @@ mod client_addr;
 pub mod close;
 mod config;
 mod connection;
+mod deflate;
 mod engine;
 mod handle;
 mod handlers;
@@ -61,11 +63,12 @@ pub use config::{
 pub use connection::{
     ConnectionId, ConnectionKind, ConnectionMetadata, DisconnectReason, SendError,
 };
+pub use deflate::{DeflateConfig, InflateError, inflate_message};
 pub use handle::ConnectionHandle;
 pub use handlers::{
-    ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, handle_socket,
-    health_handler, http_sync_handler, liveness_handler, metrics_handler, readiness_handler,
-    root_handler, ws_upgrade_handler,
+    ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, PerMessageDeflate,
+    handle_socket, health_handler, http_sync_handler, liveness_handler, metrics_handler,
+    readiness_handler, root_handler, ws_upgrade_handler,
 };
 pub use heartbeat::Heartbeat;
 pub use inbound::{

@@ -1,6 +1,7 @@
 //! Every decoder that reads bytes a client controls, fuzzed with property-based tests (proptest,
-//! stable Rust): `BATCH` frames, `POST /sync` bodies, `Timestamp`s and whole numbers, and the
-//! heartbeat's `PING` recognition. Inputs are arbitrary bytes and mutations of real client
+//! stable Rust): `BATCH` frames, `POST /sync` bodies, `Timestamp`s and whole numbers, the
+//! heartbeat's `PING` recognition, forwarded headers, PROXY headers and compressed
+//! (permessage-deflate) messages. Inputs are arbitrary bytes and mutations of real client
 //! bytes (from TopGun's client serializer). None may panic; each must answer as documented.
 //!
 //! `TOPGUN_FUZZ_CASES` sets the cases per target (default 2 000, a few seconds in all); the
@@ -14,8 +15,8 @@ use proptest::test_runner::{Config, FileFailurePersistence};
 use serde::Deserialize;
 use topgun_core::Timestamp;
 use topgun_server::network::{
-    ConnectionConfig, ConnectionKind, ConnectionRegistry, Heartbeat, InboundHandler, NetworkConfig,
-    NetworkModule, StubHandler, decode_frame, decode_frame_shared, encode_batch,
+    ConnectionConfig, ConnectionKind, ConnectionRegistry, Heartbeat, InboundHandler, InflateError,
+    NetworkConfig, NetworkModule, StubHandler, decode_frame, decode_frame_shared, encode_batch,
 };
 use tower::ServiceExt;
 
@@ -281,4 +282,50 @@ fn proxy_protocol_headers_parse_or_fail_cleanly_and_never_read_past_the_header()
             prop_assert!(Some(consumed) == v1_end || Some(consumed) == v2_end, "{consumed}");
         }
     });
+}
+
+/// Compressed client messages: real client bytes deflated as a client does, mutated.
+fn compressed_message() -> impl Strategy<Value = (Vec<u8>, Option<Vec<u8>>)> {
+    let seeds: Vec<Vec<u8>> = seeds().iter().map(|seed| seed.repeat(8)).collect();
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..512).prop_map(|bytes| (bytes, None)),
+        (prop::sample::select(seeds.clone())).prop_map(|plain| (deflate(&plain), Some(plain))),
+        (prop::sample::select(seeds), prop::collection::vec(edit(), 1..4))
+            .prop_map(|(plain, edits)| (apply(deflate(&plain), edits), None)),
+    ]
+}
+
+/// `payload` as a permessage-deflate client compresses it: raw deflate, sync flush, tail cut.
+fn deflate(payload: &[u8]) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let mut compressor = Compress::new(Compression::default(), false);
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    compressor.compress_vec(payload, &mut out, FlushCompress::Sync).unwrap();
+    out.truncate(out.len() - 4);
+    out
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever a client compresses, mangles or makes up inflates to at most the limit, or
+    /// fails as too big or invalid; a real message comes back exactly, or as too big when it
+    /// is over the limit.
+    #[test]
+    fn compressed_messages_inflate_within_the_limit_or_fail_cleanly(
+        (compressed, plain) in compressed_message(),
+        limit in 0_usize..2048,
+    ) {
+        match (topgun_server::network::inflate_message(&compressed, limit), plain) {
+            (Ok(inflated), Some(plain)) => prop_assert_eq!(&inflated[..], &plain[..]),
+            (Ok(inflated), None) => prop_assert!(inflated.len() <= limit),
+            (Err(InflateError::TooBig { limit: reported }), plain) => {
+                prop_assert_eq!(reported, limit);
+                if let Some(plain) = plain {
+                    prop_assert!(plain.len() > limit);
+                }
+            }
+            (Err(err), plain) => prop_assert!(plain.is_none(), "{err}"),
+        }
+    }
 }

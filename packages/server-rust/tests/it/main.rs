@@ -9,6 +9,8 @@ mod lifecycle;
 mod limits;
 mod observability;
 mod open_internet;
+mod permessage_deflate;
+mod rfc6455;
 mod shutdown;
 mod spec_057;
 mod tls;

@@ -22,6 +22,7 @@
 //! `on_disconnect`, exactly once.
 
 mod reader;
+pub(crate) mod socket;
 mod writer;
 
 use std::future::poll_fn;
@@ -30,7 +31,6 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ws::WebSocket;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
@@ -43,6 +43,7 @@ use super::metrics::TransportMetrics;
 use super::registry::ConnectionRegistry;
 use super::shutdown::ShutdownController;
 use reader::Reader;
+use socket::Socket;
 use writer::Writer;
 
 /// What the engine uses of the server, the same for every connection (all shared pointers).
@@ -61,9 +62,9 @@ pub(crate) struct Shared {
 ///
 /// Every open connection is this future, so what it owns is moved in once, here, and used in
 /// place: the socket is not moved again once the future runs.
-pub(crate) fn run(
+pub(crate) fn run<S: Socket + 'static>(
     shared: Shared,
-    socket: WebSocket,
+    socket: S,
     slot: Admitted,
     peer: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send {
@@ -76,10 +77,10 @@ pub(crate) fn run(
 
 /// The connection's lifecycle; see the module docs.
 #[allow(clippy::manual_async_fn)] // an `async fn` would keep a second copy of each argument
-fn serve(
+fn serve<S: Socket>(
     state: Shared,
     conn: Arc<ConnectionHandle>,
-    mut socket: WebSocket,
+    mut socket: S,
     slot: Admitted,
 ) -> impl Future<Output = ()> + Send {
     async move {
@@ -117,13 +118,13 @@ fn serve(
 }
 
 /// One connection's socket and its two halves.
-struct Connection<'a> {
-    socket: &'a mut WebSocket,
+struct Connection<'a, S> {
+    socket: &'a mut S,
     reader: Reader<'a>,
     writer: Writer<'a>,
 }
 
-impl Connection<'_> {
+impl<S: Socket> Connection<'_, S> {
     /// Makes whatever progress the socket, the handler and the queue allow; ready once the
     /// reader and the writer are both finished.
     fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {

@@ -20,9 +20,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::Message;
 use bytes::Bytes;
-use futures_util::Stream;
 use futures_util::future::{BoxFuture, CatchUnwind};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -37,6 +36,7 @@ use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, guarded, re
 use crate::network::shutdown::InFlightGuard;
 
 use super::Shared;
+use super::socket::{InvalidPayload, Socket};
 
 /// The socket's reading half and the handler calls it feeds.
 pub(super) struct Reader<'a> {
@@ -166,7 +166,11 @@ impl<'a> Reader<'a> {
     /// Reads what the socket has, answers inline what the handler answers inline, and drives
     /// the handler call in progress. Ready once the client has gone (or [`stop`](Self::stop)
     /// was called) and every call has finished.
-    pub(super) fn poll_read(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Poll<()> {
+    pub(super) fn poll_read<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
         loop {
             if let Some(call) = &mut self.call
                 && let Poll::Ready(result) = Pin::new(&mut call.future).poll(cx)
@@ -308,24 +312,51 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A read error ends the connection; an over-limit message is answered with 1009 first.
+    /// A read error ends the connection. A client that broke the protocol or a limit is told
+    /// why first: 1002, 1007 or 1009.
     fn read_failed(&self, err: &axum::Error) {
-        let inner =
-            std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>());
-        if let Some(tungstenite::Error::Capacity(capacity)) = inner {
-            tracing::debug!(%capacity, "inbound message over the limit");
-            let config = &self.state.config.connection;
-            self.conn.close_because(
-                DisconnectReason::Limit,
-                close::MESSAGE_TOO_BIG,
-                format!(
+        let source = std::error::Error::source(err);
+        let config = &self.state.config.connection;
+        let (code, reason) = match source.and_then(|e| e.downcast_ref::<tungstenite::Error>()) {
+            Some(tungstenite::Error::Capacity(capacity)) => {
+                tracing::debug!(%capacity, "inbound message over the limit");
+                let reason = format!(
                     "message too big: limit is {} bytes per message, {} per frame",
                     config.max_message_size, config.max_frame_size
-                ),
-            );
+                );
+                (close::MESSAGE_TOO_BIG, reason)
+            }
+            Some(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ))
+            | None => {
+                if let Some(invalid) = source.and_then(|e| e.downcast_ref::<InvalidPayload>()) {
+                    tracing::debug!(%invalid, "invalid inbound payload");
+                    (close::INVALID_PAYLOAD, invalid.to_string())
+                } else {
+                    tracing::debug!(%err, "websocket read failed");
+                    self.conn.note_disconnect(DisconnectReason::Error);
+                    return;
+                }
+            }
+            Some(tungstenite::Error::Protocol(protocol)) => {
+                tracing::debug!(%protocol, "websocket protocol error");
+                (close::PROTOCOL_ERROR, format!("protocol error: {protocol}"))
+            }
+            Some(tungstenite::Error::Utf8(_)) => {
+                (close::INVALID_PAYLOAD, "text is not UTF-8".to_owned())
+            }
+            Some(other) => {
+                tracing::debug!(%other, "websocket read failed");
+                self.conn.note_disconnect(DisconnectReason::Error);
+                return;
+            }
+        };
+        let why = if code == close::MESSAGE_TOO_BIG {
+            DisconnectReason::Limit
         } else {
-            tracing::debug!(%err, "websocket read failed");
-            self.conn.note_disconnect(DisconnectReason::Error);
-        }
+            DisconnectReason::Error
+        };
+        self.conn.close_because(why, code, reason);
     }
 }

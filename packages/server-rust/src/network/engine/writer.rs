@@ -15,11 +15,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
-use futures_util::Sink;
 use tokio::time::Instant;
 
+use super::socket::Socket;
 use super::{Shared, far_future};
 use crate::network::batch::{Frame, FrameBuilder, Next};
 use crate::network::close::{self, CloseRequest};
@@ -109,9 +109,9 @@ impl<'a> Writer<'a> {
 
     /// Writes what the socket takes now. Ready once the writer is finished: the close
     /// handshake is over (or timed out), the client is gone, or the socket failed.
-    pub(super) fn poll_write(
+    pub(super) fn poll_write<S: Socket>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         cx: &mut Context<'_>,
         reader_done: bool,
     ) -> Poll<()> {
@@ -213,7 +213,11 @@ impl<'a> Writer<'a> {
 
     /// Hands frames to the socket until it stops taking them or nothing is left; `true` when
     /// it took at least one.
-    fn write(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Result<bool, axum::Error> {
+    fn write<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Result<bool, axum::Error> {
         let mut accepted = false;
         loop {
             if let Some((message, messages)) = self.waiting.take() {
@@ -273,7 +277,11 @@ impl<'a> Writer<'a> {
         }
     }
 
-    fn flush(&mut self, socket: &mut WebSocket, cx: &mut Context<'_>) -> Result<(), axum::Error> {
+    fn flush<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Result<(), axum::Error> {
         if self.unflushed && Pin::new(&mut *socket).poll_flush(cx)?.is_ready() {
             self.unflushed = false;
         }

@@ -3,16 +3,25 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::body::Body;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use http::header::{RETRY_AFTER, UPGRADE};
-use http::{HeaderMap, StatusCode};
+use http::header::{
+    CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
+    UPGRADE,
+};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 
 use super::AppState;
 use crate::network::admission::{Admitted, AtCap, Refusal};
 use crate::network::client_addr::ClientAddr;
+use crate::network::deflate::{self, Agreed};
+use crate::network::engine::socket::DeflateSocket;
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
 use crate::network::rate_limit::too_many_requests;
@@ -29,9 +38,10 @@ pub async fn ws_upgrade_handler(
     State(state): State<AppState>,
     client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
+    deflate: PerMessageDeflate,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, client.map(|Extension(client)| client), &headers, ws)
+    upgrade(state, client.map(|Extension(client)| client), &headers, deflate, ws)
 }
 
 /// `GET /`: the same WebSocket endpoint as `/ws` for clients given the server's bare URL, as
@@ -41,10 +51,11 @@ pub async fn root_handler(
     State(state): State<AppState>,
     client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
+    deflate: PerMessageDeflate,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => upgrade(state, client.map(|Extension(client)| client), &headers, ws),
+        Ok(ws) => upgrade(state, client.map(|Extension(client)| client), &headers, deflate, ws),
         // An attempt that went wrong gets axum's answer, as at `/ws`.
         Err(rejection) if headers.contains_key(UPGRADE) => rejection.into_response(),
         Err(_) => Json(serde_json::json!({
@@ -62,6 +73,7 @@ fn upgrade(
     state: AppState,
     client: Option<ClientAddr>,
     headers: &HeaderMap,
+    deflate: PerMessageDeflate,
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_shutting_down() {
@@ -93,6 +105,14 @@ fn upgrade(
         );
         return unavailable("connection limit reached");
     };
+    let admitted = Admitted { server_wide: Some(slot), per_ip };
+    let peer = client.map(|client| client.socket_addr());
+    if let PerMessageDeflate(Some(accepted)) = deflate {
+        // axum's upgrade (tungstenite) cannot carry compressed frames: answer the handshake
+        // here and serve the connection with the engine's own framing.
+        drop(ws);
+        return accepted.upgrade(Shared::from(state), admitted, peer);
+    }
     let config = &state.config.connection;
     let ws = ws
         .read_buffer_size(config.ws_read_buffer_size)
@@ -102,8 +122,6 @@ fn upgrade(
         .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"));
     let shared = Shared::from(state);
-    let admitted = Admitted { server_wide: Some(slot), per_ip };
-    let peer = client.map(|client| client.socket_addr());
     // The slots are released when the connection's future completes.
     ws.on_upgrade(move |socket| engine::run(shared, socket, admitted, peer))
 }
@@ -127,4 +145,84 @@ fn unavailable(reason: &'static str) -> Response {
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let admitted = Admitted { server_wide: None, per_ip: None };
     engine::run(Shared::from(state), socket, admitted, None)
+}
+
+/// The permessage-deflate offer of a WebSocket upgrade request that the server accepts: `Some`
+/// only when [`ConnectionConfig::permessage_deflate`] is on, the request is HTTP/1.1 and its
+/// `Sec-WebSocket-Extensions` offers parameters the server can honour. Never rejects.
+///
+/// It reads the request before [`WebSocketUpgrade`] takes it, so it comes first among a
+/// handler's arguments; [`ws_upgrade_handler`] and [`root_handler`] take it.
+///
+/// [`ConnectionConfig::permessage_deflate`]: crate::network::ConnectionConfig::permessage_deflate
+#[derive(Debug)]
+pub struct PerMessageDeflate(Option<Accepted>);
+
+impl PerMessageDeflate {
+    /// Whether the upgrade will be answered with permessage-deflate.
+    pub fn is_accepted(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// An accepted offer, and what answering it takes of the request.
+#[derive(Debug)]
+struct Accepted {
+    agreed: Agreed,
+    response_header: HeaderValue,
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+impl FromRequestParts<AppState> for PerMessageDeflate {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if state.config.connection.permessage_deflate.is_none() || parts.version != Version::HTTP_11
+        {
+            return Ok(Self(None));
+        }
+        let accepted = (|| {
+            let (agreed, response_header) = deflate::negotiate(&parts.headers)?;
+            let key = parts.headers.get(SEC_WEBSOCKET_KEY)?.clone();
+            // A clone: `WebSocketUpgrade` still validates the request and takes its own.
+            let on_upgrade = parts.extensions.get::<OnUpgrade>()?.clone();
+            Some(Accepted { agreed, response_header, key, on_upgrade })
+        })();
+        Ok(Self(accepted))
+    }
+}
+
+impl Accepted {
+    /// The `101 Switching Protocols` answer, with the connection served once hyper hands it over.
+    fn upgrade(
+        self,
+        shared: Shared,
+        admitted: Admitted,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Response {
+        let Self { agreed, response_header, key, on_upgrade } = self;
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let config = &shared.config.connection;
+                    let socket = DeflateSocket::new(TokioIo::new(upgraded), agreed, config);
+                    engine::run(shared, socket, admitted, peer).await;
+                }
+                Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, "websocket")
+            .header(SEC_WEBSOCKET_ACCEPT, accept)
+            .header(SEC_WEBSOCKET_EXTENSIONS, response_header)
+            .body(Body::empty())
+            .expect("valid upgrade response")
+    }
 }

@@ -1,0 +1,446 @@
+//! The sockets the engine reads and writes: axum's [`WebSocket`](axum::extract::ws::WebSocket)
+//! (tungstenite), and [`DeflateSocket`], RFC 6455 framing with permessage-deflate for the
+//! connections that negotiated it (tungstenite refuses the compressed bit).
+//!
+//! Both are a [`Stream`] of received messages and a [`Sink`] of messages to send, with the same
+//! message type and errors, so the reader and the writer serve either unchanged.
+//!
+//! `DeflateSocket` holds no buffer while its connection is idle: the read buffer exists only
+//! while a frame is partly read and the write buffer only while the kernel has not taken
+//! everything, and (de)compressors belong to the thread, not the connection (`deflate.rs`).
+//! What it checks of the client, each failing the connection with tungstenite's error for it:
+//! frames are masked; reserved bits are clear except RSV1 on the first frame of a compressed
+//! message; control frames are final and at most 125 bytes, and may arrive between the
+//! fragments of a message; a continuation frame continues something; frame, message and
+//! inflated sizes stay within the limits; text and close reasons are UTF-8; close codes are
+//! ones a peer may send. Pings are answered, and a close frame is echoed, as tungstenite does.
+
+use std::io::{self, Cursor};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Sink, Stream};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::io::poll_read_buf;
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+
+use crate::network::config::ConnectionConfig;
+use crate::network::deflate::{self, Agreed, InflateError};
+
+/// What the engine needs of a socket.
+pub(crate) trait Socket:
+    Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send
+{
+}
+
+impl<T> Socket for T where
+    T: Stream<Item = Result<Message, axum::Error>>
+        + Sink<Message, Error = axum::Error>
+        + Unpin
+        + Send
+{
+}
+
+/// A received message that fails the connection with 1007: its text or its compressed data is
+/// not what it claims to be.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct InvalidPayload(&'static str);
+
+/// The limits and settings a `DeflateSocket` reads from the connection's config.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_frame: usize,
+    max_message: usize,
+    read_chunk: usize,
+    write_high_water: usize,
+    threshold: usize,
+    level: u32,
+}
+
+/// A WebSocket over an upgraded connection that negotiated permessage-deflate.
+pub(crate) struct DeflateSocket<Io = TokioIo<Upgraded>> {
+    io: Io,
+    agreed: Agreed,
+    limits: Limits,
+    /// Received bytes not yet parsed into a frame: empty and unallocated between frames.
+    read: BytesMut,
+    /// The data message being received: its first frame's kind and the fragments so far.
+    message: Option<Partial>,
+    /// Frames not yet taken by the kernel: empty and unallocated once it took them all.
+    write: BytesMut,
+    received_close: bool,
+    sent_close: bool,
+    /// The connection failed or ended: the stream yields nothing more.
+    finished: bool,
+}
+
+struct Partial {
+    text: bool,
+    compressed: bool,
+    data: BytesMut,
+}
+
+impl<Io> DeflateSocket<Io> {
+    pub(crate) fn new(io: Io, agreed: Agreed, config: &ConnectionConfig) -> Self {
+        let deflate = config.permessage_deflate.unwrap_or_default();
+        let limits = Limits {
+            max_frame: config.max_frame_size,
+            max_message: config.max_message_size,
+            read_chunk: config.ws_read_buffer_size.max(512),
+            write_high_water: config.ws_write_buffer_size,
+            threshold: deflate.threshold.max(1),
+            level: deflate.level,
+        };
+        Self {
+            io,
+            agreed,
+            limits,
+            read: BytesMut::new(),
+            message: None,
+            write: BytesMut::new(),
+            received_close: false,
+            sent_close: false,
+            finished: false,
+        }
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin> DeflateSocket<Io> {
+    /// Writes what the kernel takes of the write buffer; ready once it is empty.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.write.is_empty() {
+            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.write.advance(written);
+        }
+        // Keep an idle connection free of the buffer.
+        self.write = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+
+    fn push_frame(&mut self, opcode: OpCode, compressed: bool, payload: &[u8]) {
+        let header = FrameHeader { rsv1: compressed, opcode, ..FrameHeader::default() };
+        let length = payload.len() as u64;
+        self.write.reserve(header.len(length) + payload.len());
+        header.format(length, &mut (&mut self.write).writer()).expect("writing to memory");
+        self.write.put_slice(payload);
+    }
+
+    fn push_close(&mut self, frame: Option<&CloseFrame>) {
+        let mut payload = Vec::new();
+        if let Some(frame) = frame {
+            payload.extend_from_slice(&frame.code.to_be_bytes());
+            payload.extend_from_slice(frame.reason.as_bytes());
+        }
+        self.push_frame(OpCode::Control(Control::Close), false, &payload);
+        self.sent_close = true;
+    }
+
+    /// The next complete frame in the read buffer, unmasked.
+    fn parse_frame(&mut self) -> Result<Option<(FrameHeader, BytesMut)>, WsError> {
+        let mut cursor = Cursor::new(&self.read[..]);
+        let Some((header, length)) = FrameHeader::parse(&mut cursor)? else {
+            return Ok(None);
+        };
+        let max = self.limits.max_frame;
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        if length > max {
+            return Err(CapacityError::MessageTooLong { size: length, max_size: max }.into());
+        }
+        #[allow(clippy::cast_possible_truncation)] // at most 14
+        let header_len = cursor.position() as usize;
+        let Some(mask) = header.mask else {
+            return Err(ProtocolError::UnmaskedFrameFromClient.into());
+        };
+        let missing = (header_len + length).saturating_sub(self.read.len());
+        if missing > 0 {
+            // Room for the rest of the frame, a chunk at a time.
+            self.read.reserve(missing.min(64 * 1024));
+            return Ok(None);
+        }
+        self.read.advance(header_len);
+        let mut payload = self.read.split_to(length);
+        for (i, byte) in payload.iter_mut().enumerate() {
+            *byte ^= mask[i & 3];
+        }
+        Ok(Some((header, payload)))
+    }
+
+    /// Acts on one frame; `Some` when it completes a message for the reader.
+    fn on_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Option<Message>, axum::Error> {
+        let data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        if header.rsv2 || header.rsv3 || (header.rsv1 && !data) {
+            return Err(ws_error(ProtocolError::NonZeroReservedBits));
+        }
+        if self.received_close {
+            // Nothing counts after the client's close frame.
+            return Ok(None);
+        }
+        match header.opcode {
+            OpCode::Control(control) => {
+                if !header.is_final {
+                    return Err(ws_error(ProtocolError::FragmentedControlFrame));
+                }
+                if payload.len() > 125 {
+                    return Err(ws_error(ProtocolError::ControlFrameTooBig));
+                }
+                self.on_control(control, payload.freeze())
+            }
+            OpCode::Data(Data::Continue) => {
+                let Some(message) = &mut self.message else {
+                    return Err(ws_error(ProtocolError::UnexpectedContinueFrame));
+                };
+                message.data.extend_from_slice(&payload);
+                self.check_size()?;
+                if header.is_final { self.finish_message().map(Some) } else { Ok(None) }
+            }
+            OpCode::Data(kind) => {
+                if self.message.is_some() {
+                    return Err(ws_error(ProtocolError::ExpectedFragment(Data::Continue)));
+                }
+                self.message = Some(Partial {
+                    text: kind == Data::Text,
+                    compressed: header.rsv1,
+                    data: payload,
+                });
+                self.check_size()?;
+                if header.is_final { self.finish_message().map(Some) } else { Ok(None) }
+            }
+        }
+    }
+
+    fn on_control(
+        &mut self,
+        control: Control,
+        payload: Bytes,
+    ) -> Result<Option<Message>, axum::Error> {
+        match control {
+            Control::Ping => {
+                if !self.sent_close {
+                    self.push_frame(OpCode::Control(Control::Pong), false, &payload);
+                }
+                Ok(Some(Message::Ping(payload)))
+            }
+            Control::Pong => Ok(Some(Message::Pong(payload))),
+            Control::Close => {
+                let frame = close_frame(&payload)?;
+                self.received_close = true;
+                if !self.sent_close {
+                    // Echo the client's code, as the RFC asks.
+                    let echo = frame
+                        .as_ref()
+                        .map(|frame| CloseFrame { code: frame.code, reason: Utf8Bytes::default() });
+                    self.push_close(echo.as_ref());
+                }
+                Ok(Some(Message::Close(frame)))
+            }
+            Control::Reserved(code) => Err(ws_error(ProtocolError::UnknownControlFrameType(code))),
+        }
+    }
+
+    fn check_size(&self) -> Result<(), axum::Error> {
+        let size = self.message.as_ref().map_or(0, |message| message.data.len());
+        let max_size = self.limits.max_message;
+        if size > max_size {
+            return Err(ws_error(CapacityError::MessageTooLong { size, max_size }));
+        }
+        Ok(())
+    }
+
+    fn finish_message(&mut self) -> Result<Message, axum::Error> {
+        let Partial { text, compressed, data } = self.message.take().expect("a message");
+        let data = if compressed {
+            deflate::inflate_message(&data, self.limits.max_message).map_err(|err| match err {
+                InflateError::TooBig { limit } => {
+                    ws_error(CapacityError::MessageTooLong { size: limit + 1, max_size: limit })
+                }
+                InflateError::Invalid => {
+                    axum::Error::new(InvalidPayload("invalid compressed data"))
+                }
+            })?
+        } else {
+            data.freeze()
+        };
+        if text {
+            let text = Utf8Bytes::try_from(data)
+                .map_err(|_| axum::Error::new(InvalidPayload("text message is not UTF-8")))?;
+            Ok(Message::Text(text))
+        } else {
+            Ok(Message::Binary(data))
+        }
+    }
+
+    /// Reads more from the socket into the read buffer; ready with `false` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.read.capacity() == self.read.len() {
+            self.read.reserve(self.limits.read_chunk);
+        }
+        let read = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read))?;
+        if self.read.is_empty() {
+            // Keep an idle connection free of the buffer.
+            self.read = BytesMut::new();
+        }
+        Poll::Ready(Ok(read > 0))
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin> Stream for DeflateSocket<Io> {
+    type Item = Result<Message, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            // A pong or close echo queued by an earlier frame goes out as soon as it can.
+            match this.poll_write_out(cx) {
+                Poll::Ready(Err(err)) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(axum::Error::new(err))));
+                }
+                // Both close frames have crossed and ours is out: the connection is over,
+                // and the server, as the RFC asks, is the side that closes the TCP connection.
+                Poll::Ready(Ok(())) if this.received_close && this.sent_close => {
+                    this.finished = true;
+                    return Poll::Ready(None);
+                }
+                _ => {}
+            }
+            let parsed = match this.parse_frame() {
+                Ok(parsed) => parsed,
+                Err(err) => return Poll::Ready(Some(Err(this.fail(err)))),
+            };
+            if let Some((header, payload)) = parsed {
+                match this.on_frame(&header, payload) {
+                    Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                    Ok(None) => continue,
+                    Err(err) => {
+                        this.finished = true;
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                }
+            }
+            if this.read.is_empty() {
+                // Between frames: nothing is held while waiting for the next one.
+                this.read = BytesMut::new();
+            }
+            match ready!(this.poll_fill(cx)) {
+                Ok(true) => {}
+                Ok(false) if this.received_close => {
+                    this.finished = true;
+                    return Poll::Ready(None);
+                }
+                Ok(false) => {
+                    return Poll::Ready(Some(Err(
+                        this.fail(ProtocolError::ResetWithoutClosingHandshake.into())
+                    )));
+                }
+                Err(err) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(axum::Error::new(err))));
+                }
+            }
+        }
+    }
+}
+
+impl<Io> DeflateSocket<Io> {
+    fn fail(&mut self, err: WsError) -> axum::Error {
+        self.finished = true;
+        axum::Error::new(err)
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateSocket<Io> {
+    type Error = axum::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let this = &mut *self;
+        if this.write.len() >= this.limits.write_high_water {
+            // Over the high-water mark the caller waits for the kernel.
+            ready!(this.poll_write_out(cx)).map_err(axum::Error::new)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, message: Message) -> Result<(), Self::Error> {
+        let this = &mut *self;
+        if this.sent_close {
+            return Err(ws_error(ProtocolError::SendAfterClosing));
+        }
+        match message {
+            Message::Binary(payload) => this.push_data(Data::Binary, &payload),
+            Message::Text(text) => {
+                let payload = Bytes::from(text);
+                this.push_data(Data::Text, &payload);
+            }
+            Message::Ping(payload) => {
+                this.push_frame(OpCode::Control(Control::Ping), false, &payload);
+            }
+            Message::Pong(payload) => {
+                this.push_frame(OpCode::Control(Control::Pong), false, &payload);
+            }
+            Message::Close(frame) => this.push_close(frame.as_ref()),
+        }
+        Ok(())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let this = &mut *self;
+        ready!(this.poll_write_out(cx)).map_err(axum::Error::new)?;
+        Pin::new(&mut this.io).poll_flush(cx).map_err(axum::Error::new)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx).map_err(axum::Error::new)
+    }
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin> DeflateSocket<Io> {
+    /// Frames one data message, compressed when it is long enough and deflate shrinks it.
+    fn push_data(&mut self, kind: Data, payload: &Bytes) {
+        let compressed = (payload.len() >= self.limits.threshold)
+            .then(|| deflate::compress(payload, self.agreed.window_bits, self.limits.level))
+            .flatten();
+        match compressed {
+            Some(compressed) => self.push_frame(OpCode::Data(kind), true, &compressed),
+            None => self.push_frame(OpCode::Data(kind), false, payload),
+        }
+    }
+}
+
+fn ws_error(error: impl Into<WsError>) -> axum::Error {
+    axum::Error::new(error.into())
+}
+
+/// A received close frame's payload: no code, or a code a peer may send and a UTF-8 reason.
+fn close_frame(payload: &Bytes) -> Result<Option<CloseFrame>, axum::Error> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(ws_error(ProtocolError::InvalidCloseSequence)),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !CloseCode::from(code).is_allowed() {
+                return Err(ws_error(ProtocolError::InvalidCloseSequence));
+            }
+            let reason = Utf8Bytes::try_from(payload.slice(2..))
+                .map_err(|_| axum::Error::new(InvalidPayload("close reason is not UTF-8")))?;
+            Ok(Some(CloseFrame { code, reason }))
+        }
+    }
+}
