@@ -39,9 +39,16 @@ TOPGUN_SERVER_BIN="$target/topgun-server" \
   HANDSHAKE_SERVER_BIN="$target/examples/handshake_server" \
   NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)" \
   timeout 600 node --test topgun-client/suite.mjs
+echo "== TopGun's client, end to end, every server offering permessage-deflate"
+TOPGUN_PERMESSAGE_DEFLATE=true TOPGUN_SERVER_BIN="$target/topgun-server" \
+  HANDSHAKE_SERVER_BIN="$target/examples/handshake_server" \
+  NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)" \
+  timeout 600 node --test topgun-client/suite.mjs
 
 echo "== real clients"
 timeout 600 python3 run_clients.py "$target/examples/interop_server"
+echo "== real clients, the server offering permessage-deflate"
+timeout 600 python3 run_clients.py --permessage-deflate "$target/examples/interop_server"
 echo "== rolling restart behind HAProxy"
 timeout 600 python3 rolling_restart.py "$target/topgun-server"
 
@@ -55,6 +62,13 @@ for peer in transport node; do
   echo "$row"
   case "$row" in *"delivered_ratio=1.0 "*) ;; *) echo "the $peer peer did not deliver everything" >&2; exit 1 ;; esac
 done
+
+echo "== the load harness's permessage-deflate run (small counts): everything delivered, compressed when agreed"
+out=$(timeout 300 "$target/topgun-bench" deflate --connections 200 --fanout-connections 200 --broadcasts 5 --interval-ms 50)
+echo "$out" | grep '^|'
+fanouts=$(echo "$out" | grep '^| fanout')
+[ "$(echo "$fanouts" | grep -c 'delivered_ratio=1.0 ')" -eq 2 ] || { echo "the deflate fan-out did not deliver everything" >&2; exit 1; }
+echo "$fanouts" | grep 'permessage-deflate on' | grep -qv 'compressed_frames=0 ' || { echo "nothing arrived compressed" >&2; exit 1; }
 
 echo "== the container image (deploy/image) built with buildah and run"
 timeout 1200 bash ../../deploy/image/build.sh

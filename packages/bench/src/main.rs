@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use topgun_server::network::decode_frame_shared;
 
 mod abuse;
+mod deflate;
 mod soak;
 
 /// Longest any one scenario may run before it gives up.
@@ -144,6 +145,22 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// permessage-deflate off and on, one after the other: idle memory and handshakes, what
+    /// context takeover would hold, and a paced fan-out of TopGun-shaped messages (bytes on
+    /// the wire, server CPU, latency). Not part of `all`.
+    Deflate {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 10_000)]
+        fanout_connections: usize,
+        #[arg(long, default_value_t = 50)]
+        broadcasts: u32,
+        /// Bytes of each message: a MsgPack batch of map events at least this long.
+        #[arg(long, default_value_t = 2_048)]
+        size: usize,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
     /// A TLS server under churn, broadcasts, `/sync`, slow and vanishing clients and
     /// certificate reloads; fails unless memory, open files and every message are accounted
     /// for at the end (see `soak.rs`). Not part of `all`.
@@ -186,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let limit = match scenario {
             Scenario::VersusNode { rounds } => limit * u32::try_from(rounds.max(1) * 6)?,
-            Scenario::Abuse => limit * 3,
+            Scenario::Abuse | Scenario::Deflate { .. } => limit * 3,
             Scenario::VersusBun { rounds } => limit * u32::try_from(rounds.max(1) * 12)?,
             _ => limit,
         };
@@ -228,6 +245,16 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
         Scenario::Soak { minutes } => soak::soak(minutes).await,
         Scenario::VersusNode { rounds } => return versus_node(rounds).await,
         Scenario::Abuse => return abuse::abuse().await,
+        Scenario::Deflate { connections, fanout_connections, broadcasts, size, interval_ms } => {
+            let settings = deflate::Settings {
+                connections,
+                fanout_connections,
+                broadcasts,
+                size,
+                interval_ms,
+            };
+            return deflate::deflate(&settings).await;
+        }
         Scenario::VersusBun { rounds } => return versus_bun(rounds).await,
         Scenario::All => unreachable!("expanded in main"),
     };

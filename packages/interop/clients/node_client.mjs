@@ -17,6 +17,8 @@ ws.on("message", (data, isBinary) => {
   else frames.push(frame);
 });
 const nextFrame = () => (frames.length ? Promise.resolve(frames.shift()) : new Promise((r) => waiters.push(r)));
+// The server's answer as sent (`ws.extensions` names only the extension).
+ws.once("upgrade", (response) => console.log(`EXTENSIONS ${response.headers["sec-websocket-extensions"] ?? "none"}`));
 const closed = new Promise((resolve) => ws.on("close", (code, reason) => resolve({ code, reason: reason.toString() })));
 await new Promise((resolve, reject) => {
   ws.once("open", resolve);

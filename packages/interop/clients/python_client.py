@@ -34,6 +34,7 @@ def unpack_frame(frame: bytes):
 
 async def main(url: str) -> int:
     async with websockets.connect(url, max_size=None) as ws:
+        print(f"EXTENSIONS {ws.response.headers.get('Sec-WebSocket-Extensions', 'none')}", flush=True)
         pending = []
 
         async def next_message():

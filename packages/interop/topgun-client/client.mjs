@@ -89,6 +89,9 @@ export class TopGunClientModel {
       messages: 0,
       connectedAt: [],
       authRequired: 0,
+      // The server's Sec-WebSocket-Extensions answer on the last open (`ws` offers
+      // permessage-deflate, as TopGun's client in Node does).
+      extensions: null,
     };
   }
 
@@ -138,6 +141,9 @@ export class TopGunClientModel {
       this.log(`attempt failed: ${reason}`);
       if (!this.closing) this.scheduleReconnect();
     };
+    ws.on("upgrade", (response) => {
+      this.stats.extensions = response.headers["sec-websocket-extensions"] ?? null;
+    });
     ws.on("open", () => {
       if (settled) return;
       settled = true;

@@ -29,6 +29,10 @@ const HANDSHAKE_BIN = required("HANDSHAKE_SERVER_BIN");
 const HOLD_MS = Number(process.env.TOPGUN_E2E_HOLD_SECS ?? 60) * 1000;
 const TICKS_PER_SECOND = 1000;
 const NGINX = process.env.NGINX_BIN;
+// Set for the run in which every server offers permessage-deflate (the binary and the examples
+// read it from the environment).
+const DEFLATE = ["1", "true"].includes(process.env.TOPGUN_PERMESSAGE_DEFLATE ?? "");
+const AGREED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 const DEPLOY = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "deploy");
 
 function required(name) {
@@ -174,6 +178,12 @@ describe(`stays connected for ${HOLD_MS / 1000} s`, () => {
       assert.equal(stats.pongsInBatch, 0);
     });
   }
+
+  it(`permessage-deflate ${DEFLATE ? "negotiated by every client" : "not negotiated: the server does not offer it"}`, () => {
+    for (const [name, client] of Object.entries(clients)) {
+      assert.equal(client.stats.extensions, DEFLATE ? AGREED : null, name);
+    }
+  });
 
   it(`example broadcasting ${TICKS_PER_SECOND} messages/s: all counted through BATCH, PONGs top-level, no reconnect`, () => {
     const { stats } = clients.load;

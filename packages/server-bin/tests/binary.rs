@@ -195,3 +195,46 @@ async fn proxy_protocol_headers_name_the_client_for_the_per_address_cap() {
     signal(&child, "TERM");
     assert!(wait_exit(child).await.success());
 }
+
+#[tokio::test]
+async fn permessage_deflate_is_offered_only_with_its_flag_and_a_ping_is_answered_through_it() {
+    let offer = Some("permessage-deflate; client_max_window_bits");
+    let (child, addr) = spawn_server(&[]).await;
+    let plain = common::RawClient::connect(addr.parse().unwrap(), offer).await;
+    assert_eq!(plain.extensions(), None);
+    signal(&child, "TERM");
+    assert!(wait_exit(child).await.success());
+
+    let (child, addr) = spawn_server(&["--permessage-deflate", "--deflate-threshold", "1"]).await;
+    let mut client = common::RawClient::connect(addr.parse().unwrap(), offer).await;
+    assert_eq!(
+        client.extensions(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    // TopGun's PING; the PONG comes back on the compressing engine (compressed only if deflate
+    // makes it smaller, which a 40-byte PONG it does not).
+    let client_ping =
+        b"\xde\x00\x02\xa4type\xa4PING\xa9timestamp\xcb\x42\x7a\x22\xb5\xca\xff\x80\x00";
+    client.send_frame(0x82, client_ping, true).await;
+    let pong = loop {
+        let frame = client.read_frame().await.expect("a PONG");
+        if frame.opcode == 0x2 {
+            break frame;
+        }
+    };
+    let pong = if pong.rsv1 {
+        let mut input = pong.payload.clone();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(1024);
+        let mut decompressor = flate2::Decompress::new(false);
+        decompressor.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync).unwrap();
+        out
+    } else {
+        pong.payload
+    };
+    let pong: serde_json::Value = rmp_serde::from_slice(&pong).unwrap();
+    assert_eq!(pong["type"], "PONG");
+    signal(&child, "TERM");
+    assert_eq!(client.read_close().await.close_code(), Some(1001));
+    assert!(wait_exit(child).await.success());
+}

@@ -26,8 +26,9 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use topgun_core::{HybridClock, Principal, Timestamp};
 use topgun_server::network::{
-    ConnectionHandle, ConnectionKind, ConnectionRegistry, Heartbeat, InboundHandler, NetworkConfig,
-    NetworkModule, OutboundMessage, SyncError, SyncRequest, shutdown_signal,
+    ConnectionConfig, ConnectionHandle, ConnectionKind, ConnectionRegistry, DeflateConfig,
+    Heartbeat, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage, SyncError,
+    SyncRequest, shutdown_signal,
 };
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,9 @@ struct Args {
     /// Messages queued together per broadcast round.
     #[arg(long, default_value_t = 10)]
     tick_burst: u32,
+    /// Offer permessage-deflate to clients that ask for it (as the binary's flag).
+    #[arg(long, env = "TOPGUN_PERMESSAGE_DEFLATE")]
+    permessage_deflate: bool,
 }
 
 #[derive(Deserialize)]
@@ -193,7 +197,15 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").with_ansi(false).init();
     let args = Args::parse();
     let stop = shutdown_signal()?;
-    let config = NetworkConfig { host: args.host, port: args.port, ..NetworkConfig::default() };
+    let config = NetworkConfig {
+        host: args.host,
+        port: args.port,
+        connection: ConnectionConfig {
+            permessage_deflate: args.permessage_deflate.then(DeflateConfig::default),
+            ..ConnectionConfig::default()
+        },
+        ..NetworkConfig::default()
+    };
     let module = NetworkModule::new(config);
     let registry = module.registry();
     let handler = Handshake { clock: HybridClock::new("handshake-server") };

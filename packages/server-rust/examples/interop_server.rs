@@ -20,8 +20,8 @@ use bytes::Bytes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use topgun_server::network::{
-    ConnectionHandle, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage,
-    ShutdownConfig, SyncError, shutdown_signal,
+    ConnectionConfig, ConnectionHandle, DeflateConfig, InboundHandler, NetworkConfig,
+    NetworkModule, OutboundMessage, ShutdownConfig, SyncError, shutdown_signal,
 };
 
 #[derive(Debug, Parser)]
@@ -33,6 +33,9 @@ struct Args {
     /// Seconds spent draining before the listener closes on SIGTERM.
     #[arg(long, default_value_t = 0)]
     shutdown_grace_secs: u64,
+    /// Offer permessage-deflate to clients that ask for it (as the binary's flag).
+    #[arg(long, env = "TOPGUN_PERMESSAGE_DEFLATE")]
+    permessage_deflate: bool,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +86,10 @@ async fn main() -> anyhow::Result<()> {
         shutdown: ShutdownConfig {
             grace_period: std::time::Duration::from_secs(args.shutdown_grace_secs),
             ..ShutdownConfig::default()
+        },
+        connection: ConnectionConfig {
+            permessage_deflate: args.permessage_deflate.then(DeflateConfig::default),
+            ..ConnectionConfig::default()
         },
         ..NetworkConfig::default()
     };

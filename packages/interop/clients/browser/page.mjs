@@ -36,7 +36,7 @@ async function run() {
   if (!response.headers.get("x-request-id")) throw new Error("x-request-id not exposed to the page");
   const echoed = decode(new Uint8Array(await response.arrayBuffer()));
   if (echoed.type !== "SYNC_INIT" || echoed.mapName !== "todos") throw new Error("bad /sync answer");
-  return { ...session, sync: response.headers.get("content-type") };
+  return { ...session, sync: response.headers.get("content-type"), extensions: ws.extensions || "none" };
 }
 
 window.__session = run().then(

@@ -164,6 +164,10 @@ pub(crate) enum Next {
 pub(crate) struct FrameBuilder {
     max_messages: usize,
     max_bytes: usize,
+    /// Messages this long or longer go out alone (on a connection that compresses them, so
+    /// a broadcast's compressed bytes are shared with every other recipient instead of
+    /// being compressed again inside this connection's own `BATCH`).
+    alone_from: usize,
 }
 
 impl Frame {
@@ -175,7 +179,16 @@ impl Frame {
 
 impl FrameBuilder {
     pub(crate) fn new(config: &ConnectionConfig) -> Self {
-        Self { max_messages: config.max_batch_messages.max(1), max_bytes: config.max_batch_bytes }
+        Self {
+            max_messages: config.max_batch_messages.max(1),
+            max_bytes: config.max_batch_bytes,
+            alone_from: usize::MAX,
+        }
+    }
+
+    /// Frames every message of `len` bytes or more alone.
+    pub(crate) fn alone_from(self, len: usize) -> Self {
+        Self { alone_from: len, ..self }
     }
 
     /// Takes the next frame's messages off the front of `burst`: as many `Binary` messages
@@ -185,11 +198,17 @@ impl FrameBuilder {
         let (mut count, mut bytes) = (0, 0);
         for message in &*burst {
             let OutboundMessage::Binary(payload) = message else { break };
-            if count > 0 && (count >= self.max_messages || bytes + payload.len() > self.max_bytes) {
+            let alone = payload.len() >= self.alone_from;
+            if count > 0
+                && (alone || count >= self.max_messages || bytes + payload.len() > self.max_bytes)
+            {
                 break;
             }
             count += 1;
             bytes += payload.len();
+            if alone {
+                break;
+            }
         }
         match count {
             0 => match burst.pop_front() {
@@ -324,6 +343,15 @@ mod tests {
         assert_eq!(
             frames(builder, &mut burst(&[4, 4, 4, 50, 1])),
             [vec![4, 4], vec![4], vec![50], vec![1]]
+        );
+    }
+
+    #[test]
+    fn messages_over_the_alone_length_go_alone_and_the_small_ones_batch_around_them() {
+        let builder = FrameBuilder::new(&config(100, 1024)).alone_from(10);
+        assert_eq!(
+            frames(builder, &mut burst(&[3, 3, 12, 10, 3, 9])),
+            [vec![3, 3], vec![12], vec![10], vec![3, 9]]
         );
     }
 

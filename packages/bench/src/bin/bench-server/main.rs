@@ -16,12 +16,13 @@ use bytes::Bytes;
 use clap::Parser;
 use serde::Deserialize;
 use topgun_server::network::{
-    ConnectionHandle, ConnectionKind, ConnectionRegistry, HealthReport, Heartbeat, InboundHandler,
-    NetworkConfig, NetworkModule, OutboundMessage, RateLimitConfig, SyncError, TlsConfig,
-    build_http_layers,
+    ConnectionHandle, ConnectionKind, ConnectionRegistry, DeflateConfig, HealthReport, Heartbeat,
+    InboundHandler, NetworkConfig, NetworkModule, OutboundMessage, RateLimitConfig, SyncError,
+    TlsConfig, build_http_layers,
 };
 
 #[derive(Debug, Parser)]
+#[allow(clippy::struct_excessive_bools)] // command-line switches
 struct Args {
     #[arg(long, default_value_t = 0)]
     port: u16,
@@ -32,6 +33,9 @@ struct Args {
     /// (`build_http_layers`) and nothing else, to tell the layers' cost from the server's.
     #[arg(long, requires = "bare")]
     with_layers: bool,
+    /// Offer permessage-deflate (`ConnectionConfig::permessage_deflate`, default settings).
+    #[arg(long)]
+    permessage_deflate: bool,
     /// Override `ConnectionConfig::ws_read_buffer_size` (to compare against the default).
     #[arg(long)]
     read_buffer: Option<usize>,
@@ -86,8 +90,9 @@ struct Args {
 /// printed as `OFFERED n` on exit, for the soak's accounting against the server's metrics.
 static OFFERED: AtomicU64 = AtomicU64::new(0);
 
-/// `{"type": "BROADCAST", "count", "size", "interval_ms", "cooperative"}` starts a broadcast;
-/// `cooperative` selects `broadcast_cooperative` over the synchronous `broadcast`.
+/// `{"type": "BROADCAST", "count", "size", "interval_ms", "cooperative", "topgun"}` starts a
+/// broadcast; `cooperative` selects `broadcast_cooperative` over the synchronous `broadcast`,
+/// `topgun` fills each message with a batch of TopGun map events instead of zeros.
 #[derive(Deserialize)]
 struct Broadcast {
     #[serde(rename = "type")]
@@ -96,6 +101,33 @@ struct Broadcast {
     size: usize,
     interval_ms: u64,
     cooperative: bool,
+    #[serde(default)]
+    topgun: bool,
+}
+
+/// At least `size` bytes of what a TopGun server sends its clients: a MsgPack batch of map
+/// events, keys repeated in every event, values and timestamps varying.
+fn topgun_events(size: usize, seq: u32) -> Vec<u8> {
+    let mut events = Vec::new();
+    let mut encoded = Vec::new();
+    let mut n = 0_u32;
+    while encoded.len() < size {
+        let id = seq.wrapping_mul(7919).wrapping_add(n);
+        events.push(serde_json::json!({
+            "mapName": "todos",
+            "eventType": if id % 3 == 0 { "PUT" } else { "UPDATE" },
+            "key": format!("todo-{id:06}"),
+            "record": {
+                "value": { "title": format!("Task {id}: review the sync batch"), "done": id % 2 == 0, "priority": id % 5, "assignee": format!("user-{}", id % 17) },
+                "timestamp": { "millis": 1_796_023_824_376_u64 + u64::from(id), "counter": id % 4, "nodeId": "node-1" },
+            },
+        }));
+        n += 1;
+        let batch =
+            serde_json::json!({ "type": "SERVER_BATCH_EVENT", "payload": { "events": events } });
+        encoded = rmp_serde::to_vec_named(&batch).expect("encodes");
+    }
+    encoded
 }
 
 struct BenchHandler {
@@ -139,7 +171,12 @@ impl InboundHandler for BenchHandler {
 async fn broadcast(registry: Arc<ConnectionRegistry>, request: Broadcast) {
     let mut dropped = 0;
     for seq in 0..request.count {
-        let mut payload = vec![0_u8; request.size.max(12)];
+        let mut payload = vec![0_u8; 12];
+        if request.topgun {
+            payload.extend(topgun_events(request.size.saturating_sub(12), seq));
+        } else {
+            payload.resize(request.size.max(12), 0);
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         payload[..8].copy_from_slice(&nanos.to_le_bytes());
@@ -214,6 +251,9 @@ async fn main() -> anyhow::Result<()> {
         NetworkConfig { host: "127.0.0.1".into(), port: args.port, ..NetworkConfig::default() };
     if let Some(size) = args.read_buffer {
         config.connection.ws_read_buffer_size = size;
+    }
+    if args.permessage_deflate {
+        config.connection.permessage_deflate = Some(DeflateConfig::default());
     }
     if let Some(max) = args.max_batch_messages {
         config.connection.max_batch_messages = max;

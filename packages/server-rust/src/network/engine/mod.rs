@@ -87,10 +87,11 @@ fn serve<S: Socket>(
         tracing::debug!("connected");
         state.shutdown.serve_registry(&state.registry);
         {
+            let compresses_from = socket.compresses_from();
             let mut connection = Connection {
                 socket: &mut socket,
                 reader: Reader::new(&conn, &state),
-                writer: Writer::new(&conn, &state),
+                writer: Writer::new(&conn, &state, compresses_from),
             };
             let mut timer = pin!(tokio::time::sleep_until(connection.writer.deadline()));
             poll_fn(|cx| connection.poll_run(cx, timer.as_mut())).await;

@@ -37,14 +37,19 @@ use crate::network::deflate::{self, Agreed, InflateError};
 pub(crate) trait Socket:
     Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send
 {
+    /// The length from which this socket compresses a message, if it compresses any: the
+    /// writer frames such messages alone, so a broadcast's compressed bytes are shared.
+    fn compresses_from(&self) -> Option<usize> {
+        None
+    }
 }
 
-impl<T> Socket for T where
-    T: Stream<Item = Result<Message, axum::Error>>
-        + Sink<Message, Error = axum::Error>
-        + Unpin
-        + Send
-{
+impl Socket for axum::extract::ws::WebSocket {}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for DeflateSocket<Io> {
+    fn compresses_from(&self) -> Option<usize> {
+        Some(self.limits.threshold)
+    }
 }
 
 /// A received message that fails the connection with 1007: its text or its compressed data is

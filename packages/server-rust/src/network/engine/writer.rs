@@ -57,7 +57,12 @@ enum Phase {
 }
 
 impl<'a> Writer<'a> {
-    pub(super) fn new(conn: &'a Arc<ConnectionHandle>, state: &'a Shared) -> Self {
+    /// A writer for `conn`; `compresses_from` is [`Socket::compresses_from`] of its socket.
+    pub(super) fn new(
+        conn: &'a Arc<ConnectionHandle>,
+        state: &'a Shared,
+        compresses_from: Option<usize>,
+    ) -> Self {
         let config = &state.config.connection;
         let now = Instant::now();
         let auth_deadline = match config.auth_timeout {
@@ -67,7 +72,8 @@ impl<'a> Writer<'a> {
         Self {
             conn,
             state,
-            frames: FrameBuilder::new(config),
+            frames: compresses_from
+                .map_or(FrameBuilder::new(config), |len| FrameBuilder::new(config).alone_from(len)),
             burst: VecDeque::new(),
             waiting: None,
             unflushed: false,
