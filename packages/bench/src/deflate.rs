@@ -22,9 +22,10 @@ use anyhow::bail;
 use flate2::{Decompress, FlushDecompress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use topgun_server::network::decode_frame_shared;
 
-use crate::{Row, SOURCE_ADDRESSES, Server, connect_one, now_nanos, per_second, percentile};
+use crate::{
+    Received, Row, SOURCE_ADDRESSES, Server, connect_one, now_nanos, per_second, percentile,
+};
 
 /// How the deflate scenario runs.
 #[derive(Clone, Copy)]
@@ -182,20 +183,19 @@ fn context_takeover(connections: usize, size: usize) -> anyhow::Result<Row> {
 /// What one receiving connection saw.
 #[derive(Default)]
 struct Seen {
-    messages: usize,
-    frames: usize,
+    received: Received,
     compressed_frames: usize,
     wire_bytes: usize,
-    latencies_us: Vec<u32>,
 }
 
 /// Reads until `expected` messages arrived or `quiet` passed in silence.
 async fn receive(mut socket: RawSocket, expected: usize, quiet: Duration) -> (Seen, RawSocket) {
-    let mut seen = Seen { latencies_us: Vec::with_capacity(expected), ..Seen::default() };
+    let mut seen = Seen::default();
+    seen.received.latencies_us.reserve(expected);
     let mut buffer = std::mem::take(&mut socket.leftover);
     seen.wire_bytes += buffer.len();
     let mut inflater = Decompress::new(false);
-    while seen.messages < expected {
+    while seen.received.messages < expected {
         while let Some((first, payload, used)) = next_frame(&buffer) {
             if first & 0x0f == 0x2 {
                 let arrived = now_nanos();
@@ -212,19 +212,11 @@ async fn receive(mut socket: RawSocket, expected: usize, quiet: Duration) -> (Se
                 } else {
                     payload.to_vec()
                 };
-                seen.frames += 1;
-                for message in decode_frame_shared(&frame.into()).unwrap_or_default() {
-                    seen.messages += 1;
-                    if let Some(sent) = message.get(..8) {
-                        let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());
-                        let micros = arrived.saturating_sub(sent) / 1_000;
-                        seen.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
-                    }
-                }
+                seen.received.count_frame(&frame.into(), arrived);
             }
             buffer.drain(..used);
         }
-        if seen.messages >= expected {
+        if seen.received.messages >= expected {
             break;
         }
         buffer.reserve(64 * 1024);
@@ -308,21 +300,19 @@ async fn fanout(settings: &Settings, on: bool) -> anyhow::Result<Row> {
     for receiver in receivers {
         let (seen, socket) = receiver.await?;
         finished.push(socket);
-        total.messages += seen.messages;
-        total.frames += seen.frames;
+        total.received.add(seen.received);
         total.compressed_frames += seen.compressed_frames;
         total.wire_bytes += seen.wire_bytes;
-        total.latencies_us.extend(seen.latencies_us);
     }
     let server_cpu = server.cpu()?.saturating_sub(cpu_before.0);
     let client_cpu = crate::own_cpu()?.saturating_sub(cpu_before.1);
     let (_, peak) = server.memory()?;
     drop(finished);
     server.stop().await?;
-    total.latencies_us.sort_unstable();
+    total.received.latencies_us.sort_unstable();
     let wanted = connections * expected;
     #[allow(clippy::cast_precision_loss)]
-    let delivered = total.messages as f64 / wanted as f64;
+    let delivered = total.received.messages as f64 / wanted as f64;
     let pace = match settings.interval_ms {
         0 => "burst".to_owned(),
         ms => format!("fanout paced {}/s", 1000 / ms),
@@ -332,10 +322,10 @@ async fn fanout(settings: &Settings, on: bool) -> anyhow::Result<Row> {
         .with("broadcasts", settings.broadcasts)
         .with("message_bytes", settings.size)
         .with("delivered_ratio", (delivered * 10_000.0).round() / 10_000.0)
-        .with("wire_bytes_per_message", total.wire_bytes / total.messages.max(1))
+        .with("wire_bytes_per_message", total.wire_bytes / total.received.messages.max(1))
         .with("compressed_frames", total.compressed_frames)
-        .with("p50_ms", percentile(&total.latencies_us, 0.50))
-        .with("p99_ms", percentile(&total.latencies_us, 0.99))
+        .with("p50_ms", percentile(&total.received.latencies_us, 0.50))
+        .with("p99_ms", percentile(&total.received.latencies_us, 0.99))
         .with("server_cpu_ms", u64::try_from(server_cpu.as_millis()).unwrap_or(0))
         .with("client_cpu_ms", u64::try_from(client_cpu.as_millis()).unwrap_or(0))
         .with("server_peak_rss_mib", peak / (1 << 20)))

@@ -722,6 +722,29 @@ struct Received {
     latencies_us: Vec<u32>,
 }
 
+impl Received {
+    /// Counts a frame that `arrived` (nanoseconds since the epoch): its messages (a `BATCH`
+    /// or one) and each one's latency from the send time in its first eight bytes.
+    fn count_frame(&mut self, frame: &bytes::Bytes, arrived: u64) {
+        self.frames += 1;
+        for message in decode_frame_shared(frame).unwrap_or_default() {
+            self.messages += 1;
+            if let Some(sent) = message.get(..8) {
+                let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());
+                let micros = arrived.saturating_sub(sent) / 1_000;
+                self.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
+            }
+        }
+    }
+
+    /// Adds another connection's counts to these.
+    fn add(&mut self, other: Received) {
+        self.messages += other.messages;
+        self.frames += other.frames;
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
 /// Reads until `expected` messages arrived, the server closed, or `quiet` passed in silence.
 /// Hands the connection back rather than closing it: clients that finish first must not load
 /// the server with their closes while it still delivers to the others.
@@ -751,16 +774,7 @@ async fn receive(mut ws: Ws, expected: usize, quiet: Duration) -> (Received, Ws)
         let Message::Binary(frame) = message else {
             continue;
         };
-        let arrived = now_nanos();
-        seen.frames += 1;
-        for message in decode_frame_shared(&frame).unwrap_or_default() {
-            seen.messages += 1;
-            if let Some(sent) = message.get(..8) {
-                let sent = u64::from_le_bytes(sent.try_into().unwrap_or_default());
-                let micros = arrived.saturating_sub(sent) / 1_000;
-                seen.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
-            }
-        }
+        seen.count_frame(&frame, now_nanos());
     }
     (seen, ws)
 }
@@ -835,9 +849,7 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
     for receiver in receivers {
         let (seen, ws) = receiver.await?;
         finished.push(ws);
-        total.messages += seen.messages;
-        total.frames += seen.frames;
-        total.latencies_us.extend(seen.latencies_us);
+        total.add(seen);
     }
     let elapsed = started.elapsed();
     drop(finished);

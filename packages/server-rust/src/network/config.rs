@@ -267,19 +267,22 @@ pub struct ConnectionConfig {
     /// How often the server pings each connection; any frame the client sends, pongs
     /// included, counts as activity. Must be shorter than `idle_timeout`. Default: 20 s.
     pub ping_interval: Duration,
-    /// Size of each connection's WebSocket read buffer, and so the most read from the socket
-    /// in one system call; a larger message still arrives whole, over several reads (a 1 MiB
-    /// message takes 1 024 reads at the default). Every open connection holds one, so it is
-    /// the largest single cost of an idle connection: raise it for peers that mostly send
-    /// large messages. Default: 1 KiB (tungstenite's own default is 128 KiB).
+    /// How much is read from a WebSocket in one system call while no frame is under way (a
+    /// frame announced larger is read in chunks of up to 64 KiB). The engine's own framing,
+    /// which serves the WebSocket routes, holds its read buffer only while a frame is partly
+    /// read, so an idle connection holds none; tungstenite (behind
+    /// [`handle_socket`](crate::network::handle_socket) and HTTP/2) keeps one of this size per
+    /// connection. Default: 1 KiB (tungstenite's own default is 128 KiB).
     pub ws_read_buffer_size: usize,
-    /// Bytes the WebSocket writer buffers before writing to the socket. Default: 128 KiB.
+    /// Frames waiting for the kernel beyond which the writer waits too (its high-water mark);
+    /// the buffer is freed once the kernel has taken everything. Default: 128 KiB.
     pub ws_write_buffer_size: usize,
-    /// Upper bound of the WebSocket write buffer while it holds batched traffic; must exceed
-    /// `ws_write_buffer_size` by at least `max_batch_bytes`. A single message larger than this
-    /// still goes out: the buffer's bound is raised to hold one message of
-    /// `max_outbound_message_size` (see [`write_buffer_limit`](Self::write_buffer_limit)).
-    /// Default: 512 KiB.
+    /// Upper bound of tungstenite's write buffer (behind `handle_socket` and HTTP/2) while it
+    /// holds batched traffic; must exceed `ws_write_buffer_size` by at least
+    /// `max_batch_bytes`. A single message larger than this still goes out: the bound is
+    /// raised to hold one message of `max_outbound_message_size` (see
+    /// [`write_buffer_limit`](Self::write_buffer_limit)). The engine's own framing never holds
+    /// more than `ws_write_buffer_size` plus one frame. Default: 512 KiB.
     pub ws_max_write_buffer_size: usize,
     /// Most messages coalesced into one outbound `BATCH` frame. Default: 256.
     pub max_batch_messages: usize,

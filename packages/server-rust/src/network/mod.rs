@@ -66,7 +66,7 @@ pub use connection::{
 pub use deflate::{DeflateConfig, InflateError, inflate_message};
 pub use handle::ConnectionHandle;
 pub use handlers::{
-    ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, PerMessageDeflate,
+    ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, UpgradeOffer,
     handle_socket, health_handler, http_sync_handler, liveness_handler, metrics_handler,
     readiness_handler, root_handler, ws_upgrade_handler,
 };

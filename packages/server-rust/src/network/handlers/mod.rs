@@ -22,7 +22,7 @@ use std::time::Instant;
 pub use health::{HealthReport, health_handler, liveness_handler, readiness_handler};
 pub use http_sync::{ACCEPTED_SYNC_CONTENT_TYPES, MSGPACK_CONTENT_TYPE, http_sync_handler};
 pub use metrics::metrics_handler;
-pub use websocket::{PerMessageDeflate, handle_socket, root_handler, ws_upgrade_handler};
+pub use websocket::{UpgradeOffer, handle_socket, root_handler, ws_upgrade_handler};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

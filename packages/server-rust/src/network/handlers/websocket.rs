@@ -21,7 +21,7 @@ use super::AppState;
 use crate::network::admission::{Admitted, AtCap, Refusal};
 use crate::network::client_addr::ClientAddr;
 use crate::network::deflate::{self, Agreed};
-use crate::network::engine::socket::DeflateSocket;
+use crate::network::engine::socket::FrameSocket;
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
 use crate::network::rate_limit::too_many_requests;
@@ -38,10 +38,10 @@ pub async fn ws_upgrade_handler(
     State(state): State<AppState>,
     client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
-    deflate: PerMessageDeflate,
+    offer: UpgradeOffer,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, client.map(|Extension(client)| client), &headers, deflate, ws)
+    upgrade(state, client.map(|Extension(client)| client), &headers, offer, ws)
 }
 
 /// `GET /`: the same WebSocket endpoint as `/ws` for clients given the server's bare URL, as
@@ -51,11 +51,11 @@ pub async fn root_handler(
     State(state): State<AppState>,
     client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
-    deflate: PerMessageDeflate,
+    offer: UpgradeOffer,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => upgrade(state, client.map(|Extension(client)| client), &headers, deflate, ws),
+        Ok(ws) => upgrade(state, client.map(|Extension(client)| client), &headers, offer, ws),
         // An attempt that went wrong gets axum's answer, as at `/ws`.
         Err(rejection) if headers.contains_key(UPGRADE) => rejection.into_response(),
         Err(_) => Json(serde_json::json!({
@@ -73,7 +73,7 @@ fn upgrade(
     state: AppState,
     client: Option<ClientAddr>,
     headers: &HeaderMap,
-    deflate: PerMessageDeflate,
+    offer: UpgradeOffer,
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_shutting_down() {
@@ -107,11 +107,12 @@ fn upgrade(
     };
     let admitted = Admitted { server_wide: Some(slot), per_ip };
     let peer = client.map(|client| client.socket_addr());
-    if let PerMessageDeflate(Some(accepted)) = deflate {
-        // axum's upgrade (tungstenite) cannot carry compressed frames: answer the handshake
-        // here and serve the connection with the engine's own framing.
+    if let UpgradeOffer(Some(handover)) = offer {
+        // HTTP/1.1: answer the handshake here and serve the connection with the engine's own
+        // framing, which holds no buffer while the connection is idle and speaks
+        // permessage-deflate; axum's (tungstenite) is left for HTTP/2.
         drop(ws);
-        return accepted.upgrade(Shared::from(state), admitted, peer);
+        return handover.upgrade(Shared::from(state), admitted, peer);
     }
     let config = &state.config.connection;
     let ws = ws
@@ -147,56 +148,61 @@ pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output =
     engine::run(Shared::from(state), socket, admitted, None)
 }
 
-/// The permessage-deflate offer of a WebSocket upgrade request that the server accepts: `Some`
-/// only when [`ConnectionConfig::permessage_deflate`] is on, the request is HTTP/1.1 and its
-/// `Sec-WebSocket-Extensions` offers parameters the server can honour. Never rejects.
+/// What the transport needs to take an HTTP/1.1 WebSocket upgrade over with its own framing
+/// (`network/engine/socket.rs`): the request's key and hyper's upgrade handle, and the
+/// permessage-deflate offer it accepts when
+/// [`ConnectionConfig::permessage_deflate`] is on. Never rejects; an HTTP/2 upgrade (extended
+/// CONNECT) yields nothing here and is served by axum's WebSocket.
 ///
 /// It reads the request before [`WebSocketUpgrade`] takes it, so it comes first among a
 /// handler's arguments; [`ws_upgrade_handler`] and [`root_handler`] take it.
 ///
 /// [`ConnectionConfig::permessage_deflate`]: crate::network::ConnectionConfig::permessage_deflate
 #[derive(Debug)]
-pub struct PerMessageDeflate(Option<Accepted>);
+pub struct UpgradeOffer(Option<Handover>);
 
-impl PerMessageDeflate {
+impl UpgradeOffer {
     /// Whether the upgrade will be answered with permessage-deflate.
-    pub fn is_accepted(&self) -> bool {
-        self.0.is_some()
+    pub fn compresses(&self) -> bool {
+        self.0.as_ref().is_some_and(|handover| handover.deflate.is_some())
     }
 }
 
-/// An accepted offer, and what answering it takes of the request.
+/// What answering the upgrade ourselves takes of the request.
 #[derive(Debug)]
-struct Accepted {
-    agreed: Agreed,
-    response_header: HeaderValue,
+struct Handover {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
+    /// The accepted permessage-deflate offer and the response header that accepts it.
+    deflate: Option<(Agreed, HeaderValue)>,
 }
 
-impl FromRequestParts<AppState> for PerMessageDeflate {
+impl FromRequestParts<AppState> for UpgradeOffer {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        if state.config.connection.permessage_deflate.is_none() || parts.version != Version::HTTP_11
-        {
+        if parts.version != Version::HTTP_11 {
             return Ok(Self(None));
         }
-        let accepted = (|| {
-            let (agreed, response_header) = deflate::negotiate(&parts.headers)?;
+        let handover = (|| {
             let key = parts.headers.get(SEC_WEBSOCKET_KEY)?.clone();
             // A clone: `WebSocketUpgrade` still validates the request and takes its own.
             let on_upgrade = parts.extensions.get::<OnUpgrade>()?.clone();
-            Some(Accepted { agreed, response_header, key, on_upgrade })
+            let deflate = state
+                .config
+                .connection
+                .permessage_deflate
+                .and_then(|_| deflate::negotiate(&parts.headers));
+            Some(Handover { key, on_upgrade, deflate })
         })();
-        Ok(Self(accepted))
+        Ok(Self(handover))
     }
 }
 
-impl Accepted {
+impl Handover {
     /// The `101 Switching Protocols` answer, with the connection served once hyper hands it over.
     fn upgrade(
         self,
@@ -204,25 +210,27 @@ impl Accepted {
         admitted: Admitted,
         peer: Option<std::net::SocketAddr>,
     ) -> Response {
-        let Self { agreed, response_header, key, on_upgrade } = self;
+        let Self { key, on_upgrade, deflate } = self;
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let (agreed, extension) = deflate.unzip();
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let config = &shared.config.connection;
-                    let socket = DeflateSocket::new(TokioIo::new(upgraded), agreed, config);
+                    let socket = FrameSocket::new(TokioIo::new(upgraded), agreed, config);
                     engine::run(shared, socket, admitted, peer).await;
                 }
                 Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
             }
         });
-        Response::builder()
+        let mut response = Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(CONNECTION, "upgrade")
             .header(UPGRADE, "websocket")
-            .header(SEC_WEBSOCKET_ACCEPT, accept)
-            .header(SEC_WEBSOCKET_EXTENSIONS, response_header)
-            .body(Body::empty())
-            .expect("valid upgrade response")
+            .header(SEC_WEBSOCKET_ACCEPT, accept);
+        if let Some(extension) = extension {
+            response = response.header(SEC_WEBSOCKET_EXTENSIONS, extension);
+        }
+        response.body(Body::empty()).expect("valid upgrade response")
     }
 }
