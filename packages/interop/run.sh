@@ -39,8 +39,8 @@ TOPGUN_SERVER_BIN="$target/topgun-server" \
   HANDSHAKE_SERVER_BIN="$target/examples/handshake_server" \
   NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)" \
   timeout 600 node --test topgun-client/suite.mjs
-echo "== TopGun's client, end to end, every server offering permessage-deflate"
-TOPGUN_PERMESSAGE_DEFLATE=true TOPGUN_SERVER_BIN="$target/topgun-server" \
+echo "== TopGun's client, end to end, every server offering permessage-deflate (threshold 64 bytes)"
+TOPGUN_PERMESSAGE_DEFLATE=true TOPGUN_DEFLATE_THRESHOLD=64 TOPGUN_SERVER_BIN="$target/topgun-server" \
   HANDSHAKE_SERVER_BIN="$target/examples/handshake_server" \
   NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)" \
   timeout 600 node --test topgun-client/suite.mjs

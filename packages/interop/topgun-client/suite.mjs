@@ -179,10 +179,16 @@ describe(`stays connected for ${HOLD_MS / 1000} s`, () => {
     });
   }
 
-  it(`permessage-deflate ${DEFLATE ? "negotiated by every client" : "not negotiated: the server does not offer it"}`, () => {
+  it(`permessage-deflate ${DEFLATE ? "negotiated by every client, the load's BATCH frames compressed" : "not negotiated: the server does not offer it"}`, async () => {
     for (const [name, client] of Object.entries(clients)) {
       assert.equal(client.stats.extensions, DEFLATE ? AGREED : null, name);
     }
+    // The heartbeat above held while the example's broadcasts reached the client compressed.
+    const metrics = await (await fetch(`http://127.0.0.1:${example.port}/metrics`)).text();
+    const found = /^topgun_websocket_compressed_frames_total (\d+)/m.exec(metrics);
+    const compressed = Number(found?.[1] ?? 0);
+    if (DEFLATE) assert.ok(compressed > 100, `${compressed} compressed frames`);
+    else assert.equal(compressed, 0);
   });
 
   it(`example broadcasting ${TICKS_PER_SECOND} messages/s: all counted through BATCH, PONGs top-level, no reconnect`, () => {

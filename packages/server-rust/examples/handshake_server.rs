@@ -46,6 +46,9 @@ struct Args {
     /// Offer permessage-deflate to clients that ask for it (as the binary's flag).
     #[arg(long, env = "TOPGUN_PERMESSAGE_DEFLATE")]
     permessage_deflate: bool,
+    /// Messages shorter than this go uncompressed under --permessage-deflate.
+    #[arg(long, env = "TOPGUN_DEFLATE_THRESHOLD", default_value_t = DeflateConfig::default().threshold)]
+    deflate_threshold: usize,
 }
 
 #[derive(Deserialize)]
@@ -201,7 +204,10 @@ async fn main() -> anyhow::Result<()> {
         host: args.host,
         port: args.port,
         connection: ConnectionConfig {
-            permessage_deflate: args.permessage_deflate.then(DeflateConfig::default),
+            permessage_deflate: args.permessage_deflate.then(|| DeflateConfig {
+                threshold: args.deflate_threshold,
+                ..DeflateConfig::default()
+            }),
             ..ConnectionConfig::default()
         },
         ..NetworkConfig::default()

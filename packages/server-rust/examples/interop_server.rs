@@ -36,6 +36,9 @@ struct Args {
     /// Offer permessage-deflate to clients that ask for it (as the binary's flag).
     #[arg(long, env = "TOPGUN_PERMESSAGE_DEFLATE")]
     permessage_deflate: bool,
+    /// Messages shorter than this go uncompressed under --permessage-deflate.
+    #[arg(long, env = "TOPGUN_DEFLATE_THRESHOLD", default_value_t = DeflateConfig::default().threshold)]
+    deflate_threshold: usize,
 }
 
 #[derive(Deserialize)]
@@ -88,7 +91,10 @@ async fn main() -> anyhow::Result<()> {
             ..ShutdownConfig::default()
         },
         connection: ConnectionConfig {
-            permessage_deflate: args.permessage_deflate.then(DeflateConfig::default),
+            permessage_deflate: args.permessage_deflate.then(|| DeflateConfig {
+                threshold: args.deflate_threshold,
+                ..DeflateConfig::default()
+            }),
             ..ConnectionConfig::default()
         },
         ..NetworkConfig::default()

@@ -269,8 +269,9 @@ pub struct ConnectionConfig {
     pub ping_interval: Duration,
     /// How much is read from a WebSocket in one system call while no frame is under way (a
     /// frame announced larger is read in chunks of up to 64 KiB). The engine's own framing,
-    /// which serves the WebSocket routes, holds its read buffer only while a frame is partly
-    /// read, so an idle connection holds none; tungstenite (behind
+    /// which serves the WebSocket routes, reads between frames into a buffer its thread shares
+    /// with every connection and holds one of its own only while a frame is partly read, so an
+    /// idle connection holds none; tungstenite (behind
     /// [`handle_socket`](crate::network::handle_socket) and HTTP/2) keeps one of this size per
     /// connection. Default: 1 KiB (tungstenite's own default is 128 KiB).
     pub ws_read_buffer_size: usize,

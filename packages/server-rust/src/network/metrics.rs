@@ -20,6 +20,8 @@
 //! | `topgun_websocket_messages_sent_total` | counter | | messages sent (inside batches or alone) |
 //! | `topgun_websocket_sent_bytes_total` | counter | | frame bytes sent |
 //! | `topgun_websocket_frames_sent_total` | counter | | data frames sent |
+//! | `topgun_websocket_compressed_frames_total` | counter | | of those, frames sent compressed (permessage-deflate) |
+//! | `topgun_websocket_compressed_bytes_total` | counter | | bytes those frames' payloads took after compression |
 //! | `topgun_websocket_batch_messages` | histogram | | messages per data frame |
 //! | `topgun_websocket_outbound_queue_depth` | histogram | | queued messages when the writer wakes |
 //! | `topgun_outbound_dropped_messages_total` | counter | | messages that never reached their connection: full queue, queued at close, sent after close |
@@ -86,6 +88,8 @@ pub struct TransportMetrics {
     pub(crate) messages_sent: Counter,
     pub(crate) bytes_sent: Counter,
     pub(crate) frames_sent: Counter,
+    pub(crate) compressed_frames: Counter,
+    pub(crate) compressed_bytes: Counter,
     pub(crate) batch_messages: Histogram,
     pub(crate) queue_depth: Histogram,
     pub(crate) tls_handshake_failures: Counter,
@@ -112,7 +116,7 @@ const DURATION_BUCKETS: [f64; 12] =
 const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// `# HELP` text and unit of every metric.
-const DESCRIPTIONS: [(&str, &str, Option<Unit>); 21] = [
+const DESCRIPTIONS: [(&str, &str, Option<Unit>); 23] = [
     ("topgun_connections_open", "Open connections.", None),
     ("topgun_connections_opened_total", "Connections opened.", None),
     ("topgun_connections_closed_total", "Connections closed, by reason.", None),
@@ -133,6 +137,16 @@ const DESCRIPTIONS: [(&str, &str, Option<Unit>); 21] = [
     ("topgun_websocket_messages_sent_total", "Messages sent, batched or alone.", None),
     ("topgun_websocket_sent_bytes_total", "Data frame bytes sent.", Some(Unit::Bytes)),
     ("topgun_websocket_frames_sent_total", "Data frames sent.", None),
+    (
+        "topgun_websocket_compressed_frames_total",
+        "Data frames sent compressed (permessage-deflate).",
+        None,
+    ),
+    (
+        "topgun_websocket_compressed_bytes_total",
+        "Payload bytes of the frames sent compressed, after compression.",
+        Some(Unit::Bytes),
+    ),
     ("topgun_websocket_batch_messages", "Messages per data frame.", None),
     ("topgun_websocket_outbound_queue_depth", "Queued messages when a writer wakes.", None),
     (
@@ -215,6 +229,8 @@ impl TransportMetrics {
             messages_sent: counter("topgun_websocket_messages_sent_total", vec![]),
             bytes_sent: counter("topgun_websocket_sent_bytes_total", vec![]),
             frames_sent: counter("topgun_websocket_frames_sent_total", vec![]),
+            compressed_frames: counter("topgun_websocket_compressed_frames_total", vec![]),
+            compressed_bytes: counter("topgun_websocket_compressed_bytes_total", vec![]),
             batch_messages: histogram("topgun_websocket_batch_messages"),
             queue_depth: histogram("topgun_websocket_outbound_queue_depth"),
             tls_handshake_failures: counter("topgun_tls_handshake_failures_total", vec![]),

@@ -72,6 +72,13 @@ async fn large_messages_go_compressed_small_ones_plain() {
     // An uncompressed message from the client is fine too.
     client.send_frame(FIN | BINARY, &payload, true).await;
     assert_eq!(inflate(&next_data(&mut client).await.payload), payload);
+    // Operators see what was compressed: the two 4 KiB echoes, not the small one.
+    let metrics = server.http().get(server.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert_eq!(common::sample(&metrics, "topgun_websocket_compressed_frames_total", &[]), "2");
+    let bytes: usize =
+        common::sample(&metrics, "topgun_websocket_compressed_bytes_total", &[]).parse().unwrap();
+    assert!(bytes > 0 && bytes * 3 < 2 * payload.len(), "{bytes} compressed bytes");
 }
 
 #[tokio::test]

@@ -7,10 +7,12 @@
 //! Both are a [`Stream`] of received messages and a [`Sink`] of messages to send, with the same
 //! message type and errors, so the reader and the writer serve either unchanged.
 //!
-//! `FrameSocket` holds no buffer while its connection is idle: the read buffer exists only
-//! while a frame is partly read and the write buffer only while the kernel has not taken
-//! everything, and (de)compressors belong to the thread, not the connection (`deflate.rs`).
-//! That is what an idle connection saves against tungstenite, which keeps both buffers.
+//! `FrameSocket` holds no buffer while its connection is idle: between frames it reads into a
+//! scratch buffer its thread shares with every other connection and keeps only what arrived,
+//! the read buffer exists only while a frame is partly read, the write buffer only while the
+//! kernel has not taken everything, and (de)compressors belong to the thread, not the
+//! connection (`deflate.rs`). That is what an idle connection saves against tungstenite, which
+//! keeps both buffers.
 //! What it checks of the client, each failing the connection with tungstenite's error for it:
 //! frames are masked; reserved bits are clear except RSV1 on the first frame of a compressed
 //! message; control frames are final and at most 125 bytes, and may arrive between the
@@ -27,7 +29,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::FrameHeader;
@@ -35,6 +37,17 @@ use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use crate::network::config::ConnectionConfig;
 use crate::network::deflate::{self, Agreed, InflateError};
+
+/// The most read at once into [`SCRATCH`].
+const SCRATCH_LEN: usize = 64 * 1024;
+
+thread_local! {
+    /// Where a connection between frames reads, shared by every connection of the thread: a
+    /// socket's wake-up may bring nothing, or a frame header, and neither should cost the
+    /// connection a buffer of its own while it waits.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
 
 /// What the engine needs of a socket.
 pub(crate) trait Socket:
@@ -51,8 +64,17 @@ impl Socket for axum::extract::ws::WebSocket {}
 
 impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for FrameSocket<Io> {
     fn compresses_from(&self) -> Option<usize> {
-        self.agreed.map(|_| self.limits.threshold)
+        self.deflate.as_ref().map(|_| self.limits.threshold)
     }
+}
+
+/// What a compressing connection adds to its socket: the agreed parameters and the counters
+/// of what it compressed.
+#[derive(Debug)]
+pub(crate) struct Deflating {
+    pub(crate) agreed: Agreed,
+    pub(crate) frames: metrics::Counter,
+    pub(crate) bytes: metrics::Counter,
 }
 
 /// A received message that fails the connection with 1007: its text or its compressed data is
@@ -75,9 +97,9 @@ struct Limits {
 /// A WebSocket over an upgraded connection; compressed when permessage-deflate was agreed.
 pub(crate) struct FrameSocket<Io = TokioIo<Upgraded>> {
     io: Io,
-    /// The agreed permessage-deflate parameters; `None`: nothing is compressed and RSV1 is a
-    /// protocol error.
-    agreed: Option<Agreed>,
+    /// permessage-deflate, when agreed (boxed: most connections have none); `None`: nothing is
+    /// compressed and RSV1 is a protocol error.
+    deflate: Option<Box<Deflating>>,
     limits: Limits,
     /// Received bytes not yet parsed into a frame: empty and unallocated between frames.
     read: BytesMut,
@@ -98,19 +120,19 @@ struct Partial {
 }
 
 impl<Io> FrameSocket<Io> {
-    pub(crate) fn new(io: Io, agreed: Option<Agreed>, config: &ConnectionConfig) -> Self {
-        let deflate = config.permessage_deflate.unwrap_or_default();
+    pub(crate) fn new(io: Io, deflate: Option<Deflating>, config: &ConnectionConfig) -> Self {
+        let settings = config.permessage_deflate.unwrap_or_default();
         let limits = Limits {
             max_frame: config.max_frame_size,
             max_message: config.max_message_size,
             read_chunk: config.ws_read_buffer_size.max(512),
             write_high_water: config.ws_write_buffer_size,
-            threshold: deflate.threshold.max(1),
-            level: deflate.level,
+            threshold: settings.threshold.max(1),
+            level: settings.level,
         };
         Self {
             io,
-            agreed,
+            deflate: deflate.map(Box::new),
             limits,
             read: BytesMut::new(),
             message: None,
@@ -192,7 +214,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
         payload: BytesMut,
     ) -> Result<Option<Message>, axum::Error> {
         let data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
-        let compressed = self.agreed.is_some();
+        let compressed = self.deflate.is_some();
         if header.rsv2 || header.rsv3 || (header.rsv1 && !(data && compressed)) {
             return Err(ws_error(ProtocolError::NonZeroReservedBits));
         }
@@ -295,16 +317,27 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
     }
 
     /// Reads more from the socket into the read buffer; ready with `false` at end of stream.
+    ///
+    /// Between frames it reads into the thread's scratch buffer and keeps only what arrived, so
+    /// a connection waiting for its next frame holds no buffer at all; mid-frame it reads
+    /// straight into the room reserved for the rest of the frame.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        if self.read.capacity() == self.read.len() {
-            self.read.reserve(self.limits.read_chunk);
+        if self.read.capacity() > self.read.len() || self.limits.read_chunk > SCRATCH_LEN {
+            if self.read.capacity() == self.read.len() {
+                self.read.reserve(self.limits.read_chunk);
+            }
+            let read = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read))?;
+            return Poll::Ready(Ok(read > 0));
         }
-        let read = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read))?;
-        if self.read.is_empty() {
-            // Keep an idle connection free of the buffer.
-            self.read = BytesMut::new();
-        }
-        Poll::Ready(Ok(read > 0))
+        let io = &mut self.io;
+        let chunk = self.limits.read_chunk;
+        let read = SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(&mut scratch[..chunk]);
+            ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+            self.read.extend_from_slice(buf.filled());
+            Poll::Ready(Ok::<_, io::Error>(buf.filled().len()))
+        });
+        Poll::Ready(Ok(ready!(read)? > 0))
     }
 }
 
@@ -426,9 +459,16 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
     /// Frames one data message, compressed when it is long enough and deflate shrinks it.
     fn push_data(&mut self, kind: Data, payload: &Bytes) {
         let compressed = self
-            .agreed
+            .deflate
+            .as_ref()
             .filter(|_| payload.len() >= self.limits.threshold)
-            .and_then(|agreed| deflate::compress(payload, agreed.window_bits, self.limits.level));
+            .and_then(|deflating| {
+                let compressed =
+                    deflate::compress(payload, deflating.agreed.window_bits, self.limits.level)?;
+                deflating.frames.increment(1);
+                deflating.bytes.increment(compressed.len() as u64);
+                Some(compressed)
+            });
         match compressed {
             Some(compressed) => self.push_frame(OpCode::Data(kind), true, &compressed),
             None => self.push_frame(OpCode::Data(kind), false, payload),

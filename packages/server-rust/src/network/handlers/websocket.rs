@@ -21,13 +21,15 @@ use super::AppState;
 use crate::network::admission::{Admitted, AtCap, Refusal};
 use crate::network::client_addr::ClientAddr;
 use crate::network::deflate::{self, Agreed};
-use crate::network::engine::socket::FrameSocket;
+use crate::network::engine::socket::{Deflating, FrameSocket};
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
 use crate::network::rate_limit::too_many_requests;
 
 /// `GET /ws`: upgrades to a WebSocket configured from
-/// [`ConnectionConfig`](crate::network::ConnectionConfig) and runs [`handle_socket`] on it.
+/// [`ConnectionConfig`](crate::network::ConnectionConfig) and serves it with the engine
+/// [`handle_socket`] runs: over HTTP/1.1 with the transport's own framing (permessage-deflate
+/// when it is on and the client offers it, see [`UpgradeOffer`]), over HTTP/2 with axum's.
 ///
 /// Refused with `503` and `Retry-After` while the server is draining (so clients reconnect to
 /// a node that is staying up) and when `max_connections` are open; with `403` when
@@ -142,6 +144,10 @@ fn unavailable(reason: &'static str) -> Response {
 /// reads and writes until the client leaves or the server closes it, and removes it from the
 /// registry exactly once.
 ///
+/// For a router of one's own built on axum's `WebSocketUpgrade` (tungstenite framing, no
+/// compression, no per-address slot); the server's own routes hand the engine the transport's
+/// framing instead.
+///
 /// Every open connection holds this future (one task per connection), so it is kept small.
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let admitted = Admitted { server_wide: None, per_ip: None };
@@ -213,11 +219,16 @@ impl Handover {
         let Self { key, on_upgrade, deflate } = self;
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
         let (agreed, extension) = deflate.unzip();
+        let deflating = agreed.map(|agreed| Deflating {
+            agreed,
+            frames: shared.metrics.compressed_frames.clone(),
+            bytes: shared.metrics.compressed_bytes.clone(),
+        });
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let config = &shared.config.connection;
-                    let socket = FrameSocket::new(TokioIo::new(upgraded), agreed, config);
+                    let socket = FrameSocket::new(TokioIo::new(upgraded), deflating, config);
                     engine::run(shared, socket, admitted, peer).await;
                 }
                 Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
