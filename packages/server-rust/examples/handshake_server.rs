@@ -26,9 +26,8 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use topgun_core::{HybridClock, Principal, Timestamp};
 use topgun_server::network::{
-    ConnectionConfig, ConnectionHandle, ConnectionKind, ConnectionRegistry, DeflateConfig,
-    Heartbeat, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage, SyncError,
-    SyncRequest, shutdown_signal,
+    ConnectionHandle, ConnectionKind, ConnectionRegistry, DeflateConfig, Heartbeat, InboundHandler,
+    NetworkConfig, NetworkModule, OutboundMessage, SyncError, SyncRequest, shutdown_signal,
 };
 
 #[derive(Debug, Parser)]
@@ -200,18 +199,10 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").with_ansi(false).init();
     let args = Args::parse();
     let stop = shutdown_signal()?;
-    let config = NetworkConfig {
-        host: args.host,
-        port: args.port,
-        connection: ConnectionConfig {
-            permessage_deflate: args.permessage_deflate.then(|| DeflateConfig {
-                threshold: args.deflate_threshold,
-                ..DeflateConfig::default()
-            }),
-            ..ConnectionConfig::default()
-        },
-        ..NetworkConfig::default()
-    };
+    let mut config = NetworkConfig { host: args.host, port: args.port, ..NetworkConfig::default() };
+    let threshold = args.deflate_threshold;
+    config.connection.permessage_deflate =
+        args.permessage_deflate.then(|| DeflateConfig { threshold, ..DeflateConfig::default() });
     let module = NetworkModule::new(config);
     let registry = module.registry();
     let handler = Handshake { clock: HybridClock::new("handshake-server") };

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use topgun_server::network::{
-    ConnectionConfig, ConnectionHandle, DeflateConfig, InboundHandler, NetworkConfig,
-    NetworkModule, OutboundMessage, ShutdownConfig, SyncError, shutdown_signal,
+    ConnectionHandle, DeflateConfig, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage,
+    ShutdownConfig, SyncError, shutdown_signal,
 };
 
 #[derive(Debug, Parser)]
@@ -83,22 +83,18 @@ impl InboundHandler for Interop {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").init();
     let args = Args::parse();
-    let config = NetworkConfig {
+    let mut config = NetworkConfig {
         host: args.host,
         port: args.port,
         shutdown: ShutdownConfig {
             grace_period: std::time::Duration::from_secs(args.shutdown_grace_secs),
             ..ShutdownConfig::default()
         },
-        connection: ConnectionConfig {
-            permessage_deflate: args.permessage_deflate.then(|| DeflateConfig {
-                threshold: args.deflate_threshold,
-                ..DeflateConfig::default()
-            }),
-            ..ConnectionConfig::default()
-        },
         ..NetworkConfig::default()
     };
+    let threshold = args.deflate_threshold;
+    config.connection.permessage_deflate =
+        args.permessage_deflate.then(|| DeflateConfig { threshold, ..DeflateConfig::default() });
     let mut module = NetworkModule::new(config).with_handler(Interop);
     let stop = shutdown_signal()?;
     let port = module.start().await?;
