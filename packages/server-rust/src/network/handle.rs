@@ -70,6 +70,9 @@ pub(crate) struct ConnectionState {
     pub(crate) slow_for_broadcasts: AtomicBool,
     /// Reading is paused by the inbound message budget: the silence is the server's doing.
     throttled: AtomicBool,
+    /// When the engine's clock should next wake the connection's task: 1 + milliseconds
+    /// after `connected_at`, rounded up; 0 when nothing is due.
+    wake_at_ms: AtomicU64,
 }
 
 impl ConnectionHandle {
@@ -264,6 +267,23 @@ impl ConnectionHandle {
     pub(crate) fn touch(&self) {
         let elapsed = u64::try_from(self.connected_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.state.last_activity_ms.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// Asks the engine's clock to wake the connection's task once `at` has come (`None`:
+    /// nothing is due).
+    pub(crate) fn wake_at(&self, at: Option<tokio::time::Instant>) {
+        let encoded = at.map_or(0, |at| {
+            let after = at.into_std().saturating_duration_since(self.connected_at);
+            u64::try_from(after.as_millis()).unwrap_or(u64::MAX - 1) + 1
+        });
+        self.state.wake_at_ms.store(encoded, Ordering::Relaxed);
+    }
+
+    /// Whether the instant last given to [`wake_at`](Self::wake_at) has come by `now`.
+    pub(crate) fn is_due(&self, now: Instant) -> bool {
+        let encoded = self.state.wake_at_ms.load(Ordering::Relaxed);
+        encoded != 0
+            && now.saturating_duration_since(self.connected_at).as_millis() >= u128::from(encoded)
     }
 
     /// Messages waiting in the outbound queue (not counting priority messages); 0 once the

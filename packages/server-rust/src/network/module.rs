@@ -21,6 +21,7 @@ use tower::{Service, ServiceBuilder};
 
 use super::admission::Admission;
 use super::config::NetworkConfig;
+use super::engine::Shared;
 use super::handlers::{AppState, main_routes, metrics_routes};
 use super::http_metrics::HttpMetricsLayer;
 use super::inbound::{InboundHandler, StubHandler};
@@ -218,15 +219,25 @@ impl NetworkModule {
     ///     .with_state(module.app_state());
     /// ```
     pub fn app_state(&self) -> AppState {
+        let config = Arc::new(self.config.clone());
+        let engine = Arc::new(Shared::new(
+            &self.registry,
+            &self.shutdown,
+            &config,
+            &self.handler,
+            &self.metrics,
+            &self.admission,
+        ));
         AppState {
             registry: Arc::clone(&self.registry),
             shutdown: Arc::clone(&self.shutdown),
-            config: Arc::new(self.config.clone()),
+            config,
             start_time: self.start_time,
             handler: Arc::clone(&self.handler),
             connection_slots: Arc::clone(&self.connection_slots),
             metrics: Arc::clone(&self.metrics),
             admission: Arc::clone(&self.admission),
+            engine,
         }
     }
 

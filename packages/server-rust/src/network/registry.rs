@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +31,9 @@ pub struct BroadcastOutcome {
 #[derive(Debug, Default)]
 pub struct ConnectionRegistry {
     connections: DashMap<ConnectionId, Arc<ConnectionHandle>>,
+    /// Whether the engine's clock (which wakes connections due a ping) runs for these
+    /// connections.
+    pub(crate) clock_running: AtomicBool,
     next_id: AtomicU64,
     counts_by_kind: [AtomicUsize; ConnectionKind::ALL.len()],
     emptied: Notify,
@@ -180,6 +183,18 @@ impl ConnectionRegistry {
     pub(crate) fn wake_all(&self) {
         for entry in &self.connections {
             entry.value().queue().wake_consumer();
+        }
+    }
+
+    /// Wakes the tasks of the connections whose [`wake_at`](ConnectionHandle::wake_at) instant
+    /// has come.
+    pub(crate) fn wake_due(&self) {
+        let now = std::time::Instant::now();
+        for entry in &self.connections {
+            let conn = entry.value();
+            if conn.is_due(now) {
+                conn.queue().wake_consumer();
+            }
         }
     }
 

@@ -274,9 +274,10 @@ async fn each_connection_is_one_task_and_a_busy_handler_does_not_hold_back_its_m
     for _ in 0..5 {
         clients.push(server.ws().await);
     }
-    // At most one task each (a reader and a writer task per connection would be ten).
+    // At most one task each, and the server's one clock that wakes them for pings (a reader
+    // and a writer task per connection would be ten).
     eventually("one task per connection, nothing else left running", || {
-        metrics.num_alive_tasks() <= baseline + 5
+        metrics.num_alive_tasks() <= baseline + 5 + 1
     })
     .await;
 
@@ -290,6 +291,11 @@ async fn each_connection_is_one_task_and_a_busy_handler_does_not_hold_back_its_m
     stalled.release.notify_one();
     drop(clients);
     server.until_connections(0, "all gone").await;
+    // With no connection left, the clock stops too.
+    eventually("no task left once the connections are gone", || {
+        metrics.num_alive_tasks() <= baseline
+    })
+    .await;
     server.stop().await.unwrap();
 }
 

@@ -11,8 +11,9 @@
 //! One connection is one task and one future, [`Connection`]: it owns the socket unsplit and
 //! polls its two halves side by side, so the reader never waits for the writer nor the writer
 //! for the handler. Nothing else is allocated per connection: no second task, no channel
-//! block, no per-connection cancellation token. Everything that should make the connection
-//! act (a queued message, a close request, a shutdown) wakes it through the one waker of its
+//! block, no per-connection cancellation token, no timer while it is idle. Everything that
+//! should make the connection act (a queued message, a close request, a shutdown, the
+//! registry's clock when a ping is due) wakes it through the one waker of its
 //! [`OutboundQueue`](crate::network::queue::OutboundQueue); the task then looks at atomics.
 //!
 //! [`run`] is the connection's lifecycle, in the order a handler relies on:
@@ -21,23 +22,25 @@
 //! write until the client leaves or the server closes it → removed from the registry →
 //! `on_disconnect`, exactly once.
 
+mod clock;
 mod reader;
 pub(crate) mod socket;
 mod writer;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tracing::Instrument;
 
 use super::admission::{Admission, Admitted};
 use super::config::NetworkConfig;
 use super::connection::{ConnectionKind, DisconnectReason};
 use super::handle::ConnectionHandle;
+use super::handlers::AppState;
 use super::inbound::{InboundHandler, call_guarded};
 use super::metrics::TransportMetrics;
 use super::registry::ConnectionRegistry;
@@ -46,8 +49,8 @@ use reader::Reader;
 use socket::Socket;
 use writer::Writer;
 
-/// What the engine uses of the server, the same for every connection (all shared pointers).
-#[derive(Clone)]
+/// What the engine uses of the server, the same for every connection: one pointer per
+/// connection, not one per part.
 pub(crate) struct Shared {
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) shutdown: Arc<ShutdownController>,
@@ -55,6 +58,59 @@ pub(crate) struct Shared {
     pub(crate) handler: Arc<dyn InboundHandler>,
     pub(crate) metrics: Arc<TransportMetrics>,
     pub(crate) admission: Arc<Admission>,
+    /// What the transport's own framing reads of `config`, worked out once.
+    pub(crate) socket_limits: Arc<socket::Limits>,
+    /// How often the registry's clock looks for connections that are due.
+    pub(crate) clock_tick: std::time::Duration,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        registry: &Arc<ConnectionRegistry>,
+        shutdown: &Arc<ShutdownController>,
+        config: &Arc<NetworkConfig>,
+        handler: &Arc<dyn InboundHandler>,
+        metrics: &Arc<TransportMetrics>,
+        admission: &Arc<Admission>,
+    ) -> Self {
+        Self {
+            registry: Arc::clone(registry),
+            shutdown: Arc::clone(shutdown),
+            config: Arc::clone(config),
+            handler: Arc::clone(handler),
+            metrics: Arc::clone(metrics),
+            admission: Arc::clone(admission),
+            socket_limits: Arc::new(socket::Limits::new(&config.connection)),
+            clock_tick: clock::tick(&config.connection),
+        }
+    }
+
+    /// Whether these are `state`'s parts (a router's state whose public fields were not
+    /// replaced since the server built it).
+    pub(crate) fn is_of(&self, state: &AppState) -> bool {
+        Arc::ptr_eq(&self.registry, &state.registry)
+            && Arc::ptr_eq(&self.shutdown, &state.shutdown)
+            && Arc::ptr_eq(&self.config, &state.config)
+            && Arc::ptr_eq(&self.handler, &state.handler)
+            && Arc::ptr_eq(&self.metrics, &state.metrics)
+            && Arc::ptr_eq(&self.admission, &state.admission)
+    }
+
+    /// The engine's view of `state`: the one built with it, shared, unless a public field of
+    /// `state` was replaced since.
+    pub(crate) fn of(state: &AppState) -> Arc<Self> {
+        if state.engine.is_of(state) {
+            return Arc::clone(&state.engine);
+        }
+        Arc::new(Self::new(
+            &state.registry,
+            &state.shutdown,
+            &state.config,
+            &state.handler,
+            &state.metrics,
+            &state.admission,
+        ))
+    }
 }
 
 /// Registers an upgraded socket and returns the future that serves it to its end, holding
@@ -63,7 +119,7 @@ pub(crate) struct Shared {
 /// Every open connection is this future, so what it owns is moved in once, here, and used in
 /// place: the socket is not moved again once the future runs.
 pub(crate) fn run<S: Socket + 'static>(
-    shared: Shared,
+    shared: Arc<Shared>,
     socket: S,
     slot: Admitted,
     peer: Option<SocketAddr>,
@@ -78,7 +134,7 @@ pub(crate) fn run<S: Socket + 'static>(
 /// The connection's lifecycle; see the module docs.
 #[allow(clippy::manual_async_fn)] // an `async fn` would keep a second copy of each argument
 fn serve<S: Socket>(
-    state: Shared,
+    state: Arc<Shared>,
     conn: Arc<ConnectionHandle>,
     mut socket: S,
     slot: Admitted,
@@ -86,16 +142,18 @@ fn serve<S: Socket>(
     async move {
         tracing::debug!("connected");
         state.shutdown.serve_registry(&state.registry);
+        clock::ensure_running(&state);
         {
             let compresses_from = socket.compresses_from();
             let mut connection = Connection {
                 socket: &mut socket,
                 reader: Reader::new(&conn, &state),
                 writer: Writer::new(&conn, &state, compresses_from),
+                timer: None,
             };
-            let mut timer = pin!(tokio::time::sleep_until(connection.writer.deadline()));
-            poll_fn(|cx| connection.poll_run(cx, timer.as_mut())).await;
+            poll_fn(|cx| connection.poll_run(cx)).await;
         }
+        conn.wake_at(None);
         drop(socket);
 
         // Nothing reads the queue any more: later sends fail, leftovers count as undelivered.
@@ -123,12 +181,15 @@ struct Connection<'a, S> {
     socket: &'a mut S,
     reader: Reader<'a>,
     writer: Writer<'a>,
+    /// The connection's own timer, only while a deadline that must be met to the millisecond
+    /// is pending (see `clock.rs`).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S: Socket> Connection<'_, S> {
     /// Makes whatever progress the socket, the handler and the queue allow; ready once the
     /// reader and the writer are both finished.
-    fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Registered before anything is looked at, so a message, close request or shutdown
         // that lands meanwhile wakes the task again.
         self.writer.register(cx);
@@ -149,22 +210,29 @@ impl<S: Socket> Connection<'_, S> {
             return Poll::Ready(());
         }
         if !writer_done {
-            let deadline =
-                self.writer.deadline().min(self.reader.resume_at().unwrap_or(far_future()));
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                // A deadline is due: let the writer act on it in a fresh poll.
-                cx.waker().wake_by_ref();
-            }
+            self.writer.publish_deadline();
+            self.poll_timer(cx);
         }
         Poll::Pending
     }
-}
 
-/// The instant after which nothing is due: the timer's resting deadline.
-fn far_future() -> Instant {
-    // About 30 years, as tokio's own `Instant::far_future`.
-    Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30)
+    /// Arms the connection's own timer for its precise deadlines, if it has any now.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) {
+        let precise = match (self.writer.precise_deadline(), self.reader.resume_at()) {
+            (Some(writer), Some(reader)) => Some(writer.min(reader)),
+            (writer, reader) => writer.or(reader),
+        };
+        let Some(deadline) = precise else {
+            self.timer = None;
+            return;
+        };
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            // A deadline is due: let the writer act on it in a fresh poll.
+            cx.waker().wake_by_ref();
+        }
+    }
 }

@@ -22,6 +22,7 @@
 
 use std::io::{self, Cursor};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -83,9 +84,10 @@ pub(crate) struct Deflating {
 #[error("{0}")]
 pub(crate) struct InvalidPayload(&'static str);
 
-/// The limits and settings a `FrameSocket` reads from the connection's config.
+/// The limits and settings a `FrameSocket` reads from the connection's config: computed once
+/// per server and shared by its connections.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+pub(crate) struct Limits {
     max_frame: usize,
     max_message: usize,
     read_chunk: usize,
@@ -100,11 +102,12 @@ pub(crate) struct FrameSocket<Io = TokioIo<Upgraded>> {
     /// permessage-deflate, when agreed (boxed: most connections have none); `None`: nothing is
     /// compressed and RSV1 is a protocol error.
     deflate: Option<Box<Deflating>>,
-    limits: Limits,
+    limits: Arc<Limits>,
     /// Received bytes not yet parsed into a frame: empty and unallocated between frames.
     read: BytesMut,
-    /// The data message being received: its first frame's kind and the fragments so far.
-    message: Option<Partial>,
+    /// The fragmented data message being received: its first frame's kind and the fragments
+    /// so far.
+    message: Option<Box<Partial>>,
     /// Frames not yet taken by the kernel: empty and unallocated once it took them all.
     write: BytesMut,
     received_close: bool,
@@ -119,17 +122,22 @@ struct Partial {
     data: BytesMut,
 }
 
-impl<Io> FrameSocket<Io> {
-    pub(crate) fn new(io: Io, deflate: Option<Deflating>, config: &ConnectionConfig) -> Self {
+impl Limits {
+    pub(crate) fn new(config: &ConnectionConfig) -> Self {
         let settings = config.permessage_deflate.unwrap_or_default();
-        let limits = Limits {
+        Self {
             max_frame: config.max_frame_size,
             max_message: config.max_message_size,
             read_chunk: config.ws_read_buffer_size.max(512),
             write_high_water: config.ws_write_buffer_size,
             threshold: settings.threshold.max(1),
             level: settings.level,
-        };
+        }
+    }
+}
+
+impl<Io> FrameSocket<Io> {
+    pub(crate) fn new(io: Io, deflate: Option<Deflating>, limits: Arc<Limits>) -> Self {
         Self {
             io,
             deflate: deflate.map(Box::new),
@@ -237,20 +245,26 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
                     return Err(ws_error(ProtocolError::UnexpectedContinueFrame));
                 };
                 message.data.extend_from_slice(&payload);
-                self.check_size()?;
-                if header.is_final { self.finish_message().map(Some) } else { Ok(None) }
+                check_size(message.data.len(), self.limits.max_message)?;
+                if !header.is_final {
+                    return Ok(None);
+                }
+                let message = self.message.take().expect("a message");
+                self.finish_message(*message).map(Some)
             }
             OpCode::Data(kind) => {
                 if self.message.is_some() {
                     return Err(ws_error(ProtocolError::ExpectedFragment(Data::Continue)));
                 }
-                self.message = Some(Partial {
-                    text: kind == Data::Text,
-                    compressed: header.rsv1,
-                    data: payload,
-                });
-                self.check_size()?;
-                if header.is_final { self.finish_message().map(Some) } else { Ok(None) }
+                check_size(payload.len(), self.limits.max_message)?;
+                let message =
+                    Partial { text: kind == Data::Text, compressed: header.rsv1, data: payload };
+                if header.is_final {
+                    return self.finish_message(message).map(Some);
+                }
+                // Only a fragmented message is kept between frames (boxed: rare).
+                self.message = Some(Box::new(message));
+                Ok(None)
             }
         }
     }
@@ -284,17 +298,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
         }
     }
 
-    fn check_size(&self) -> Result<(), axum::Error> {
-        let size = self.message.as_ref().map_or(0, |message| message.data.len());
-        let max_size = self.limits.max_message;
-        if size > max_size {
-            return Err(ws_error(CapacityError::MessageTooLong { size, max_size }));
-        }
-        Ok(())
-    }
-
-    fn finish_message(&mut self) -> Result<Message, axum::Error> {
-        let Partial { text, compressed, data } = self.message.take().expect("a message");
+    fn finish_message(&self, message: Partial) -> Result<Message, axum::Error> {
+        let Partial { text, compressed, data } = message;
         let data = if compressed {
             deflate::inflate_message(&data, self.limits.max_message).map_err(|err| match err {
                 InflateError::TooBig { limit } => {
@@ -474,6 +479,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
             None => self.push_frame(OpCode::Data(kind), false, payload),
         }
     }
+}
+
+/// A message of `size` bytes (so far) against the limit of `max_size`.
+fn check_size(size: usize, max_size: usize) -> Result<(), axum::Error> {
+    if size > max_size {
+        return Err(ws_error(CapacityError::MessageTooLong { size, max_size }));
+    }
+    Ok(())
 }
 
 fn ws_error(error: impl Into<WsError>) -> axum::Error {

@@ -8,7 +8,9 @@
 //! the writer has some for it ends the connection.
 //!
 //! It is polled, not spawned: [`Writer::poll_write`] does what the socket accepts now and
-//! returns, and [`Writer::deadline`] tells the connection's one timer when to look again.
+//! returns; [`Writer::publish_deadline`] tells the registry's clock (`clock.rs`) when to wake
+//! it for the next ping, and [`Writer::precise_deadline`] the connection's own timer when a
+//! send or close deadline is pending.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -19,8 +21,8 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::Shared;
 use super::socket::Socket;
-use super::{Shared, far_future};
 use crate::network::batch::{Frame, FrameBuilder, Next};
 use crate::network::close::{self, CloseRequest};
 use crate::network::connection::{ConnectionKind, DisconnectReason};
@@ -97,20 +99,31 @@ impl<'a> Writer<'a> {
         self.state.shutdown.forcing_close()
     }
 
-    /// When the writer next has something to check: a ping, the authentication deadline,
-    /// the send deadline of a blocked socket, the end of the close handshake.
-    pub(super) fn deadline(&self) -> Instant {
-        let config = &self.state.config.connection;
-        let blocked = self.blocked_since.map(|since| since + config.send_timeout);
-        let own = match self.phase {
+    /// Tells the registry's clock when the writer next has a periodic check to make (a ping,
+    /// the authentication deadline); a tick late does no harm.
+    pub(super) fn publish_deadline(&self) {
+        let periodic = match self.phase {
             Phase::Open | Phase::Draining => Some(match self.auth_deadline {
                 Some(auth) => auth.min(self.next_ping),
                 None => self.next_ping,
             }),
-            Phase::CloseSent(until) => Some(until),
-            Phase::Done => None,
+            Phase::CloseSent(_) | Phase::Done => None,
         };
-        [blocked, own].into_iter().flatten().min().unwrap_or_else(far_future)
+        self.conn.wake_at(periodic);
+    }
+
+    /// When the writer next has something to check that must not wait for the clock: the send
+    /// deadline of a blocked socket, the end of the close handshake.
+    pub(super) fn precise_deadline(&self) -> Option<Instant> {
+        let blocked = self.blocked_since.map(|since| since + self.config().send_timeout);
+        let closing = match self.phase {
+            Phase::CloseSent(until) => Some(until),
+            _ => None,
+        };
+        match (blocked, closing) {
+            (Some(blocked), Some(closing)) => Some(blocked.min(closing)),
+            (blocked, closing) => blocked.or(closing),
+        }
     }
 
     /// Writes what the socket takes now. Ready once the writer is finished: the close

@@ -55,6 +55,8 @@ pub struct AppState {
     pub metrics: Arc<super::metrics::TransportMetrics>,
     /// Upgrade checks: origin, per-address cap, refusal log.
     pub(crate) admission: Arc<super::admission::Admission>,
+    /// The parts above as the engine holds them, one pointer per connection.
+    pub(crate) engine: Arc<super::engine::Shared>,
 }
 
 impl fmt::Debug for AppState {

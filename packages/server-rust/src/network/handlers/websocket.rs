@@ -8,6 +8,8 @@ use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::header::{
     CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
     UPGRADE,
@@ -43,7 +45,7 @@ pub async fn ws_upgrade_handler(
     offer: UpgradeOffer,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, client.map(|Extension(client)| client), &headers, offer, ws)
+    upgrade(&state, client.map(|Extension(client)| client), &headers, offer, ws)
 }
 
 /// `GET /`: the same WebSocket endpoint as `/ws` for clients given the server's bare URL, as
@@ -57,7 +59,7 @@ pub async fn root_handler(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => upgrade(state, client.map(|Extension(client)| client), &headers, offer, ws),
+        Ok(ws) => upgrade(&state, client.map(|Extension(client)| client), &headers, offer, ws),
         // An attempt that went wrong gets axum's answer, as at `/ws`.
         Err(rejection) if headers.contains_key(UPGRADE) => rejection.into_response(),
         Err(_) => Json(serde_json::json!({
@@ -72,7 +74,7 @@ pub async fn root_handler(
 
 /// Admits and upgrades one WebSocket; shared by both routes so limits and metrics are one.
 fn upgrade(
-    state: AppState,
+    state: &AppState,
     client: Option<ClientAddr>,
     headers: &HeaderMap,
     offer: UpgradeOffer,
@@ -114,7 +116,7 @@ fn upgrade(
         // framing, which holds no buffer while the connection is idle and speaks
         // permessage-deflate; axum's (tungstenite) is left for HTTP/2.
         drop(ws);
-        return handover.upgrade(Shared::from(state), admitted, peer);
+        return handover.upgrade(Shared::of(state), admitted, peer);
     }
     let config = &state.config.connection;
     let ws = ws
@@ -124,16 +126,9 @@ fn upgrade(
         .max_message_size(config.max_message_size)
         .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"));
-    let shared = Shared::from(state);
+    let shared = Shared::of(state);
     // The slots are released when the connection's future completes.
     ws.on_upgrade(move |socket| engine::run(shared, socket, admitted, peer))
-}
-
-impl From<AppState> for Shared {
-    fn from(state: AppState) -> Self {
-        let AppState { registry, shutdown, config, handler, metrics, admission, .. } = state;
-        Self { registry, shutdown, config, handler, metrics, admission }
-    }
 }
 
 fn unavailable(reason: &'static str) -> Response {
@@ -149,9 +144,10 @@ fn unavailable(reason: &'static str) -> Response {
 /// framing instead.
 ///
 /// Every open connection holds this future (one task per connection), so it is kept small.
+#[allow(clippy::needless_pass_by_value)] // the specification's signature
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let admitted = Admitted { server_wide: None, per_ip: None };
-    engine::run(Shared::from(state), socket, admitted, None)
+    engine::run(Shared::of(&state), socket, admitted, None)
 }
 
 /// What the transport needs to take an HTTP/1.1 WebSocket upgrade over with its own framing
@@ -212,7 +208,7 @@ impl Handover {
     /// The `101 Switching Protocols` answer, with the connection served once hyper hands it over.
     fn upgrade(
         self,
-        shared: Shared,
+        shared: Arc<Shared>,
         admitted: Admitted,
         peer: Option<std::net::SocketAddr>,
     ) -> Response {
@@ -224,16 +220,19 @@ impl Handover {
             frames: shared.metrics.compressed_frames.clone(),
             bytes: shared.metrics.compressed_bytes.clone(),
         });
-        tokio::spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let config = &shared.config.connection;
-                    let socket = FrameSocket::new(TokioIo::new(upgraded), deflating, config);
-                    engine::run(shared, socket, admitted, peer).await;
-                }
-                Err(err) => tracing::debug!(%err, "websocket upgrade failed"),
+        // `then`, not an `async` block: the block would keep its captures beside the
+        // connection's future for the connection's whole life; here they make way for it.
+        tokio::spawn(on_upgrade.then(move |upgraded| match upgraded {
+            Ok(upgraded) => {
+                let limits = Arc::clone(&shared.socket_limits);
+                let socket = FrameSocket::new(TokioIo::new(upgraded), deflating, limits);
+                Either::Left(engine::run(shared, socket, admitted, peer))
             }
-        });
+            Err(err) => {
+                tracing::debug!(%err, "websocket upgrade failed");
+                Either::Right(std::future::ready(()))
+            }
+        }));
         let mut response = Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(CONNECTION, "upgrade")
