@@ -60,7 +60,8 @@ pub(crate) struct Outbound {
     queue: OutboundQueue,
     /// Live [`OutboundSender`]s; the queue shuts when the last one goes, as a tokio channel does.
     senders: AtomicUsize,
-    close_request: OnceLock<CloseRequest>,
+    /// Boxed: set at most once, at the end of a connection's life, and read on every frame.
+    close_request: OnceLock<Box<CloseRequest>>,
     disconnect_reason: OnceLock<DisconnectReason>,
     max_message_size: usize,
     dropped: AtomicU64,
@@ -196,14 +197,14 @@ impl Outbound {
     }
 
     pub(crate) fn close_because(&self, why: DisconnectReason, code: u16, reason: String) {
-        if self.close_request.set(CloseRequest { code, reason }).is_ok() {
+        if self.close_request.set(Box::new(CloseRequest { code, reason })).is_ok() {
             self.note_disconnect(why);
             self.queue.wake_consumer();
         }
     }
 
     pub(crate) fn close_request(&self) -> Option<&CloseRequest> {
-        self.close_request.get()
+        self.close_request.get().map(|request| &**request)
     }
 
     pub(crate) fn note_disconnect(&self, reason: DisconnectReason) {

@@ -6,6 +6,13 @@
 //! path are registered once up front: recording is then an atomic add, with no lookup, lock or
 //! allocation. Histograms are recorded per frame or burst, never per message.
 //!
+//! The figures every frame adds to (frames, messages and bytes sent and received, messages per
+//! frame, queue depth) are not added to the shared counters as they happen: each worker thread
+//! tallies them apart ([`Tally`]), and rendering (or upkeep) folds the tallies in. Ten thousand
+//! writers on two threads adding to one counter pass its cache line back and forth on every
+//! frame, and the exporter's histograms append every sample to a shared list: in a profiled
+//! fan-out those updates took about 4 % of the server's CPU.
+//!
 //! | metric | type | labels | meaning |
 //! |---|---|---|---|
 //! | `topgun_connections_open` | gauge | `kind` | open connections |
@@ -32,8 +39,10 @@
 //! | `topgun_health_state` | gauge | `state` | 1 for the current state, 0 for the others |
 //! | `topgun_uptime_seconds` | gauge | | seconds since the server was built |
 
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
@@ -83,15 +92,17 @@ pub struct TransportMetrics {
     rate_limited: Counter,
     pub(crate) proxy_protocol_refused: Counter,
     pub(crate) inbound_throttled: Counter,
-    pub(crate) messages_received: Counter,
-    pub(crate) bytes_received: Counter,
-    pub(crate) messages_sent: Counter,
-    pub(crate) bytes_sent: Counter,
-    pub(crate) frames_sent: Counter,
+    messages_received: Counter,
+    bytes_received: Counter,
+    messages_sent: Counter,
+    bytes_sent: Counter,
+    frames_sent: Counter,
     pub(crate) compressed_frames: Counter,
     pub(crate) compressed_bytes: Counter,
-    pub(crate) batch_messages: Histogram,
-    pub(crate) queue_depth: Histogram,
+    batch_messages: Histogram,
+    queue_depth: Histogram,
+    /// Every thread's tally of the figures above, folded in when rendering.
+    tallies: Tallies,
     pub(crate) tls_handshake_failures: Counter,
     dropped: Counter,
     /// `topgun_http_requests_total` handles by route and status, created on first use, so a
@@ -247,8 +258,67 @@ impl TransportMetrics {
             health: HEALTH_STATES
                 .map(|s| gauge("topgun_health_state", vec![Label::new("state", s.as_str())])),
             uptime: gauge("topgun_uptime_seconds", vec![]),
+            tallies: Tallies::default(),
             recorder,
             handle,
+        }
+    }
+
+    /// Counts one data frame handed to a socket, carrying `messages` messages in `bytes` bytes.
+    pub(crate) fn frame_sent(&self, messages: u64, bytes: u64) {
+        self.tallies.with_mine(|tally| {
+            tally.frames_sent.fetch_add(1, Ordering::Relaxed);
+            tally.messages_sent.fetch_add(messages, Ordering::Relaxed);
+            tally.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+            tally.count(true, messages);
+        });
+    }
+
+    /// Records how many messages a writer found queued when it woke.
+    pub(crate) fn queue_taken(&self, depth: usize) {
+        self.tallies.with_mine(|tally| tally.count(false, depth as u64));
+    }
+
+    /// Counts one binary message of `bytes` bytes received.
+    pub(crate) fn message_received(&self, bytes: u64) {
+        self.tallies.with_mine(|tally| {
+            tally.messages_received.fetch_add(1, Ordering::Relaxed);
+            tally.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        });
+    }
+
+    /// Moves every thread's tally into the Prometheus metrics.
+    fn fold_tallies(&self) {
+        let take = |figure: &AtomicU64| figure.swap(0, Ordering::Relaxed);
+        for tally in self.tallies.all() {
+            self.frames_sent.increment(take(&tally.frames_sent));
+            self.messages_sent.increment(take(&tally.messages_sent));
+            self.bytes_sent.increment(take(&tally.bytes_sent));
+            self.messages_received.increment(take(&tally.messages_received));
+            self.bytes_received.increment(take(&tally.bytes_received));
+            for (histogram, counts) in [
+                (&self.batch_messages, &tally.batch_messages),
+                (&self.queue_depth, &tally.queue_depth),
+            ] {
+                for (value, count) in counts.iter().enumerate() {
+                    let count = take(count);
+                    if count > 0 {
+                        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+                        histogram.record_many(value as f64, count as usize);
+                    }
+                }
+            }
+            // Values past the exact range are rare (frames of hundreds of messages).
+            for (value, histogram) in
+                tally.beyond.lock().unwrap_or_else(PoisonError::into_inner).drain(..)
+            {
+                #[allow(clippy::cast_precision_loss)]
+                if histogram {
+                    self.batch_messages.record(value as f64);
+                } else {
+                    self.queue_depth.record(value as f64);
+                }
+            }
         }
     }
 
@@ -304,16 +374,164 @@ impl TransportMetrics {
             gauge.set(if state == current { 1.0 } else { 0.0 });
         }
         self.uptime.set(start_time.elapsed().as_secs_f64());
+        self.fold_tallies();
         // Rendering folds pending histogram samples itself.
         self.handle.render()
     }
 
     /// Folds recorded histogram samples into their buckets, bounding memory between scrapes.
     pub(crate) fn run_upkeep(&self) {
+        self.fold_tallies();
         self.handle.run_upkeep();
+    }
+}
+
+/// Histogram values tallied by exact value; larger ones are kept in a list.
+const EXACT_VALUES: usize = 257;
+
+/// One thread's share of the per-frame figures of one [`TransportMetrics`]: written by that
+/// thread only, so its cache lines stay there until a scrape reads them.
+#[repr(align(128))]
+struct Tally {
+    frames_sent: AtomicU64,
+    messages_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    messages_received: AtomicU64,
+    bytes_received: AtomicU64,
+    /// Frames by messages per frame.
+    batch_messages: [AtomicU64; EXACT_VALUES],
+    /// Writer wake-ups by queue depth.
+    queue_depth: [AtomicU64; EXACT_VALUES],
+    /// Values of either histogram past the exact range: (value, `true` for messages per frame).
+    beyond: Mutex<Vec<(u64, bool)>>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            frames_sent: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            batch_messages: std::array::from_fn(|_| AtomicU64::new(0)),
+            queue_depth: std::array::from_fn(|_| AtomicU64::new(0)),
+            beyond: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts one sample of `value` into one of this tally's histograms: messages per frame
+    /// (`batch`) or queue depth.
+    fn count(&self, batch: bool, value: u64) {
+        let counts = if batch { &self.batch_messages } else { &self.queue_depth };
+        match usize::try_from(value).ok().and_then(|index| counts.get(index)) {
+            Some(count) => {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            None => self.count_beyond(batch, value),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn count_beyond(&self, batch: bool, value: u64) {
+        self.beyond.lock().unwrap_or_else(PoisonError::into_inner).push((value, batch));
+    }
+}
+
+/// The tallies of one [`TransportMetrics`], one per thread that recorded anything.
+struct Tallies {
+    /// Tells these tallies apart in a thread's list, which outlives any one server.
+    id: usize,
+    all: Mutex<Vec<Arc<Tally>>>,
+}
+
+impl Default for Tallies {
+    fn default() -> Self {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+        Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), all: Mutex::new(Vec::new()) }
+    }
+}
+
+thread_local! {
+    /// This thread's tally for each live [`TransportMetrics`] it recorded for, by id.
+    static MINE: RefCell<Vec<(usize, Arc<Tally>)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Tallies {
+    /// Runs `record` on the calling thread's tally, made on its first use.
+    fn with_mine(&self, record: impl FnOnce(&Tally)) {
+        MINE.with_borrow_mut(|mine| {
+            let tally = match mine.iter().position(|(id, _)| *id == self.id) {
+                Some(index) => &mine[index].1,
+                None => self.add_mine(mine),
+            };
+            record(tally);
+        });
+    }
+
+    /// The calling thread's first figure for these metrics: a tally of its own.
+    #[cold]
+    #[inline(never)]
+    fn add_mine<'a>(&self, mine: &'a mut Vec<(usize, Arc<Tally>)>) -> &'a Arc<Tally> {
+        // Forget the tallies of metrics that are gone (only this list holds them then).
+        mine.retain(|(_, tally)| Arc::strong_count(tally) > 1);
+        let tally = Arc::new(Tally::new());
+        self.lock().push(Arc::clone(&tally));
+        mine.push((self.id, tally));
+        &mine[mine.len() - 1].1
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Tally>>> {
+        self.all.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn all(&self) -> Vec<Arc<Tally>> {
+        self.lock().clone()
     }
 }
 
 /// Statuses 100 to 599 get their own slot; anything else shares the last one.
 const STATUS_BASE: usize = 100;
 const STATUS_SLOTS: usize = 500;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn every_threads_tally_is_rendered_and_none_twice() {
+        let metrics = Arc::new(TransportMetrics::new());
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let metrics = Arc::clone(&metrics);
+                std::thread::spawn(move || {
+                    metrics.frame_sent(2, 100);
+                    metrics.frame_sent(1000, 5000);
+                    metrics.queue_taken(3);
+                    metrics.message_received(7);
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let registry = ConnectionRegistry::new();
+        let shutdown = ShutdownController::new();
+        let render = || metrics.render(&registry, &shutdown, Instant::now());
+        let text = render();
+        assert_eq!(line(&text, "topgun_websocket_frames_sent_total"), Some("6"));
+        assert_eq!(line(&text, "topgun_websocket_messages_sent_total"), Some("3006"));
+        assert_eq!(line(&text, "topgun_websocket_sent_bytes_total"), Some("15300"));
+        assert_eq!(line(&text, "topgun_websocket_batch_messages_count"), Some("6"));
+        assert_eq!(line(&text, "topgun_websocket_batch_messages_sum"), Some("3006"));
+        assert_eq!(line(&text, "topgun_websocket_outbound_queue_depth_sum"), Some("9"));
+        assert_eq!(line(&text, "topgun_websocket_received_bytes_total"), Some("21"));
+        // Folded once: rendering again adds nothing.
+        assert_eq!(line(&render(), "topgun_websocket_messages_sent_total"), Some("3006"));
+    }
+}

@@ -55,6 +55,9 @@ pub(crate) struct OutboundQueue {
     /// `lanes.messages.len()`, kept under the lock and read without it: waiting broadcasts
     /// look at thousands of queues.
     queued: AtomicUsize,
+    /// `lanes.priority.len()`, likewise: the writer looks for priority messages before every
+    /// frame.
+    priority_queued: AtomicUsize,
     /// The task that drains the queue: woken for every message, priority message and close.
     consumer: AtomicWaker,
     /// Senders waiting for space (`send`, `send_timeout`, `reserve`) or for the close
@@ -70,6 +73,7 @@ impl OutboundQueue {
             lanes: Mutex::new(Lanes::default()),
             closed: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
+            priority_queued: AtomicUsize::new(0),
             consumer: AtomicWaker::new(),
             space: Notify::new(),
             capacity: capacity.max(1),
@@ -120,6 +124,7 @@ impl OutboundQueue {
                 return Err(Refused::Full);
             }
             lanes.priority.push_back(payload);
+            self.priority_queued.store(lanes.priority.len(), Ordering::Relaxed);
         }
         self.consumer.wake();
         Ok(())
@@ -230,8 +235,13 @@ impl OutboundQueue {
 
     /// The oldest waiting priority message.
     pub(crate) fn take_priority(&self) -> Option<Bytes> {
+        // Without the lock when there is none, as `take_all`.
+        if self.priority_queued.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let mut lanes = self.lock();
         let next = lanes.priority.pop_front();
+        self.priority_queued.store(lanes.priority.len(), Ordering::Relaxed);
         if lanes.priority.is_empty() && lanes.priority.capacity() > 0 {
             lanes.priority = VecDeque::new();
         }
@@ -266,6 +276,7 @@ impl OutboundQueue {
             let reserved = lanes.reserved;
             *lanes = Lanes { reserved, ..Lanes::default() };
             self.queued.store(0, Ordering::Relaxed);
+            self.priority_queued.store(0, Ordering::Relaxed);
             left
         };
         self.space.notify_waiters();
@@ -297,6 +308,7 @@ impl OutboundQueue {
     pub(crate) fn try_next(&self) -> Option<OutboundMessage> {
         let mut lanes = self.lock();
         if let Some(payload) = lanes.priority.pop_front() {
+            self.priority_queued.store(lanes.priority.len(), Ordering::Relaxed);
             return Some(OutboundMessage::Binary(payload));
         }
         let was_full = lanes.messages.len() + lanes.reserved >= self.capacity;

@@ -263,8 +263,7 @@ impl<'a> Reader<'a> {
             self.conn.close_request().is_some() || self.state.shutdown.closing_connections();
         match message {
             Message::Binary(payload) if !closing => {
-                self.state.metrics.messages_received.increment(1);
-                self.state.metrics.bytes_received.increment(payload.len() as u64);
+                self.state.metrics.message_received(payload.len() as u64);
                 self.answer_inline(&payload).is_none().then_some(payload)
             }
             Message::Text(_) if !closing => {

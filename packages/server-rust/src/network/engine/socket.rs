@@ -108,12 +108,53 @@ pub(crate) struct FrameSocket<Io = TokioIo<Upgraded>> {
     /// The fragmented data message being received: its first frame's kind and the fragments
     /// so far.
     message: Option<Box<Partial>>,
+    /// The one frame to go out before anything in `write`, sent from its payload's own bytes.
+    out: Option<Outgoing>,
     /// Frames not yet taken by the kernel: empty and unallocated once it took them all.
     write: BytesMut,
     received_close: bool,
     sent_close: bool,
     /// The connection failed or ended: the stream yields nothing more.
     finished: bool,
+}
+
+/// A frame on its way out without a copy: its header, and its payload as the sender's bytes.
+struct Outgoing {
+    header: [u8; 14],
+    header_len: u8,
+    payload: Bytes,
+    /// Bytes of header and payload the kernel has taken.
+    sent: usize,
+}
+
+impl Outgoing {
+    fn header(&self) -> &[u8] {
+        &self.header[..usize::from(self.header_len)]
+    }
+
+    fn remaining(&self) -> usize {
+        self.header().len() + self.payload.len() - self.sent
+    }
+
+    fn is_done(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    /// What is left to write, as at most two slices.
+    fn slices(&self) -> [io::IoSlice<'_>; 2] {
+        let header = self.header();
+        let in_header = self.sent.min(header.len());
+        let in_payload = self.sent - in_header;
+        [io::IoSlice::new(&header[in_header..]), io::IoSlice::new(&self.payload[in_payload..])]
+    }
+
+    /// Appends what is left to write to `buffer`.
+    fn copy_rest(&self, buffer: &mut BytesMut) {
+        buffer.reserve(self.remaining());
+        for slice in self.slices() {
+            buffer.put_slice(&slice);
+        }
+    }
 }
 
 struct Partial {
@@ -144,6 +185,7 @@ impl<Io> FrameSocket<Io> {
             limits,
             read: BytesMut::new(),
             message: None,
+            out: None,
             write: BytesMut::new(),
             received_close: false,
             sent_close: false,
@@ -153,8 +195,20 @@ impl<Io> FrameSocket<Io> {
 }
 
 impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
-    /// Writes what the kernel takes of the write buffer; ready once it is empty.
+    /// Writes what the kernel takes of the outgoing frame and the write buffer; ready once
+    /// both are empty.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(out) = &mut self.out {
+            while !out.is_done() {
+                let written =
+                    ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &out.slices()))?;
+                if written == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                out.sent += written;
+            }
+            self.out = None;
+        }
         while !self.write.is_empty() {
             let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write))?;
             if written == 0 {
@@ -167,9 +221,31 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
         Poll::Ready(Ok(()))
     }
 
-    fn push_frame(&mut self, opcode: OpCode, compressed: bool, payload: &[u8]) {
+    /// Bytes handed to the socket and not yet taken by the kernel.
+    fn unwritten(&self) -> usize {
+        self.write.len() + self.out.as_ref().map_or(0, Outgoing::remaining)
+    }
+
+    fn push_frame(&mut self, opcode: OpCode, compressed: bool, payload: &Bytes) {
         let header = FrameHeader { rsv1: compressed, opcode, ..FrameHeader::default() };
         let length = payload.len() as u64;
+        if self.out.is_none() && self.write.is_empty() && self.io.is_write_vectored() {
+            // Nothing ahead of it: the frame goes out as its header and the payload itself,
+            // in one vectored write, without copying the payload into a buffer.
+            let mut out =
+                Outgoing { header: [0; 14], header_len: 0, payload: payload.clone(), sent: 0 };
+            let mut cursor = Cursor::new(&mut out.header[..]);
+            header.format(length, &mut cursor).expect("a frame header fits in 14 bytes");
+            #[allow(clippy::cast_possible_truncation)] // at most 14
+            let header_len = cursor.position() as u8;
+            out.header_len = header_len;
+            self.out = Some(out);
+            return;
+        }
+        if let Some(out) = self.out.take() {
+            // Another frame behind it: what is left of it goes into the buffer first, in order.
+            out.copy_rest(&mut self.write);
+        }
         self.write.reserve(header.len(length) + payload.len());
         header.format(length, &mut (&mut self.write).writer()).expect("writing to memory");
         self.write.put_slice(payload);
@@ -181,7 +257,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
             payload.extend_from_slice(&frame.code.to_be_bytes());
             payload.extend_from_slice(frame.reason.as_bytes());
         }
-        self.push_frame(OpCode::Control(Control::Close), false, &payload);
+        self.push_frame(OpCode::Control(Control::Close), false, &Bytes::from(payload));
         self.sent_close = true;
     }
 
@@ -419,7 +495,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Sink<Message> for FrameSocket<Io> {
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let this = &mut *self;
-        if this.write.len() >= this.limits.write_high_water {
+        if this.unwritten() >= this.limits.write_high_water {
             // Over the high-water mark the caller waits for the kernel.
             ready!(this.poll_write_out(cx)).map_err(axum::Error::new)?;
         }
@@ -507,5 +583,52 @@ fn close_frame(payload: &Bytes) -> Result<Option<CloseFrame>, axum::Error> {
                 .map_err(|_| axum::Error::new(InvalidPayload("close reason is not UTF-8")))?;
             Ok(Some(CloseFrame { code, reason }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outgoing_frame_resumes_where_the_kernel_stopped_and_copies_only_the_rest() {
+        let mut out = Outgoing {
+            header: [0x82, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            header_len: 2,
+            payload: Bytes::from_static(b"hello"),
+            sent: 0,
+        };
+        let joined =
+            |out: &Outgoing| out.slices().iter().flat_map(|s| s.to_vec()).collect::<Vec<_>>();
+        assert_eq!(joined(&out), b"\x82\x05hello");
+        out.sent = 1;
+        assert_eq!(joined(&out), b"\x05hello", "inside the header");
+        out.sent = 4;
+        assert_eq!((joined(&out), out.remaining()), (b"llo".to_vec(), 3), "inside the payload");
+        let mut buffer = BytesMut::from(&b"x"[..]);
+        out.copy_rest(&mut buffer);
+        assert_eq!(&buffer[..], b"xllo");
+        out.sent = 7;
+        assert!(out.is_done());
+    }
+
+    /// A frame queued behind an outgoing one goes after what is left of it, in order.
+    #[tokio::test]
+    async fn frames_pushed_behind_an_outgoing_one_keep_their_order() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, (server, _)) =
+            tokio::join!(client, async { listener.accept().await.unwrap() });
+        let mut client = client.unwrap();
+        let limits = Arc::new(Limits::new(&ConnectionConfig::default()));
+        let mut socket = FrameSocket::new(server, None, limits);
+        socket.push_frame(OpCode::Data(Data::Binary), false, &Bytes::from_static(b"one"));
+        assert!(socket.out.is_some(), "the first frame is sent from its own bytes");
+        socket.push_frame(OpCode::Data(Data::Binary), false, &Bytes::from_static(b"two"));
+        assert!(socket.out.is_none() && socket.unwritten() == 10);
+        std::future::poll_fn(|cx| socket.poll_write_out(cx)).await.unwrap();
+        let mut received = [0; 10];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut received).await.unwrap();
+        assert_eq!(&received, b"\x82\x03one\x82\x03two");
     }
 }

@@ -313,8 +313,7 @@ impl<'a> Writer<'a> {
         if taken.is_empty() {
             return;
         }
-        #[allow(clippy::cast_precision_loss)] // bounded by the queue capacity
-        self.state.metrics.queue_depth.record(taken.len() as f64);
+        self.state.metrics.queue_taken(taken.len());
         if self.burst.is_empty() {
             // The queue's own buffer, not a copy of it.
             self.burst = taken;
@@ -369,12 +368,7 @@ impl<'a> Writer<'a> {
     }
 
     fn count_sent(&self, messages: u64, bytes: u64) {
-        let metrics = &self.state.metrics;
-        metrics.frames_sent.increment(1);
-        metrics.messages_sent.increment(messages);
-        metrics.bytes_sent.increment(bytes);
-        #[allow(clippy::cast_precision_loss)] // bounded by max_batch_messages
-        metrics.batch_messages.record(messages as f64);
+        self.state.metrics.frame_sent(messages, bytes);
     }
 
     /// Copies the activity clock into the metadata handlers read, once per ping interval
