@@ -17,7 +17,7 @@
 //! stops at a tick that finds none.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
@@ -39,27 +39,49 @@ pub(crate) fn tick(config: &ConnectionConfig) -> Duration {
 /// Starts the clock of `shared`'s registry unless it runs; every connection calls this as it
 /// starts, once it is in the registry.
 pub(crate) fn ensure_running(shared: &Shared) {
+    // The registration before it (counted relaxed) is ordered against the clock's look at the
+    // count after it stopped: one of the two sees the other.
+    fence(Ordering::SeqCst);
     // One clock per registry, however many routers serve it.
     if !shared.registry.clock_running.swap(true, Ordering::SeqCst) {
-        tokio::spawn(run(Arc::clone(&shared.registry), shared.clock_tick));
+        let running = Running { registry: Arc::clone(&shared.registry), stopped: false };
+        tokio::spawn(run(running, shared.clock_tick));
     }
 }
 
-async fn run(registry: Arc<ConnectionRegistry>, tick: Duration) {
-    let running = &registry.clock_running;
+async fn run(mut running: Running, tick: Duration) {
+    let registry = Arc::clone(&running.registry);
     let mut ticks = tokio::time::interval(tick);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         if registry.count() == 0 {
-            running.store(false, Ordering::SeqCst);
+            registry.clock_running.store(false, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
             // A connection that registered meanwhile either saw the clock stopped and
             // started another, or finds this one going on.
-            if registry.count() == 0 || running.swap(true, Ordering::SeqCst) {
+            if registry.count() == 0 || registry.clock_running.swap(true, Ordering::SeqCst) {
+                running.stopped = true;
                 return;
             }
         }
         registry.wake_due();
+    }
+}
+
+/// A running clock's registry, whose flag is cleared if the clock is dropped unfinished (its
+/// runtime shut down), so that the registry's next connection starts another.
+struct Running {
+    registry: Arc<ConnectionRegistry>,
+    /// The clock stopped itself, leaving the flag as it found it.
+    stopped: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.registry.clock_running.store(false, Ordering::SeqCst);
+        }
     }
 }
 
@@ -94,5 +116,22 @@ mod tests {
         assert!(conn.is_due(after(1501)));
         conn.wake_at(None);
         assert!(!conn.is_due(after(3_600_000)));
+    }
+
+    #[test]
+    fn a_clock_dropped_with_its_runtime_is_started_again_by_the_next_connection() {
+        let module = crate::network::NetworkModule::new(crate::network::NetworkConfig::default());
+        let shared = Arc::clone(&module.app_state().engine);
+        let running = || shared.registry.clock_running.load(Ordering::SeqCst);
+        let runtime =
+            || tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let first = runtime();
+        first.block_on(async { ensure_running(&shared) });
+        assert!(running());
+        drop(first);
+        assert!(!running(), "cleared when its runtime dropped it");
+        let second = runtime();
+        second.block_on(async { ensure_running(&shared) });
+        assert!(running());
     }
 }
