@@ -236,3 +236,21 @@ impl<S: Socket> Connection<'_, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::{NetworkConfig, NetworkModule, StubHandler};
+
+    #[test]
+    fn the_engine_shares_the_servers_parts_unless_the_state_was_changed() {
+        let module = NetworkModule::new(NetworkConfig::default());
+        let state = module.app_state();
+        assert!(Arc::ptr_eq(&Shared::of(&state), &state.engine), "one view, shared");
+        let mut replaced = state.clone();
+        replaced.handler = Arc::new(StubHandler);
+        let shared = Shared::of(&replaced);
+        assert!(!Arc::ptr_eq(&shared, &state.engine));
+        assert!(Arc::ptr_eq(&shared.handler, &replaced.handler), "the handler put in the state");
+    }
+}
