@@ -263,7 +263,7 @@ impl<'a> Writer<'a> {
                 self.unflushed = true;
                 accepted = true;
                 if messages > 0 {
-                    self.count_sent(messages, bytes);
+                    self.state.metrics.frame_sent(messages, bytes);
                 }
                 if closing {
                     return Ok(accepted);
@@ -365,10 +365,6 @@ impl<'a> Writer<'a> {
             tracing::debug!(undelivered = messages, "messages not written");
             self.conn.record_undelivered(messages);
         }
-    }
-
-    fn count_sent(&self, messages: u64, bytes: u64) {
-        self.state.metrics.frame_sent(messages, bytes);
     }
 
     /// Copies the activity clock into the metadata handlers read, once per ping interval
