@@ -104,8 +104,18 @@ impl Outbound {
 
     /// Queues `message` without waiting.
     pub(crate) fn try_enqueue(&self, message: OutboundMessage) -> Result<(), Refusal> {
+        self.try_enqueue_as(message, true)
+    }
+
+    /// [`try_enqueue`](Self::try_enqueue); with `direct` false, never written to the socket by
+    /// the sender (see [`OutboundQueue::push_as`]).
+    pub(crate) fn try_enqueue_as(
+        &self,
+        message: OutboundMessage,
+        direct: bool,
+    ) -> Result<(), Refusal> {
         let message = self.admit(message)?;
-        self.settle(self.queue.push(message), SendError::Full)
+        self.settle(self.queue.push_as(message, direct), SendError::Full)
     }
 
     /// Queues `message`, waiting for space until `deadline` (for ever without one).
@@ -199,6 +209,8 @@ impl Outbound {
     pub(crate) fn close_because(&self, why: DisconnectReason, code: u16, reason: String) {
         if self.close_request.set(Box::new(CloseRequest { code, reason })).is_ok() {
             self.note_disconnect(why);
+            // Nothing sent from now on may reach the client ahead of the close frame.
+            self.queue.stop_direct();
             self.queue.wake_consumer();
         }
     }

@@ -106,6 +106,12 @@ impl ConnectionHandle {
         self.try_enqueue(msg).is_ok()
     }
 
+    /// [`try_send`](Self::try_send), for a broadcast: written to the socket by the caller only
+    /// if `direct` (see [`OutboundQueue::push_as`]).
+    pub(crate) fn try_send_as(&self, msg: OutboundMessage, direct: bool) -> bool {
+        self.outbound().try_enqueue_as(msg, direct).is_ok()
+    }
+
     /// Like [`try_send`](Self::try_send), but says why a message was not queued.
     ///
     /// # Errors

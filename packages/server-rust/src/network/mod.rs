@@ -8,7 +8,8 @@
 //! | `connection` | [`ConnectionId`], [`ConnectionKind`], [`ConnectionMetadata`], [`SendError`], [`DisconnectReason`] |
 //! | `handle` | [`ConnectionHandle`]: one live connection as the rest of the server sees it |
 //! | `channel` | [`OutboundSender`] (`handle.tx`) and [`OutboundReceiver`]: the queue's ends, tokio-shaped, with drop accounting |
-//! | `queue` | one connection's bounded outbound queue, [`OutboundMessage`] |
+//! | `queue` | one connection's bounded outbound queue, [`OutboundMessage`]; who may write to the socket |
+//! | `direct` | the accepted TCP stream shared with the queue's senders, which write to an idle connection themselves |
 //! | `registry` | [`ConnectionRegistry`]: every live connection, broadcasts |
 //! | `shutdown` | [`HealthState`] and [`ShutdownController`] |
 //! | `inbound` | [`InboundHandler`]: where decoded traffic leaves the transport |
@@ -36,6 +37,7 @@ pub mod close;
 mod config;
 mod connection;
 mod deflate;
+mod direct;
 mod engine;
 mod handle;
 mod handlers;

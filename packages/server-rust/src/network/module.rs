@@ -21,6 +21,7 @@ use tower::{Service, ServiceBuilder};
 
 use super::admission::Admission;
 use super::config::NetworkConfig;
+use super::direct::LinkAcceptor;
 use super::engine::Shared;
 use super::handlers::{AppState, main_routes, metrics_routes};
 use super::http_metrics::HttpMetricsLayer;
@@ -297,24 +298,26 @@ impl NetworkModule {
             .service(self.behind_middleware(main_routes(&self.config)))
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
-        // Before TLS: the balancer writes the header ahead of the client's first byte.
-        let proxy = ProxyProtocolAcceptor::new(
-            DefaultAcceptor::new(),
-            self.config.proxy_protocol.then(|| ProxyProtocol {
-                timeout: self.config.header_read_timeout,
-                listener_closed: self.shutdown.close_connections_token().clone(),
-                refused: self.metrics.proxy_protocol_refused.clone(),
-                log: Arc::clone(&self.admission.log),
-            }),
-        );
+        // Read before anything else, TLS included: the balancer writes the header ahead of the
+        // client's first byte.
+        let proxy_protocol = self.config.proxy_protocol.then(|| ProxyProtocol {
+            timeout: self.config.header_read_timeout,
+            listener_closed: self.shutdown.close_connections_token().clone(),
+            refused: self.metrics.proxy_protocol_refused.clone(),
+            log: Arc::clone(&self.admission.log),
+        });
         let mut server: JoinHandle<std::io::Result<()>> = match &self.tls {
             None => {
+                // Each stream shared, so WebSocket senders can write to it (`direct.rs`).
+                let link = LinkAcceptor::new(Arc::clone(&self.metrics));
+                let proxy = ProxyProtocolAcceptor::new(link, proxy_protocol);
                 let mut server =
                     axum_server::from_tcp(listener).acceptor(proxy).handle(handle.clone());
                 self.configure_http(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
             Some(tls) => {
+                let proxy = ProxyProtocolAcceptor::new(DefaultAcceptor::new(), proxy_protocol);
                 let failures = self.metrics.tls_handshake_failures.clone();
                 let mut server = axum_server::from_tcp_rustls(listener, tls.rustls_config())
                     .map(|inner| TlsAcceptor {

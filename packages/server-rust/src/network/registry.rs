@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -38,6 +38,54 @@ pub struct ConnectionRegistry {
     counts_by_kind: [AtomicUsize; ConnectionKind::ALL.len()],
     emptied: Notify,
     dropped_total: Arc<AtomicU64>,
+    pace: Pace,
+}
+
+/// Whether broadcasts come back to back. After a pause, a broadcast writes its message to each
+/// idle connection's socket itself: one write per connection, no task woken. Back to back, the
+/// messages are queued instead: each connection's task then writes what piled up since it last
+/// ran as one frame (`BATCH`), which carries far more messages per write than one each.
+#[derive(Debug)]
+struct Pace {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` from which a broadcast follows a pause.
+    quiet_from: AtomicU64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self { epoch: Instant::now(), quiet_from: AtomicU64::new(0) }
+    }
+}
+
+impl Pace {
+    /// How soon after the end of one broadcast the next counts as back to back.
+    const BACK_TO_BACK: Duration = Duration::from_millis(1);
+
+    /// Nanoseconds since `epoch`.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// At the start of a broadcast: whether it follows a pause.
+    fn after_pause(&self) -> bool {
+        self.after_pause_at(self.now())
+    }
+
+    fn after_pause_at(&self, now: u64) -> bool {
+        now >= self.quiet_from.load(Ordering::Relaxed)
+    }
+
+    /// At the end of a broadcast.
+    fn ended(&self) {
+        self.ended_at(self.now());
+    }
+
+    fn ended_at(&self, now: u64) {
+        #[allow(clippy::cast_possible_truncation)] // a millisecond
+        let back_to_back = Self::BACK_TO_BACK.as_nanos() as u64;
+        self.quiet_from.store(now.saturating_add(back_to_back), Ordering::Relaxed);
+    }
 }
 
 impl ConnectionRegistry {
@@ -145,13 +193,17 @@ impl ConnectionRegistry {
         msg_bytes: impl Into<Bytes>,
         recipients: impl FnMut(&ConnectionHandle) -> bool,
     ) -> BroadcastOutcome {
-        self.broadcast_inspecting(&msg_bytes.into(), recipients, |_| {})
+        let direct = self.pace.after_pause();
+        let outcome = self.broadcast_inspecting(direct, &msg_bytes.into(), recipients, |_| {});
+        self.pace.ended();
+        outcome
     }
 
     /// Queues `payload` on every connection `recipients` picks among those that accept
     /// broadcasts, calling `queued` with each connection that took it.
     fn broadcast_inspecting(
         &self,
+        direct: bool,
         payload: &Bytes,
         mut recipients: impl FnMut(&ConnectionHandle) -> bool,
         mut queued: impl FnMut(&Arc<ConnectionHandle>),
@@ -162,7 +214,7 @@ impl ConnectionRegistry {
             if !handle.accepts_broadcasts() || !recipients(handle) {
                 continue;
             }
-            if handle.try_send(OutboundMessage::Binary(payload.clone())) {
+            if handle.try_send_as(OutboundMessage::Binary(payload.clone()), direct) {
                 outcome.queued += 1;
                 queued(handle);
             } else {
@@ -250,7 +302,8 @@ impl ConnectionRegistry {
         recipients: impl FnMut(&ConnectionHandle) -> bool + Send,
     ) -> BroadcastOutcome {
         let mut lagging = Vec::new();
-        let outcome = self.broadcast_inspecting(&msg_bytes.into(), recipients, |handle| {
+        let direct = self.pace.after_pause();
+        let outcome = self.broadcast_inspecting(direct, &msg_bytes.into(), recipients, |handle| {
             let slow = &handle.state().slow_for_broadcasts;
             if handle.queued() <= Self::COOPERATIVE_BACKLOG {
                 // Read first: the common case then never writes the shared line.
@@ -277,6 +330,9 @@ impl ConnectionRegistry {
             recheck = (recheck * 2).min(Self::COOPERATIVE_RECHECK_MAX);
             lagging.retain(|handle| handle.queued() > Self::COOPERATIVE_BACKLOG);
         }
+        // After the wait: a broadcast that had to wait for its recipients is the one a next
+        // broadcast follows back to back.
+        self.pace.ended();
         outcome
     }
 
@@ -308,6 +364,16 @@ impl ConnectionRegistry {
 mod tests {
     use super::*;
     use crate::network::channel::tests::{binary, config_with_capacity};
+
+    #[test]
+    fn a_broadcast_follows_a_pause_unless_it_comes_within_a_millisecond_of_the_last() {
+        let pace = Pace::default();
+        assert!(pace.after_pause_at(0), "the first broadcast");
+        pace.ended_at(5_000_000);
+        assert!(!pace.after_pause_at(5_000_000), "back to back");
+        assert!(!pace.after_pause_at(5_999_999));
+        assert!(pace.after_pause_at(6_000_000), "a millisecond later");
+    }
 
     #[test]
     fn count_tracks_register_and_remove() {

@@ -91,30 +91,80 @@ struct BatchHeader {
     count: u64,
 }
 
-// The test runtime is single-threaded, so all 100 messages are queued before the writer task
-// runs: exactly the "client has not read yet" situation.
+/// Answers a one-byte request `n` with `n` numbered messages, sent from the connection's own
+/// task: nothing reaches the socket before the handler returns, so the writer finds them all
+/// queued, as it does whenever messages pile up faster than it writes.
+struct Numbered;
+
+#[async_trait::async_trait]
+impl InboundHandler for Numbered {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        for i in 0..u32::from(payload[0]) {
+            assert!(conn.try_send(OutboundMessage::Binary(Bytes::from(i.to_be_bytes().to_vec()))));
+        }
+    }
+}
+
 #[tokio::test]
 async fn queued_messages_are_coalesced_into_batch_frames_in_order() {
-    let server = TestServer::start(test_config()).await;
+    let server = TestServer::with_handler(test_config(), Numbered).await;
     let mut client = server.ws().await;
-    let handle = only_connection(&server);
     let sent: Vec<Bytes> = (0..100_u32).map(|i| Bytes::from(i.to_be_bytes().to_vec())).collect();
-    for message in &sent {
-        assert!(handle.try_send(OutboundMessage::Binary(message.clone())));
-    }
+    send_binary(&mut client, Bytes::from_static(&[100])).await;
 
     let (received, frames) = next_messages(&mut client, sent.len()).await;
     assert_eq!(received, sent, "complete and in order");
     assert!(frames < sent.len(), "{frames} frames for {} messages", sent.len());
 
     // The frame itself follows TopGun's envelope: a MsgPack map typed BATCH with a count.
-    for message in &sent[..3] {
-        handle.try_send(OutboundMessage::Binary(message.clone()));
-    }
+    send_binary(&mut client, Bytes::from_static(&[3])).await;
     let frame = next_frame(&mut client).await;
     let header: BatchHeader = rmp_serde::from_slice(&frame).unwrap();
     assert_eq!((header.kind.as_str(), header.count), ("BATCH", 3));
     assert_eq!(decode_frame(&frame).unwrap(), sent[..3]);
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+// The test runtime is single-threaded: between `try_send` and the check of the queue, the
+// connection's task cannot run, so a message not queued was written by `try_send` itself.
+#[tokio::test]
+async fn a_message_to_an_idle_connection_is_written_by_its_sender() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    let handle = only_connection(&server);
+    // The first goes through the task (the socket is its own until its first write is done).
+    assert!(handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"first"))));
+    assert_eq!(next_frame(&mut client).await.as_ref(), b"first");
+    for i in 0..5_u8 {
+        assert!(handle.try_send(OutboundMessage::Binary(Bytes::from(vec![i]))));
+        assert_eq!(handle.queued(), 0, "written at once, not queued");
+        assert_eq!(next_frame(&mut client).await.as_ref(), [i], "each message in its own frame");
+    }
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+// A message larger than the kernel takes at once: its sender writes the start, the task the
+// rest, and what is sent meanwhile waits behind it.
+#[tokio::test]
+async fn a_message_the_kernel_takes_in_part_is_finished_before_the_next() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.ws().await;
+    let handle = only_connection(&server);
+    assert!(handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"first"))));
+    assert_eq!(next_frame(&mut client).await.as_ref(), b"first");
+    let large: Bytes =
+        (0..8 * 1024 * 1024_u32).map(|i| u8::try_from(i % 251).unwrap()).collect::<Vec<_>>().into();
+    assert!(handle.try_send(OutboundMessage::Binary(large.clone())));
+    assert!(handle.queued() > 0, "the rest of the frame is left to the task");
+    for i in 0..3_u8 {
+        assert!(handle.try_send(OutboundMessage::Binary(Bytes::from(vec![i]))));
+    }
+    let (received, _frames) = next_messages(&mut client, 4).await;
+    assert_eq!(received.len(), 4);
+    assert!(received[0] == large, "the large message arrives whole");
+    assert_eq!(received[1..], [Bytes::from(vec![0]), Bytes::from(vec![1]), Bytes::from(vec![2])]);
     drop(client);
     server.stop().await.unwrap();
 }

@@ -10,7 +10,9 @@
 //!
 //! One connection is one task and one future, [`Connection`]: it owns the socket unsplit and
 //! polls its two halves side by side, so the reader never waits for the writer nor the writer
-//! for the handler. Nothing else is allocated per connection: no second task, no channel
+//! for the handler. While the writer holds nothing for the socket, it lends the socket to the
+//! queue's senders, which then write a message themselves without waking the task (`queue.rs`;
+//! a plain-TCP HTTP/1.1 connection served by [`NetworkModule`](crate::network::NetworkModule)). Nothing else is allocated per connection: no second task, no channel
 //! block, no per-connection cancellation token, no timer while it is idle. Everything that
 //! should make the connection act (a queued message, a close request, a shutdown, the
 //! registry's clock when a ping is due) wakes it through the one waker of its
@@ -43,6 +45,7 @@ use super::handle::ConnectionHandle;
 use super::handlers::AppState;
 use super::inbound::{InboundHandler, call_guarded};
 use super::metrics::TransportMetrics;
+use super::queue::DirectWrite;
 use super::registry::ConnectionRegistry;
 use super::shutdown::ShutdownController;
 use reader::Reader;
@@ -118,14 +121,21 @@ impl Shared {
 ///
 /// Every open connection is this future, so what it owns is moved in once, here, and used in
 /// place: the socket is not moved again once the future runs.
+///
+/// With `direct`, the socket's TCP stream, the queue's senders write to it themselves while the
+/// writer holds nothing for it.
 pub(crate) fn run<S: Socket + 'static>(
     shared: Arc<Shared>,
     socket: S,
     slot: Admitted,
     peer: Option<SocketAddr>,
+    direct: Option<Arc<dyn DirectWrite>>,
 ) -> impl Future<Output = ()> + Send {
     let conn =
         shared.registry.register_pending(ConnectionKind::Client, &shared.config.connection, peer);
+    if let Some(direct) = direct {
+        conn.queue().attach_direct(direct);
+    }
     shared.metrics.connection_opened(conn.kind);
     let span = tracing::info_span!("conn", id = %conn.id, peer = peer.map(tracing::field::display));
     serve(shared, conn, socket, slot).instrument(span)
@@ -193,6 +203,10 @@ impl<S: Socket> Connection<'_, S> {
         // Registered before anything is looked at, so a message, close request or shutdown
         // that lands meanwhile wakes the task again.
         self.writer.register(cx);
+        if !self.writer.take_socket(self.socket) {
+            // A sender is writing to the socket; it wakes the task when it is done.
+            return Poll::Pending;
+        }
         if self.writer.force_closed() && !self.writer.is_done() {
             // The drain deadline passed: nothing more is read or written.
             self.reader.stop();
@@ -212,6 +226,7 @@ impl<S: Socket> Connection<'_, S> {
         if !writer_done {
             self.writer.publish_deadline();
             self.poll_timer(cx);
+            self.writer.lend_socket(self.socket);
         }
         Poll::Pending
     }

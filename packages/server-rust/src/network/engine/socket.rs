@@ -59,6 +59,18 @@ pub(crate) trait Socket:
     fn compresses_from(&self) -> Option<usize> {
         None
     }
+
+    /// Whether everything handed to the socket has gone to the kernel: senders may then write
+    /// to it directly (see `queue.rs`).
+    fn holds_nothing(&self) -> bool {
+        true
+    }
+
+    /// Writes `rest`, the end of a frame a sender began writing directly, ahead of anything
+    /// else. Only a socket senders write to directly, [`FrameSocket`], is ever given one.
+    fn push_unsent(&mut self, rest: Bytes) {
+        tracing::error!(len = rest.len(), "unsent frame end for a socket senders do not write to");
+    }
 }
 
 impl Socket for axum::extract::ws::WebSocket {}
@@ -66,6 +78,21 @@ impl Socket for axum::extract::ws::WebSocket {}
 impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for FrameSocket<Io> {
     fn compresses_from(&self) -> Option<usize> {
         self.deflate.as_ref().map(|_| self.limits.threshold)
+    }
+
+    fn holds_nothing(&self) -> bool {
+        self.unwritten() == 0
+    }
+
+    fn push_unsent(&mut self, rest: Bytes) {
+        // The socket held nothing when senders were let in, so nothing is ahead of it.
+        if let Some(out) = self.out.take() {
+            out.copy_rest(&mut self.write);
+        }
+        let ahead = std::mem::take(&mut self.write);
+        self.write.reserve(rest.len() + ahead.len());
+        self.write.put_slice(&rest);
+        self.write.put_slice(&ahead);
     }
 }
 
@@ -232,14 +259,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
         if self.out.is_none() && self.write.is_empty() && self.io.is_write_vectored() {
             // Nothing ahead of it: the frame goes out as its header and the payload itself,
             // in one vectored write, without copying the payload into a buffer.
-            let mut out =
-                Outgoing { header: [0; 14], header_len: 0, payload: payload.clone(), sent: 0 };
-            let mut cursor = Cursor::new(&mut out.header[..]);
-            header.format(length, &mut cursor).expect("a frame header fits in 14 bytes");
-            #[allow(clippy::cast_possible_truncation)] // at most 14
-            let header_len = cursor.position() as u8;
-            out.header_len = header_len;
-            self.out = Some(out);
+            let (header, header_len) = format_header(&header, length);
+            self.out = Some(Outgoing { header, header_len, payload: payload.clone(), sent: 0 });
             return;
         }
         if let Some(out) = self.out.take() {
@@ -420,6 +441,22 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
         });
         Poll::Ready(Ok(ready!(read)? > 0))
     }
+}
+
+/// `header` for a payload of `length` bytes, as bytes: the array and how much of it is used.
+fn format_header(header: &FrameHeader, length: u64) -> ([u8; 14], u8) {
+    let mut bytes = [0; 14];
+    let mut cursor = Cursor::new(&mut bytes[..]);
+    header.format(length, &mut cursor).expect("a frame header fits in 14 bytes");
+    #[allow(clippy::cast_possible_truncation)] // at most 14
+    let len = cursor.position() as u8;
+    (bytes, len)
+}
+
+/// The header of an uncompressed, final binary frame (a server's: unmasked) of `length` bytes.
+pub(crate) fn binary_header(length: usize) -> ([u8; 14], u8) {
+    let header = FrameHeader { opcode: OpCode::Data(Data::Binary), ..FrameHeader::default() };
+    format_header(&header, length as u64)
 }
 
 impl<Io: AsyncRead + AsyncWrite + Unpin> Stream for FrameSocket<Io> {

@@ -91,6 +91,33 @@ impl<'a> Writer<'a> {
         self.conn.queue().register_consumer(cx);
     }
 
+    /// Takes the socket back from the queue's senders for this poll, with the end of a frame
+    /// a sender could not finish; `false` while a sender is writing (it wakes the task then).
+    pub(super) fn take_socket<S: Socket>(&mut self, socket: &mut S) -> bool {
+        let queue = self.conn.queue();
+        if !queue.acquire_socket() {
+            return false;
+        }
+        if let Some(rest) = queue.take_unsent() {
+            socket.push_unsent(rest);
+            self.unflushed = true;
+        }
+        true
+    }
+
+    /// Lends the socket to the queue's senders until the next poll, if the writer holds
+    /// nothing for it and the connection is open.
+    pub(super) fn lend_socket<S: Socket>(&self, socket: &S) {
+        if self.phase == Phase::Open
+            && self.waiting.is_none()
+            && self.burst.is_empty()
+            && !self.unflushed
+            && socket.holds_nothing()
+        {
+            self.conn.queue().release_socket();
+        }
+    }
+
     pub(super) fn is_done(&self) -> bool {
         self.phase == Phase::Done
     }

@@ -23,9 +23,11 @@ use super::AppState;
 use crate::network::admission::{Admitted, AtCap, Refusal};
 use crate::network::client_addr::ClientAddr;
 use crate::network::deflate::{self, Agreed};
+use crate::network::direct::DirectSocket;
 use crate::network::engine::socket::{Deflating, FrameSocket};
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
+use crate::network::queue::DirectWrite;
 use crate::network::rate_limit::too_many_requests;
 
 /// `GET /ws`: upgrades to a WebSocket configured from
@@ -128,7 +130,7 @@ fn upgrade(
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"));
     let shared = Shared::of(state);
     // The slots are released when the connection's future completes.
-    ws.on_upgrade(move |socket| engine::run(shared, socket, admitted, peer))
+    ws.on_upgrade(move |socket| engine::run(shared, socket, admitted, peer, None))
 }
 
 fn unavailable(reason: &'static str) -> Response {
@@ -147,7 +149,7 @@ fn unavailable(reason: &'static str) -> Response {
 #[allow(clippy::needless_pass_by_value)] // the specification's signature
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let admitted = Admitted { server_wide: None, per_ip: None };
-    engine::run(Shared::of(&state), socket, admitted, None)
+    engine::run(Shared::of(&state), socket, admitted, None, None)
 }
 
 /// What the transport needs to take an HTTP/1.1 WebSocket upgrade over with its own framing
@@ -177,6 +179,8 @@ struct Handover {
     on_upgrade: OnUpgrade,
     /// The accepted permessage-deflate offer and the response header that accepts it.
     deflate: Option<(Agreed, HeaderValue)>,
+    /// The connection's TCP stream, for senders to write to directly (plain TCP only).
+    direct: Option<DirectSocket>,
 }
 
 impl FromRequestParts<AppState> for UpgradeOffer {
@@ -198,7 +202,8 @@ impl FromRequestParts<AppState> for UpgradeOffer {
                 .connection
                 .permessage_deflate
                 .and_then(|_| deflate::negotiate(&parts.headers));
-            Some(Handover { key, on_upgrade, deflate })
+            let direct = parts.extensions.get::<DirectSocket>().cloned();
+            Some(Handover { key, on_upgrade, deflate, direct })
         })();
         Ok(Self(handover))
     }
@@ -212,9 +217,14 @@ impl Handover {
         admitted: Admitted,
         peer: Option<std::net::SocketAddr>,
     ) -> Response {
-        let Self { key, on_upgrade, deflate } = self;
+        let Self { key, on_upgrade, deflate, direct } = self;
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
         let (agreed, extension) = deflate.unzip();
+        // A compressed frame is made by the connection's socket, so only an uncompressed
+        // connection lets senders write to it directly.
+        let direct = direct
+            .filter(|_| agreed.is_none())
+            .map(|DirectSocket(link)| link as Arc<dyn DirectWrite>);
         let deflating = agreed.map(|agreed| Deflating {
             agreed,
             frames: shared.metrics.compressed_frames.clone(),
@@ -226,7 +236,7 @@ impl Handover {
             Ok(upgraded) => {
                 let limits = Arc::clone(&shared.socket_limits);
                 let socket = FrameSocket::new(TokioIo::new(upgraded), deflating, limits);
-                Either::Left(engine::run(shared, socket, admitted, peer))
+                Either::Left(engine::run(shared, socket, admitted, peer, direct))
             }
             Err(err) => {
                 tracing::debug!(%err, "websocket upgrade failed");
