@@ -77,9 +77,21 @@ const SEND_FLAGS: libc::c_int = 0;
 /// Writes `bufs` to `tcp` if the kernel takes any of it now. `sendmsg` rather than `writev`:
 /// the socket call skips the file layer, a measurable part of a small write's cost.
 fn send(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    tcp.try_io(Interest::WRITABLE, || {
-        socket2::SockRef::from(tcp).send_vectored_with_flags(bufs, SEND_FLAGS)
-    })
+    let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+    let mut sent = 0;
+    let result = tcp.try_io(Interest::WRITABLE, || {
+        sent = socket2::SockRef::from(tcp).send_vectored_with_flags(bufs, SEND_FLAGS)?;
+        if sent < total {
+            // The kernel's buffer is full: the next write waits for the reactor.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match result {
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock && sent > 0 => Ok(sent),
+        Err(err) => Err(err),
+        Ok(()) => Ok(sent),
+    }
 }
 
 /// [`Link`] as hyper's (and the upgraded connection's) byte stream.
@@ -95,9 +107,22 @@ impl AsyncRead for LinkIo {
         let tcp = &self.0.tcp;
         loop {
             ready!(tcp.poll_read_ready(cx))?;
-            match tcp.try_read_buf(buf) {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result.map(|_| ())),
+            let room = buf.remaining();
+            let mut read = None;
+            let result = tcp.try_io(Interest::READABLE, || {
+                let n = tcp.try_read_buf(buf)?;
+                read = Some(n);
+                if n > 0 && n < room {
+                    // A short read drained the socket, as tokio's own stream assumes: the next
+                    // read waits for the reactor rather than failing with a wasted call.
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (read, result) {
+                (Some(_), _) => return Poll::Ready(Ok(())),
+                (None, Err(err)) if err.kind() == io::ErrorKind::WouldBlock => {}
+                (None, result) => return Poll::Ready(result),
             }
         }
     }
