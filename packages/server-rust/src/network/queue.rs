@@ -246,9 +246,10 @@ impl OutboundQueue {
     }
 
     /// After a sender's write: the task holds the socket (with `also`) and is woken to use it.
+    /// (The task may have asked to be woken meanwhile, as it is; `stop_direct` waits for the
+    /// queue's lock.)
     fn hand_socket_to_task(&self, also: u8) {
-        let stopped = self.socket.load(Ordering::Relaxed) & owner::STOPPED;
-        self.socket.store(owner::TASK | stopped | also, Ordering::Release);
+        self.socket.store(owner::TASK | also, Ordering::Release);
         self.consumer.wake();
     }
 

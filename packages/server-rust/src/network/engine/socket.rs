@@ -60,8 +60,8 @@ pub(crate) trait Socket:
         None
     }
 
-    /// Whether everything handed to the socket has gone to the kernel: senders may then write
-    /// to it directly (see `queue.rs`).
+    /// Whether everything handed to the socket has gone to the kernel and no close frame has
+    /// crossed: senders may then write to it directly (see `queue.rs`).
     fn holds_nothing(&self) -> bool {
         true
     }
@@ -81,7 +81,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send> Socket for FrameSocket<Io> {
     }
 
     fn holds_nothing(&self) -> bool {
-        self.unwritten() == 0
+        // After a close frame, in either direction, no data frame may follow it.
+        self.unwritten() == 0 && !self.sent_close && !self.received_close && !self.finished
     }
 
     fn push_unsent(&mut self, rest: Bytes) {
