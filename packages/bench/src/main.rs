@@ -167,6 +167,10 @@ enum Scenario {
     Soak {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
+        /// Plain TCP instead of TLS (no certificate reloads): senders then write to idle
+        /// connections themselves
+        #[arg(long)]
+        plain: bool,
     },
 }
 
@@ -198,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
     };
     for scenario in scenarios {
         let limit = match scenario {
-            Scenario::Soak { minutes } => Duration::from_secs(minutes * 60) + SCENARIO_LIMIT,
+            Scenario::Soak { minutes, .. } => Duration::from_secs(minutes * 60) + SCENARIO_LIMIT,
             _ => SCENARIO_LIMIT,
         };
         let limit = match scenario {
@@ -242,7 +246,7 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
         Scenario::Echo { connections, round_trips } => echo(peer, connections, round_trips).await,
         Scenario::Http { seconds, rounds } => http(seconds, rounds).await,
         Scenario::Drain { connections } => drain(peer, connections).await,
-        Scenario::Soak { minutes } => soak::soak(minutes).await,
+        Scenario::Soak { minutes, plain } => soak::soak(minutes, plain).await,
         Scenario::VersusNode { rounds } => return versus_node(rounds).await,
         Scenario::Abuse => return abuse::abuse().await,
         Scenario::Deflate { connections, fanout_connections, broadcasts, size, interval_ms } => {

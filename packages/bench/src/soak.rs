@@ -1,5 +1,6 @@
 //! The soak: a TLS server under every kind of traffic for a bounded time, then checks that it
-//! gave back what it took.
+//! gave back what it took. With `--plain`, the same over plain TCP (no certificate reloads),
+//! where senders write to idle connections' sockets themselves (`direct.rs`).
 //!
 //! For `minutes` (default 10), against `bench-server --tls-cert --tls-key`:
 //! - 100 steady clients stay connected and read every broadcast;
@@ -49,7 +50,8 @@ struct Counts {
 
 struct Soak {
     port: u16,
-    tls: Arc<rustls::ClientConfig>,
+    /// `None` for a plain-TCP server.
+    tls: Option<Arc<rustls::ClientConfig>>,
     http: reqwest::Client,
     counts: Counts,
     stop: AtomicBool,
@@ -57,12 +59,30 @@ struct Soak {
 
 impl Soak {
     fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://localhost:{}{path}", self.port)
     }
 
     async fn ws(&self) -> anyhow::Result<WsClient> {
-        let url = format!("wss://localhost:{}/ws", self.port);
-        Ok(connect_wss(&url, Arc::clone(&self.tls)).await?)
+        if let Some(tls) = &self.tls {
+            let url = format!("wss://localhost:{}/ws", self.port);
+            return Ok(connect_wss(&url, Arc::clone(tls)).await?);
+        }
+        let url = format!("ws://127.0.0.1:{}/ws", self.port);
+        let connect = tokio_tungstenite::connect_async(url);
+        Ok(tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .context("connect in time")??
+            .0)
+    }
+
+    /// An HTTP client for the server, TLS or not.
+    fn http_client(tls: Option<&Arc<rustls::ClientConfig>>) -> reqwest::ClientBuilder {
+        let builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        match tls {
+            Some(tls) => builder.use_preconfigured_tls((**tls).clone()),
+            None => builder,
+        }
     }
 
     fn running(&self) -> bool {
@@ -264,7 +284,7 @@ fn scraped(text: &str, name: &str) -> u64 {
 }
 
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
-pub(super) async fn soak(minutes: u64) -> anyhow::Result<Row> {
+pub(super) async fn soak(minutes: u64, plain: bool) -> anyhow::Result<Row> {
     topgun_test_support::install_crypto_provider();
     let ca = Arc::new(TestCa::new("soak CA"));
     let dir = tempfile::tempdir()?;
@@ -272,19 +292,13 @@ pub(super) async fn soak(minutes: u64) -> anyhow::Result<Row> {
     let first = ca.server_cert(1);
     std::fs::write(&cert, &first.cert_pem)?;
     std::fs::write(&key, &first.key_pem)?;
-    let mut server = Server::spawn(vec![
-        format!("--tls-cert={}", cert.display()),
-        format!("--tls-key={}", key.display()),
-    ])
-    .await?;
+    let tls_args =
+        vec![format!("--tls-cert={}", cert.display()), format!("--tls-key={}", key.display())];
+    let mut server = Server::spawn(if plain { Vec::new() } else { tls_args }).await?;
     let pid = server.child.id().context("server running")?;
-    let tls = ca.client_config(None);
+    let tls = (!plain).then(|| ca.client_config(None));
     // Keep-alive for the `/sync` loop, with idle connections closed soon after it stops.
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
-        .pool_idle_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let http = Soak::http_client(tls.as_ref()).pool_idle_timeout(Duration::from_secs(1)).build()?;
     let soak = Arc::new(Soak {
         port: server.port,
         tls,
@@ -319,7 +333,9 @@ pub(super) async fn soak(minutes: u64) -> anyhow::Result<Row> {
     traffic.spawn(sync_traffic(Arc::clone(&soak)));
     traffic.spawn(slow_clients(Arc::clone(&soak)));
     traffic.spawn(vanishing_clients(Arc::clone(&soak)));
-    traffic.spawn(reloads(Arc::clone(&soak), Arc::clone(&ca), cert.clone(), key.clone(), pid));
+    if !plain {
+        traffic.spawn(reloads(Arc::clone(&soak), Arc::clone(&ca), cert.clone(), key.clone(), pid));
+    }
 
     let mut rss_warm = None;
     let mut rss_peak = 0;
@@ -359,11 +375,7 @@ pub(super) async fn soak(minutes: u64) -> anyhow::Result<Row> {
 
     // Everyone has left: the server must give back its files, and its memory settle. These
     // requests keep no connection open, so nothing of the harness's own is counted.
-    let probe = reqwest::Client::builder()
-        .use_preconfigured_tls((*soak.tls).clone())
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let probe = Soak::http_client(soak.tls.as_ref()).pool_max_idle_per_host(0).build()?;
     let health = soak.url("/health");
     let deadline = Instant::now() + Duration::from_secs(60);
     let files_after = loop {
@@ -393,7 +405,7 @@ pub(super) async fn soak(minutes: u64) -> anyhow::Result<Row> {
     let delivered_min = received.iter().map(|r| r.load(Ordering::Relaxed)).min().unwrap_or(0);
     let counts = &soak.counts;
     let failures = counts.failures.load(Ordering::Relaxed);
-    let row = Row::new("soak")
+    let row = Row::new(if plain { "soak (plain TCP)" } else { "soak" })
         .with("minutes", minutes)
         .with("broadcasts", expected)
         .with("steady_clients", STEADY_CLIENTS)

@@ -18,7 +18,7 @@ use super::queue::OutboundMessage;
 /// What [`ConnectionRegistry::broadcast`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BroadcastOutcome {
-    /// Connections the message was queued on.
+    /// Connections the message was queued on (or written to at once, their socket being free).
     pub queued: usize,
     /// Connections whose queue was full or closed; they did not get the message.
     pub dropped: usize,
@@ -171,6 +171,11 @@ impl ConnectionRegistry {
     /// payload is shared, not copied, across connections. Connections whose queue is full miss
     /// the message and are counted in [`BroadcastOutcome::dropped`]. A connection the
     /// transport accepted is reached only once the handler's `on_connect` has returned.
+    ///
+    /// A broadcast that follows a pause writes the message itself to every connection with
+    /// nothing waiting (its task is not woken); one that follows the previous broadcast
+    /// closely (within a millisecond of its end) queues it, so each connection's task writes
+    /// what piled up as one `BATCH` frame.
     pub fn broadcast(&self, msg_bytes: impl Into<Bytes>, kind: ConnectionKind) -> BroadcastOutcome {
         self.broadcast_to(msg_bytes, |conn| conn.kind == kind)
     }

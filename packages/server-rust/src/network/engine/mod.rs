@@ -12,10 +12,11 @@
 //! polls its two halves side by side, so the reader never waits for the writer nor the writer
 //! for the handler. While the writer holds nothing for the socket, it lends the socket to the
 //! queue's senders, which then write a message themselves without waking the task (`queue.rs`;
-//! a plain-TCP HTTP/1.1 connection served by [`NetworkModule`](crate::network::NetworkModule)). Nothing else is allocated per connection: no second task, no channel
-//! block, no per-connection cancellation token, no timer while it is idle. Everything that
-//! should make the connection act (a queued message, a close request, a shutdown, the
-//! registry's clock when a ping is due) wakes it through the one waker of its
+//! a plain-TCP HTTP/1.1 connection served by [`NetworkModule`](crate::network::NetworkModule)).
+//! Nothing else is allocated per connection: no second task, no channel block, no
+//! per-connection cancellation token, no timer while it is idle. Everything that should make
+//! the connection act (a queued message, a close request, a shutdown, the registry's clock
+//! when a ping is due) wakes it through the one waker of its
 //! [`OutboundQueue`](crate::network::queue::OutboundQueue); the task then looks at atomics.
 //!
 //! [`run`] is the connection's lifecycle, in the order a handler relies on:
