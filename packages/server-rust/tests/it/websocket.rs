@@ -126,16 +126,22 @@ async fn queued_messages_are_coalesced_into_batch_frames_in_order() {
     server.stop().await.unwrap();
 }
 
+/// The server's one connection, once its task has written a first message and let the socket go
+/// (the socket is the task's until then).
+async fn idle_connection(server: &TestServer) -> (common::WsClient, Arc<ConnectionHandle>) {
+    let mut client = server.ws().await;
+    let handle = only_connection(server);
+    assert!(handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"first"))));
+    assert_eq!(next_frame(&mut client).await.as_ref(), b"first");
+    (client, handle)
+}
+
 // The test runtime is single-threaded: between `try_send` and the check of the queue, the
 // connection's task cannot run, so a message not queued was written by `try_send` itself.
 #[tokio::test]
 async fn a_message_to_an_idle_connection_is_written_by_its_sender() {
     let server = TestServer::start(test_config()).await;
-    let mut client = server.ws().await;
-    let handle = only_connection(&server);
-    // The first goes through the task (the socket is its own until its first write is done).
-    assert!(handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"first"))));
-    assert_eq!(next_frame(&mut client).await.as_ref(), b"first");
+    let (mut client, handle) = idle_connection(&server).await;
     for i in 0..5_u8 {
         assert!(handle.try_send(OutboundMessage::Binary(Bytes::from(vec![i]))));
         assert_eq!(handle.queued(), 0, "written at once, not queued");
@@ -150,10 +156,7 @@ async fn a_message_to_an_idle_connection_is_written_by_its_sender() {
 #[tokio::test]
 async fn a_message_the_kernel_takes_in_part_is_finished_before_the_next() {
     let server = TestServer::start(test_config()).await;
-    let mut client = server.ws().await;
-    let handle = only_connection(&server);
-    assert!(handle.try_send(OutboundMessage::Binary(Bytes::from_static(b"first"))));
-    assert_eq!(next_frame(&mut client).await.as_ref(), b"first");
+    let (mut client, handle) = idle_connection(&server).await;
     let large: Bytes =
         (0..8 * 1024 * 1024_u32).map(|i| u8::try_from(i % 251).unwrap()).collect::<Vec<_>>().into();
     assert!(handle.try_send(OutboundMessage::Binary(large.clone())));
