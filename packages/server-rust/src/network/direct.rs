@@ -110,6 +110,9 @@ impl AsyncRead for LinkIo {
             let room = buf.remaining();
             let mut read = None;
             let result = tcp.try_io(Interest::READABLE, || {
+                // tokio's own read (it fills `buf`'s uninitialised room safely) inside the outer
+                // `try_io`, whose readiness snapshot, taken before the read, is what a short read
+                // clears: a wake-up that arrives after the read is kept.
                 let n = tcp.try_read_buf(buf)?;
                 read = Some(n);
                 if n > 0 && n < room {
@@ -134,14 +137,7 @@ impl AsyncWrite for LinkIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let tcp = &self.0.tcp;
-        loop {
-            ready!(tcp.poll_write_ready(cx))?;
-            match send(tcp, &[IoSlice::new(buf)]) {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
-            }
-        }
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(

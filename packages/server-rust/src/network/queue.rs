@@ -40,7 +40,7 @@ pub(crate) enum Refused {
     Closed,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Lanes {
     messages: VecDeque<OutboundMessage>,
     priority: VecDeque<Bytes>,
@@ -50,19 +50,8 @@ struct Lanes {
     direct: Option<Arc<dyn DirectWrite>>,
 }
 
-impl std::fmt::Debug for Lanes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lanes")
-            .field("messages", &self.messages)
-            .field("priority", &self.priority)
-            .field("reserved", &self.reserved)
-            .field("direct", &self.direct.is_some())
-            .finish()
-    }
-}
-
 /// A socket a sender may write a message to without the connection's task.
-pub(crate) trait DirectWrite: Send + Sync {
+pub(crate) trait DirectWrite: Send + Sync + std::fmt::Debug {
     /// Writes `payload` as one binary frame, as much of it as the kernel takes now without
     /// waiting.
     fn try_write_frame(&self, payload: &Bytes) -> Written;
@@ -550,7 +539,6 @@ pub enum OutboundMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     fn binary(byte: u8) -> OutboundMessage {
         OutboundMessage::Binary(Bytes::from(vec![byte]))
@@ -587,7 +575,7 @@ mod tests {
 
     /// A socket whose writes go as told, recording what it was given and whether the task
     /// could take the socket during a write.
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct FakeSocket {
         outcomes: Mutex<VecDeque<Written>>,
         wrote: Mutex<Vec<Bytes>>,
