@@ -41,7 +41,7 @@ impl DirectWrite for Link {
         let (header, header_len) = binary_header(payload.len());
         let header = &header[..usize::from(header_len)];
         let frame = [IoSlice::new(header), IoSlice::new(payload)];
-        let written = match send(&self.tcp, &frame) {
+        let written = match send_now(&self.tcp, &frame) {
             // Refused or failed: the task writes it, and sees why if it failed.
             Ok(0) | Err(_) => return Written::Nothing,
             Ok(written) => written,
@@ -74,13 +74,13 @@ const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const SEND_FLAGS: libc::c_int = 0;
 
-/// Writes `bufs` to `tcp` if the kernel takes any of it now. `sendmsg` rather than `writev`:
-/// the socket call skips the file layer, a measurable part of a small write's cost.
+/// Writes `bufs` to `tcp` if the kernel takes any of it now, through tokio's readiness: for
+/// the task, which waits for the reactor when the kernel's buffer is full.
 fn send(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let total: usize = bufs.iter().map(|buf| buf.len()).sum();
     let mut sent = 0;
     let result = tcp.try_io(Interest::WRITABLE, || {
-        sent = socket2::SockRef::from(tcp).send_vectored_with_flags(bufs, SEND_FLAGS)?;
+        sent = send_now(tcp, bufs)?;
         if sent < total {
             // The kernel's buffer is full: the next write waits for the reactor.
             return Err(io::ErrorKind::WouldBlock.into());
@@ -92,6 +92,15 @@ fn send(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         Err(err) => Err(err),
         Ok(()) => Ok(sent),
     }
+}
+
+/// The system call alone, for a sender: it never waits, so tokio's readiness has nothing to
+/// tell it, and reading it would cost a cache miss per connection of a broadcast. A refusal
+/// (the kernel's buffer full) leaves the readiness stale; the task's next write meets the same
+/// refusal and clears it. `sendmsg` rather than `writev`: the socket call skips the file
+/// layer, a measurable part of a small write's cost.
+fn send_now(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket2::SockRef::from(tcp).send_vectored_with_flags(bufs, SEND_FLAGS)
 }
 
 /// [`Link`] as hyper's (and the upgraded connection's) byte stream.
