@@ -102,6 +102,16 @@ impl Outbound {
         &self.queue
     }
 
+    /// Reads the fields a send reads first (see [`ConnectionHandle::preload`]).
+    ///
+    /// [`ConnectionHandle::preload`]: super::handle::ConnectionHandle::preload
+    pub(crate) fn preload(&self) {
+        std::hint::black_box(self.max_message_size);
+        std::hint::black_box(self.consecutive_drops.load(Ordering::Relaxed));
+        std::hint::black_box(self.close_request.get().is_some());
+        self.queue.preload();
+    }
+
     /// Queues `message` without waiting.
     pub(crate) fn try_enqueue(&self, message: OutboundMessage) -> Result<(), Refusal> {
         self.try_enqueue_as(message, true)

@@ -157,6 +157,21 @@ impl ConnectionHandle {
     /// connection.
     pub const PRIORITY_CAPACITY: usize = PRIORITY_CAPACITY;
 
+    /// Reads what a broadcast reads of the handle first, and discards it: a load started
+    /// early, so that the cache line is there when the broadcast reaches this connection.
+    /// With thousands of connections their state is out of cache, and a broadcast that waits
+    /// for each line in turn stalls several times per connection; touched a connection or two
+    /// ahead, the lines arrive while the system call for the connection before is running.
+    pub(crate) fn preload(&self) {
+        std::hint::black_box(self.kind);
+        std::hint::black_box(self.state.accepting_broadcasts.load(Ordering::Relaxed));
+    }
+
+    /// [`preload`](Self::preload) for the connection's queue, once the handle is in cache.
+    pub(crate) fn preload_queue(&self) {
+        self.outbound().preload();
+    }
+
     /// The connection's queue, for the engine.
     pub(crate) fn queue(&self) -> &OutboundQueue {
         self.outbound().queue()

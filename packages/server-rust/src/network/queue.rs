@@ -125,6 +125,17 @@ impl OutboundQueue {
         }
     }
 
+    /// Reads the fields a send reads first (see [`ConnectionHandle::preload`]).
+    ///
+    /// [`ConnectionHandle::preload`]: super::handle::ConnectionHandle::preload
+    pub(crate) fn preload(&self) {
+        // The lock's poison flag sits beside the lock word and the start of the lanes.
+        std::hint::black_box(self.lanes.is_poisoned());
+        std::hint::black_box(self.closed.load(Ordering::Relaxed));
+        std::hint::black_box(self.socket.load(Ordering::Relaxed));
+        std::hint::black_box(self.capacity);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Lanes> {
         // Nothing panics while holding the lock; a poisoned one still holds a valid queue.
         self.lanes.lock().unwrap_or_else(PoisonError::into_inner)

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use dashmap::mapref::multiple::RefMulti;
 use tokio::sync::Notify;
 
 use super::channel::{Outbound, OutboundReceiver};
@@ -14,6 +15,9 @@ use super::config::ConnectionConfig;
 use super::connection::{ConnectionId, ConnectionKind};
 use super::handle::ConnectionHandle;
 use super::queue::OutboundMessage;
+
+/// One registered connection, as the registry's map lends it.
+type Entry<'a> = RefMulti<'a, ConnectionId, Arc<ConnectionHandle>>;
 
 /// What [`ConnectionRegistry::broadcast`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -214,10 +218,9 @@ impl ConnectionRegistry {
         mut queued: impl FnMut(&Arc<ConnectionHandle>),
     ) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
-        for entry in &self.connections {
-            let handle = entry.value();
+        self.for_each_preloaded(|handle| {
             if !handle.accepts_broadcasts() || !recipients(handle) {
-                continue;
+                return;
             }
             if handle.try_send_as(OutboundMessage::Binary(payload.clone()), direct) {
                 outcome.queued += 1;
@@ -225,7 +228,7 @@ impl ConnectionRegistry {
             } else {
                 outcome.dropped += 1;
             }
-        }
+        });
         if outcome.dropped > 0 {
             tracing::debug!(
                 dropped = outcome.dropped,
@@ -234,6 +237,27 @@ impl ConnectionRegistry {
             );
         }
         outcome
+    }
+
+    /// Calls `visit` with every connection, having preloaded each one's handle two connections
+    /// earlier and its queue one earlier (see [`ConnectionHandle::preload`]).
+    fn for_each_preloaded(&self, mut visit: impl FnMut(&Arc<ConnectionHandle>)) {
+        // `next`'s handle has been preloaded; `now`'s handle and queue have.
+        let mut next: Option<Entry<'_>> = None;
+        let mut now: Option<Entry<'_>> = None;
+        for entry in &self.connections {
+            entry.value().preload();
+            if let Some(next) = &next {
+                next.value().preload_queue();
+            }
+            if let Some(now) = now.take() {
+                visit(now.value());
+            }
+            now = next.replace(entry);
+        }
+        for entry in now.into_iter().chain(next) {
+            visit(entry.value());
+        }
     }
 
     /// Wakes every connection's task, to look at the shutdown state.
@@ -420,6 +444,26 @@ mod tests {
         assert_eq!(rx_full.try_recv().unwrap(), binary(9), "the full queue keeps its own message");
         assert!(rx_full.try_recv().is_err());
         assert!(rx_peer.try_recv().is_err(), "peers are not clients");
+    }
+
+    #[test]
+    fn a_broadcast_reaches_every_connection_once_however_few_there_are() {
+        // The broadcast reads connections ahead of the one it sends to: the last ones, and a
+        // registry smaller than that window, must still be reached, each once.
+        for count in [0, 1, 2, 3, 4, 40] {
+            let registry = ConnectionRegistry::new();
+            let mut receivers = backlogged(&registry, count, 0);
+            let outcome = registry.broadcast(vec![3_u8], ConnectionKind::Client);
+            assert_eq!(
+                outcome,
+                BroadcastOutcome { queued: count, dropped: 0 },
+                "{count} connections"
+            );
+            for rx in &mut receivers {
+                assert_eq!(rx.try_recv().unwrap(), binary(3), "{count} connections");
+                assert!(rx.try_recv().is_err(), "{count} connections: reached once");
+            }
+        }
     }
 
     #[tokio::test]
