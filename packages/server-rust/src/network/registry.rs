@@ -187,6 +187,10 @@ impl ConnectionRegistry {
     /// Like [`broadcast`](Self::broadcast), to the connections `recipients` picks: for
     /// example only authenticated clients, or the subscribers of a topic.
     ///
+    /// `recipients` is called while the registry is being walked, so it must not register or
+    /// remove connections (that would wait for the walk to end); [`iter`](Self::iter) gives a
+    /// snapshot that allows it.
+    ///
     /// ```
     /// use topgun_server::network::{ConnectionConfig, ConnectionKind, ConnectionRegistry};
     ///
