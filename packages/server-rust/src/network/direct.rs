@@ -40,14 +40,15 @@ impl DirectWrite for Link {
     fn try_write_frame(&self, payload: &Bytes) -> Written {
         let (header, header_len) = binary_header(payload.len());
         let header = &header[..usize::from(header_len)];
+        let len = header.len() + payload.len();
         let frame = [IoSlice::new(header), IoSlice::new(payload)];
-        let written = match send_now(&self.tcp, &frame) {
+        let written = match send_now(&self.tcp, &frame, len) {
             // Refused or failed: the task writes it, and sees why if it failed.
             Ok(0) | Err(_) => return Written::Nothing,
             Ok(written) => written,
         };
         self.metrics.frame_sent(1, payload.len() as u64);
-        if written == header.len() + payload.len() {
+        if written == len {
             Written::All
         } else {
             Written::Part(rest_of_frame(header, payload, written))
@@ -80,7 +81,7 @@ fn send(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let total: usize = bufs.iter().map(|buf| buf.len()).sum();
     let mut sent = 0;
     let result = tcp.try_io(Interest::WRITABLE, || {
-        sent = send_now(tcp, bufs)?;
+        sent = send_now(tcp, bufs, total)?;
         if sent < total {
             // The kernel's buffer is full: the next write waits for the reactor.
             return Err(io::ErrorKind::WouldBlock.into());
@@ -103,13 +104,14 @@ fn send(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
 /// Up to [`COPY_UP_TO`] bytes in several pieces (a frame's header and payload) are copied into
 /// one buffer and sent with `send`: the copy costs less than what `sendmsg` adds for a message
 /// in pieces (the kernel copies in and checks the message header and its vector first, about
-/// 3 % of a paced broadcast's kernel time).
-fn send_now(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+/// 3 % of a paced broadcast's kernel time). `len` is the pieces' length together, which every
+/// caller has already counted.
+fn send_now(tcp: &TcpStream, bufs: &[IoSlice<'_>], len: usize) -> io::Result<usize> {
+    debug_assert_eq!(len, bufs.iter().map(|buf| buf.len()).sum::<usize>());
     let socket = socket2::SockRef::from(tcp);
     if let [buf] = bufs {
         return socket.send_with_flags(buf, SEND_FLAGS);
     }
-    let len: usize = bufs.iter().map(|buf| buf.len()).sum();
     if len > COPY_UP_TO {
         return socket.send_vectored_with_flags(bufs, SEND_FLAGS);
     }
