@@ -10,7 +10,7 @@
 //! | `1007` | a text message or close reason that is not UTF-8, or compressed data that does not inflate | says which |
 //! | `1008` | not [authenticated](crate::network::ConnectionHandle::authenticate) within `auth_timeout` | [`AUTH_TIMEOUT_REASON`] |
 //! | `1009` | a message or frame over `max_message_size` / `max_frame_size` | names the limit |
-//! | `1011` | the inbound handler panicked | [`HANDLER_FAILED_REASON`] |
+//! | `1011` | a panic in the connection's task: the inbound handler's, or the transport's own | [`HANDLER_FAILED_REASON`] |
 //! | `1013` | `max_consecutive_drops` messages in a row did not fit the outbound queue | names the count |
 //!
 //! A client whose socket stops draining for longer than `send_timeout` gets no close frame (nothing

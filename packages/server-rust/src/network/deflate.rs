@@ -32,6 +32,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -161,6 +162,7 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
 thread_local! {
     static INFLATER: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+    /// Idle compressors by window and level; one in use is out of the pool.
     static DEFLATERS: RefCell<Vec<(u8, u32, Compress)>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -184,14 +186,18 @@ thread_local! {
 /// [`InflateError::TooBig`] past `limit`, [`InflateError::Invalid`] for data that is not a
 /// deflate stream.
 pub fn inflate_message(compressed: &[u8], limit: usize) -> Result<Bytes, InflateError> {
-    INFLATER.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let inflater = slot.get_or_insert_with(|| Decompress::new(false));
-        let result = inflate_with(inflater, compressed, limit);
-        // The next message starts from an empty window, whatever happened to this one.
+    // Taken out of the thread's slot while in use: if inflating fails or unwinds, the
+    // decompressor is dropped with it and the next message gets a new one, never one left
+    // in a state nobody knows.
+    let mut inflater =
+        INFLATER.with(|cell| cell.borrow_mut().take()).unwrap_or_else(|| Decompress::new(false));
+    let result = inflate_with(&mut inflater, compressed, limit);
+    if result.is_ok() {
+        // The next message starts from an empty window.
         inflater.reset(false);
-        result
-    })
+        INFLATER.with(|cell| *cell.borrow_mut() = Some(inflater));
+    }
+    result
 }
 
 fn inflate_with(
@@ -254,45 +260,66 @@ pub(crate) fn compress(payload: &Bytes, window_bits: u8, level: u32) -> Option<B
 }
 
 fn deflate(payload: &[u8], window_bits: u8, level: u32) -> Option<Bytes> {
-    DEFLATERS.with(|cell| {
-        let mut deflaters = cell.borrow_mut();
-        let found = deflaters.iter().position(|(b, l, _)| (*b, *l) == (window_bits, level));
-        let index = found.unwrap_or_else(|| {
-            let compressor =
-                Compress::new_with_window_bits(Compression::new(level), false, window_bits);
-            deflaters.push((window_bits, level, compressor));
-            deflaters.len() - 1
-        });
-        let compressor = &mut deflaters[index].2;
-        let result = deflate_with(compressor, payload);
-        compressor.reset();
-        result
-    })
+    // Taken out of the thread's pool while in use and given back only once it has finished
+    // a message and been reset: a compressor that failed or unwound is dropped, never reused.
+    let taken = DEFLATERS.with(|cell| {
+        let mut pool = cell.borrow_mut();
+        let found = pool.iter().position(|(b, l, _)| (*b, *l) == (window_bits, level))?;
+        Some(pool.swap_remove(found).2)
+    });
+    let mut compressor = taken.unwrap_or_else(|| {
+        Compress::new_with_window_bits(Compression::new(level), false, window_bits)
+    });
+    // A compressor bug must cost one message its compression, not the connection: the
+    // message then goes out as it is.
+    let outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| deflate_with(&mut compressor, payload)));
+    match outcome {
+        Ok(Some(out)) => {
+            compressor.reset();
+            DEFLATERS.with(|cell| cell.borrow_mut().push((window_bits, level, compressor)));
+            // Only worth sending if it came out smaller.
+            (out.len() < payload.len()).then(|| out.into())
+        }
+        Ok(None) => None,
+        Err(_) => {
+            tracing::error!(
+                bytes = payload.len(),
+                "compressor panicked; message sent uncompressed"
+            );
+            None
+        }
+    }
 }
 
-fn deflate_with(compressor: &mut Compress, payload: &[u8]) -> Option<Bytes> {
-    // Only worth sending if it comes out smaller, tail stripped.
+/// Compresses the whole of `payload` as one sync-flushed message, tail stripped: the stream
+/// is always finished, however little the data shrinks, so the compressor can be reset and
+/// reused. `None` when zlib reports an error (the compressor is then not reused).
+fn deflate_with(compressor: &mut Compress, payload: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(payload.len() + TAIL.len());
     let mut consumed = 0;
     loop {
+        if out.len() == out.capacity() {
+            // Incompressible data grows a little (stored or fixed-Huffman blocks): make room
+            // for the rest of the stream rather than abandoning it halfway.
+            out.reserve(payload.len() / 8 + 64);
+        }
         let before = compressor.total_in();
         compressor.compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync).ok()?;
         #[allow(clippy::cast_possible_truncation)] // bounded by the payload's length
         let read = (compressor.total_in() - before) as usize;
         consumed += read;
+        // Done once the input is in and the flush fitted: zlib leaves room to spare only
+        // when it has nothing more to write.
         if consumed == payload.len() && out.len() < out.capacity() {
             break;
-        }
-        if out.len() == out.capacity() {
-            // Incompressible: it would not come out smaller.
-            return None;
         }
     }
     if !out.ends_with(&TAIL) {
         return None;
     }
     out.truncate(out.len() - TAIL.len());
-    (out.len() < payload.len()).then(|| out.into())
+    Some(out)
 }
 
 /// A shared payload is known by where its bytes are: the entry holds a clone of it, so those
@@ -409,6 +436,70 @@ mod tests {
         assert_eq!(inflate_message(&bomb, 1 << 20), Err(InflateError::TooBig { limit: 1 << 20 }));
         assert_eq!(inflate_message(&bomb, 16 << 20).unwrap().len(), 16 << 20);
         assert_eq!(inflate_message(b"\xff\xff\xff", 100), Err(InflateError::Invalid));
+    }
+
+    /// Noise over an alphabet of `symbols` byte values, reproducibly: at 200 and up deflate
+    /// cannot shrink it, and level 1 grows it a little.
+    fn noise(len: usize, symbols: u64, state: &mut u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                u8::try_from(*state % symbols).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_messages_go_uncompressed_and_leave_the_compressor_working() {
+        // Near-incompressible 256-byte messages broke zlib-rs's level-1 compressor within a
+        // few hundred messages when a stream was abandoned halfway and the compressor reused.
+        let text = b"{\"type\":\"OP\",\"mapName\":\"todos\"}".repeat(40);
+        let mut state = 7;
+        for (len, count) in [(256, 600), (1024, 100), (64 * 1024, 4)] {
+            for symbols in [200, 256] {
+                for _ in 0..count {
+                    let data = noise(len, symbols, &mut state);
+                    assert!(deflate(&data, 15, 1).is_none(), "{len} bytes of {symbols} symbols");
+                }
+                for level in [1, 6] {
+                    let compressed = deflate(&text, 15, level).expect("compressible");
+                    assert_eq!(inflate_message(&compressed, text.len()).unwrap(), &text[..]);
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 64,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// Whatever the server is given to send, at any level and window, one message after
+        /// another on the thread's compressors: it goes out compressed and smaller, and
+        /// inflates back to itself, or goes out as it is. Never a panic.
+        #[test]
+        fn any_message_compresses_to_itself_or_goes_plain(
+            messages in proptest::collection::vec(
+                (1_u64..=256, 0_usize..3000, proptest::num::u64::ANY),
+                1..24,
+            ),
+            level in 0_u32..=9,
+            window_bits in 9_u8..=15,
+        ) {
+            for (symbols, len, seed) in messages {
+                let mut state = seed | 1;
+                let payload = noise(len, symbols, &mut state);
+                if let Some(compressed) = deflate(&payload, window_bits, level) {
+                    proptest::prop_assert!(compressed.len() < payload.len());
+                    let inflated = inflate_message(&compressed, payload.len()).unwrap();
+                    proptest::prop_assert_eq!(&inflated[..], &payload[..]);
+                }
+            }
+        }
     }
 
     #[test]

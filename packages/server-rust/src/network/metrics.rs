@@ -33,6 +33,7 @@
 //! | `topgun_websocket_outbound_queue_depth` | histogram | | queued messages when the writer wakes |
 //! | `topgun_outbound_dropped_messages_total` | counter | | messages that never reached their connection: full queue, queued at close, sent after close |
 //! | `topgun_tls_handshake_failures_total` | counter | | TLS handshakes that failed |
+//! | `topgun_panics_total` | counter | `source` | panics caught in a connection's task: `handler` (a call into the [`InboundHandler`](crate::network::InboundHandler)) or `transport` (the connection's own code); each closed its connection with 1011 |
 //! | `topgun_http_requests_total` | counter | `route`, `status` | HTTP requests answered |
 //! | `topgun_http_request_duration_seconds` | histogram | `route` | HTTP request latency |
 //! | `topgun_in_flight_operations` | gauge | | handler calls and requests in progress |
@@ -54,6 +55,24 @@ use super::connection::{ConnectionKind, DisconnectReason};
 use super::registry::ConnectionRegistry;
 use super::routes::Route;
 use super::shutdown::{HealthState, ShutdownController};
+
+/// Where a caught panic came from; the `source` label of `topgun_panics_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PanicSource {
+    Handler,
+    Transport,
+}
+
+impl PanicSource {
+    const ALL: [Self; 2] = [Self::Handler, Self::Transport];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Handler => "handler",
+            Self::Transport => "transport",
+        }
+    }
+}
 
 /// Why an upgrade was refused; the `reason` label of `topgun_websocket_upgrades_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +123,8 @@ pub struct TransportMetrics {
     /// Every thread's tally of the figures above, folded in when rendering.
     tallies: Tallies,
     pub(crate) tls_handshake_failures: Counter,
+    /// `topgun_panics_total`, in [`PanicSource::ALL`] order.
+    panics: [Counter; PanicSource::ALL.len()],
     dropped: Counter,
     /// `topgun_http_requests_total` handles by route and status, created on first use, so a
     /// request costs no allocation or map lookup once its (route, status) has been seen.
@@ -127,7 +148,7 @@ const DURATION_BUCKETS: [f64; 12] =
 const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// `# HELP` text and unit of every metric.
-const DESCRIPTIONS: [(&str, &str, Option<Unit>); 23] = [
+const DESCRIPTIONS: [(&str, &str, Option<Unit>); 24] = [
     ("topgun_connections_open", "Open connections.", None),
     ("topgun_connections_opened_total", "Connections opened.", None),
     ("topgun_connections_closed_total", "Connections closed, by reason.", None),
@@ -166,6 +187,7 @@ const DESCRIPTIONS: [(&str, &str, Option<Unit>); 23] = [
         None,
     ),
     ("topgun_tls_handshake_failures_total", "Failed TLS handshakes.", None),
+    ("topgun_panics_total", "Panics caught in connection tasks, by source.", None),
     ("topgun_http_requests_total", "HTTP requests answered.", None),
     ("topgun_http_request_duration_seconds", "HTTP request latency.", Some(Unit::Seconds)),
     ("topgun_in_flight_operations", "Handler calls and requests in progress.", None),
@@ -245,6 +267,9 @@ impl TransportMetrics {
             batch_messages: histogram("topgun_websocket_batch_messages"),
             queue_depth: histogram("topgun_websocket_outbound_queue_depth"),
             tls_handshake_failures: counter("topgun_tls_handshake_failures_total", vec![]),
+            panics: PanicSource::ALL.map(|source| {
+                counter("topgun_panics_total", vec![Label::new("source", source.as_str())])
+            }),
             dropped: counter("topgun_outbound_dropped_messages_total", vec![]),
             http_requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             http_latency: std::array::from_fn(|route| {
@@ -335,6 +360,12 @@ impl TransportMetrics {
     }
 
     /// Counts a request refused by the per-address rate limit.
+    /// Counts one panic caught in a connection's task.
+    pub(crate) fn panicked(&self, source: PanicSource) {
+        let index = PanicSource::ALL.iter().position(|s| *s == source).unwrap_or(0);
+        self.panics[index].increment(1);
+    }
+
     pub(crate) fn rate_limited(&self) {
         self.rate_limited.increment(1);
     }

@@ -166,3 +166,48 @@ async fn next_data(client: &mut RawClient) -> common::RawFrame {
         }
     }
 }
+
+/// Bytes deflate cannot shrink (200 byte values, xorshift), reproducibly.
+fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            u8::try_from(state % 200).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn incompressible_messages_go_out_plain_and_compression_keeps_working() {
+    // What once broke the thread's compressor: bitmaps and random data of every size, then
+    // a compressible message on the same connection and on a second one.
+    let server = TestServer::with_handler(config(1 << 20), Echo).await;
+    let mut client = RawClient::connect(server.addr, Some(BROWSER_OFFER)).await;
+    let mut seed = 1;
+    for (len, count) in [(256, 600), (1024, 100), (64 * 1024, 4)] {
+        for _ in 0..count {
+            seed += 1;
+            let noise = incompressible(len, seed);
+            client.send_frame(FIN | BINARY, &noise, true).await;
+            let echo = next_data(&mut client).await;
+            assert!(!echo.rsv1, "{len} bytes that do not shrink go uncompressed");
+            assert_eq!(echo.payload, noise);
+        }
+    }
+    let mut other = RawClient::connect(server.addr, Some(BROWSER_OFFER)).await;
+    for client in [&mut client, &mut other] {
+        let payload = repetitive(4096);
+        client.send_frame(FIN | BINARY, &payload, true).await;
+        let echo = next_data(client).await;
+        assert!(echo.rsv1, "compression still works");
+        assert_eq!(inflate(&echo.payload), payload);
+    }
+    let metrics = server.http().get(server.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    for source in ["handler", "transport"] {
+        assert_eq!(common::sample(&metrics, "topgun_panics_total", &[("source", source)]), "0");
+    }
+}

@@ -270,7 +270,41 @@ async fn a_panicking_message_handler_closes_only_that_connection_with_1011() {
     assert_eq!(server.controller.in_flight_count(), 0);
     server.registry.broadcast(b"still here".to_vec(), ConnectionKind::Client);
     assert_eq!(next_frame(&mut bystander).await.as_ref(), b"still here");
+    assert_eq!(panics(&server, "handler").await, "1", "counted once");
+    assert_eq!(panics(&server, "transport").await, "0");
     drop(bystander);
+    server.stop().await.unwrap();
+}
+
+/// `topgun_panics_total` for `source`, as `/metrics` shows it.
+async fn panics(server: &TestServer, source: &str) -> String {
+    let metrics = server.http().get(server.url("/metrics")).send().await.unwrap();
+    common::sample(&metrics.text().await.unwrap(), "topgun_panics_total", &[("source", source)])
+}
+
+/// Panics in `on_connect` for every second connection.
+struct PanicsOnEveryOtherConnect;
+
+#[async_trait::async_trait]
+impl InboundHandler for PanicsOnEveryOtherConnect {
+    async fn on_connect(&self, conn: &Arc<ConnectionHandle>) {
+        assert!(conn.id.0 % 2 == 1, "handler bug");
+    }
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        conn.try_send(OutboundMessage::Binary(payload));
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_connect_handler_closes_that_connection_with_1011() {
+    let server = TestServer::with_handler(test_config(), PanicsOnEveryOtherConnect).await;
+    let mut bystander = server.ws().await;
+    let mut victim = server.ws().await;
+    assert_eq!(expect_close(&mut victim).await.code, CloseCode::Error);
+    server.until_connections(1, "victim removed").await;
+    assert_eq!(panics(&server, "handler").await, "1");
+    send_binary(&mut bystander, b"echo".to_vec()).await;
+    assert_eq!(next_frame(&mut bystander).await.as_ref(), b"echo");
     server.stop().await.unwrap();
 }
 

@@ -32,19 +32,24 @@ mod writer;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use axum::extract::ws::Message;
+use futures_util::SinkExt;
 use tokio::time::Sleep;
 use tracing::Instrument;
 
 use super::admission::{Admission, Admitted};
+use super::close;
 use super::config::NetworkConfig;
 use super::connection::{ConnectionKind, DisconnectReason};
 use super::handle::ConnectionHandle;
 use super::handlers::AppState;
 use super::inbound::{InboundHandler, call_guarded};
+use super::metrics::PanicSource;
 use super::metrics::TransportMetrics;
 use super::queue::DirectWrite;
 use super::registry::ConnectionRegistry;
@@ -162,7 +167,25 @@ fn serve<S: Socket>(
                 writer: Writer::new(&conn, &state, compresses_from),
                 timer: None,
             };
-            poll_fn(|cx| connection.poll_run(cx)).await;
+            let ran =
+                poll_fn(|cx| match catch_unwind(AssertUnwindSafe(|| connection.poll_run(cx))) {
+                    Ok(poll) => poll.map(Ok),
+                    Err(panic) => Poll::Ready(Err(panic)),
+                })
+                .await;
+            if ran.is_err() {
+                transport_failed(&state, &conn);
+                // The halves may be mid-frame: a close frame goes out only on a socket that
+                // holds nothing half-written, and only for as long as a close may take.
+                if connection.socket.holds_nothing() {
+                    let close = Message::Close(Some(writer::close_frame(
+                        close::INTERNAL_ERROR,
+                        close::HANDLER_FAILED_REASON,
+                    )));
+                    let timeout = state.config.connection.close_timeout;
+                    let _ = tokio::time::timeout(timeout, connection.socket.send(close)).await;
+                }
+            }
         }
         conn.wake_at(None);
         drop(socket);
@@ -176,7 +199,9 @@ fn serve<S: Socket>(
         if state.registry.remove(conn.id).is_some() {
             state.metrics.connection_closed(conn.kind, reason);
             let _in_flight = state.shutdown.in_flight_guard();
-            call_guarded("on_disconnect", state.handler.on_disconnect(&conn)).await;
+            if call_guarded("on_disconnect", state.handler.on_disconnect(&conn)).await.is_none() {
+                state.metrics.panicked(PanicSource::Handler);
+            }
         }
         tracing::debug!(
             reason = reason.as_str(),
@@ -185,6 +210,15 @@ fn serve<S: Socket>(
         );
         drop(slot);
     }
+}
+
+/// The connection's own code panicked: whatever it was doing is abandoned, the connection is
+/// counted and logged (in its span) and closes with 1011; the thread and every other
+/// connection go on.
+fn transport_failed(state: &Shared, conn: &ConnectionHandle) {
+    state.metrics.panicked(PanicSource::Transport);
+    tracing::error!("connection task panicked; closing the connection with 1011");
+    conn.note_disconnect(DisconnectReason::Error);
 }
 
 /// One connection's socket and its two halves.
@@ -255,8 +289,93 @@ impl<S: Socket> Connection<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+
     use super::*;
-    use crate::network::{NetworkConfig, NetworkModule, StubHandler};
+    use crate::network::{
+        ConnectionConfig, NetworkConfig, NetworkModule, OutboundMessage, StubHandler,
+    };
+
+    /// An upgraded stream whose reads panic once the client has sent anything: a bug in the
+    /// transport's own code, below the handler.
+    struct PanicsOnRead(DuplexStream);
+
+    impl AsyncRead for PanicsOnRead {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut self.0).poll_read(cx, buf);
+            assert_eq!(buf.filled().len(), before, "a bug in the connection's own code");
+            polled
+        }
+    }
+
+    impl AsyncWrite for PanicsOnRead {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_connections_own_code_closes_only_that_connection_with_1011() {
+        let module = NetworkModule::new(NetworkConfig::default());
+        let state = module.app_state();
+        let shared = Shared::of(&state);
+        let (server_io, mut client) = tokio::io::duplex(4096);
+        let socket = socket::FrameSocket::new(
+            PanicsOnRead(server_io),
+            None,
+            Arc::clone(&shared.socket_limits),
+        );
+        let slot = Admitted { server_wide: None, per_ip: None };
+        let served = tokio::spawn(run(Arc::clone(&shared), socket, slot, None, None));
+        let (bystander, mut bystander_queue) =
+            state.registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+
+        // A masked, empty binary frame: reading it panics.
+        client.write_all(&[0x82, 0x80, 1, 2, 3, 4]).await.unwrap();
+        let mut close = [0_u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut close))
+            .await
+            .expect("a close frame")
+            .unwrap();
+        assert_eq!(close[0], 0x88, "a close frame");
+        assert_eq!(u16::from_be_bytes([close[2], close[3]]), close::INTERNAL_ERROR);
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the connection's task ends")
+            .expect("without unwinding out of it");
+
+        assert_eq!(state.registry.count(), 1, "only the bystander is left");
+        let rendered = state.metrics.render(&state.registry, &state.shutdown, state.start_time);
+        assert!(rendered.contains("topgun_panics_total{source=\"transport\"} 1"), "{rendered}");
+        assert!(
+            rendered
+                .contains("topgun_connections_closed_total{kind=\"client\",reason=\"error\"} 1")
+        );
+        assert!(bystander.try_send(OutboundMessage::Binary(vec![1].into())));
+        assert_eq!(bystander_queue.try_recv().unwrap(), OutboundMessage::Binary(vec![1].into()));
+    }
 
     #[test]
     fn the_engine_shares_the_servers_parts_unless_the_state_was_changed() {

@@ -33,6 +33,7 @@ use crate::network::config::RateLimitConfig;
 use crate::network::connection::DisconnectReason;
 use crate::network::handle::ConnectionHandle;
 use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, guarded, report_panic};
+use crate::network::metrics::PanicSource;
 use crate::network::shutdown::InFlightGuard;
 
 use super::Shared;
@@ -235,17 +236,18 @@ impl<'a> Reader<'a> {
         self.conn.touch();
         self.conn.set_handler_busy(false);
         let returned = report_panic(if connect { "on_connect" } else { "on_message" }, result);
-        if connect {
+        if returned.is_none() {
+            self.handler_failed();
+        } else if connect {
             // Only now: whatever the handler queued in `on_connect` (an AUTH_REQUIRED, a
             // welcome) is the first thing the client receives.
             self.conn.accept_broadcasts();
-        } else if returned.is_none() {
-            self.handler_failed();
         }
     }
 
-    /// A handler call panicked: the connection closes with 1011.
+    /// A handler call panicked: counted, and the connection closes with 1011.
     fn handler_failed(&self) {
+        self.state.metrics.panicked(PanicSource::Handler);
         self.conn.close_because(
             DisconnectReason::Error,
             close::INTERNAL_ERROR,

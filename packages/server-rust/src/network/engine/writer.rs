@@ -412,7 +412,7 @@ fn close_frame_for(request: &CloseRequest) -> CloseFrame {
 }
 
 /// A close frame whose reason is cut to the protocol's 123-byte limit on a character boundary.
-fn close_frame(code: u16, reason: &str) -> CloseFrame {
+pub(super) fn close_frame(code: u16, reason: &str) -> CloseFrame {
     const MAX_REASON: usize = 123;
     let mut end = reason.len().min(MAX_REASON);
     while !reason.is_char_boundary(end) {
