@@ -52,8 +52,8 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use super::client_addr::{ClientAddr, ClientAddrLayer};
-use super::config::NetworkConfig;
+use crate::network::config::NetworkConfig;
+use crate::network::edge::client_addr::{ClientAddr, ClientAddrLayer};
 
 /// The header carrying each request's id.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");

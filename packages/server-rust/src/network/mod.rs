@@ -29,35 +29,20 @@
 //! | `tls` | loading and reloading certificates |
 //! | `module` | [`NetworkModule`]: router, bind, serve, shutdown |
 
-mod admission;
-mod batch;
-mod channel;
-mod client_addr;
 pub mod close;
 mod config;
 mod connection;
-mod deflate;
-mod direct;
+mod connections;
+mod edge;
 mod engine;
-mod handle;
 mod handlers;
-mod heartbeat;
-mod http_metrics;
 mod inbound;
 mod metrics;
 mod middleware;
 mod module;
-mod proxy_protocol;
-mod queue;
-mod rate_limit;
-mod registry;
 mod routes;
 mod shutdown;
-mod tls;
 
-pub use batch::{BATCH_TYPE, BatchDecodeError, decode_frame, decode_frame_shared, encode_batch};
-pub use channel::{OutboundPermit, OutboundReceiver, OutboundSender};
-pub use client_addr::{ClientAddr, ClientAddrLayer, ClientAddrService, resolve_client_ip};
 pub use config::{
     ConfigError, ConnectionConfig, ForwardedHeader, MetricsConfig, NetworkConfig, RateLimitConfig,
     ShutdownConfig, TlsConfig,
@@ -65,14 +50,23 @@ pub use config::{
 pub use connection::{
     ConnectionId, ConnectionKind, ConnectionMetadata, DisconnectReason, SendError,
 };
-pub use deflate::{DeflateConfig, InflateError, inflate_message};
-pub use handle::ConnectionHandle;
+pub use connections::channel::{OutboundPermit, OutboundReceiver, OutboundSender};
+pub use connections::handle::ConnectionHandle;
+pub use connections::queue::OutboundMessage;
+pub use connections::registry::{BroadcastOutcome, ConnectionRegistry};
+pub use edge::client_addr::{ClientAddr, ClientAddrLayer, ClientAddrService, resolve_client_ip};
+pub use edge::proxy_protocol::read_proxy_header;
+pub use edge::tls::{TlsError, TlsReloader};
+pub use engine::batch::{
+    BATCH_TYPE, BatchDecodeError, decode_frame, decode_frame_shared, encode_batch,
+};
+pub use engine::deflate::{DeflateConfig, InflateError, inflate_message};
 pub use handlers::{
     ACCEPTED_SYNC_CONTENT_TYPES, AppState, HealthReport, MSGPACK_CONTENT_TYPE, UpgradeOffer,
     handle_socket, health_handler, http_sync_handler, liveness_handler, metrics_handler,
     readiness_handler, root_handler, ws_upgrade_handler,
 };
-pub use heartbeat::Heartbeat;
+pub use inbound::heartbeat::Heartbeat;
 pub use inbound::{
     InboundHandler, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, StubHandler, SyncError, SyncRequest,
 };
@@ -84,10 +78,6 @@ pub use middleware::{
     build_http_layers,
 };
 pub use module::NetworkModule;
-pub use proxy_protocol::read_proxy_header;
-pub use queue::OutboundMessage;
-pub use registry::{BroadcastOutcome, ConnectionRegistry};
 pub use shutdown::{HealthState, InFlightGuard, ShutdownController, shutdown_signal};
-pub use tls::{TlsError, TlsReloader};
 /// What [`OutboundReceiver::try_recv`] returns when nothing is received: tokio's own.
 pub use tokio::sync::mpsc::error::TryRecvError;

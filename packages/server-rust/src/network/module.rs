@@ -19,20 +19,20 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tower::{Service, ServiceBuilder};
 
-use super::admission::Admission;
-use super::config::NetworkConfig;
-use super::direct::LinkAcceptor;
-use super::engine::Shared;
-use super::handlers::{AppState, main_routes, metrics_routes};
-use super::http_metrics::HttpMetricsLayer;
-use super::inbound::{InboundHandler, StubHandler};
-use super::metrics::TransportMetrics;
-use super::middleware::build_http_layers;
-use super::proxy_protocol::{ProxyProtocol, ProxyProtocolAcceptor};
-use super::rate_limit::RateLimitLayer;
-use super::registry::ConnectionRegistry;
-use super::shutdown::ShutdownController;
-use super::tls::{TlsAcceptor, TlsReloader};
+use crate::network::config::NetworkConfig;
+use crate::network::connections::registry::ConnectionRegistry;
+use crate::network::edge::admission::Admission;
+use crate::network::edge::proxy_protocol::{ProxyProtocol, ProxyProtocolAcceptor};
+use crate::network::edge::rate_limit::RateLimitLayer;
+use crate::network::edge::tls::{TlsAcceptor, TlsReloader};
+use crate::network::engine::Shared;
+use crate::network::engine::direct::LinkAcceptor;
+use crate::network::handlers::{AppState, main_routes, metrics_routes};
+use crate::network::inbound::{InboundHandler, StubHandler};
+use crate::network::metrics::TransportMetrics;
+use crate::network::metrics::http::HttpMetricsLayer;
+use crate::network::middleware::build_http_layers;
+use crate::network::shutdown::ShutdownController;
 
 /// How long force-closed connections get to unwind before `serve()` returns regardless.
 const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(1);

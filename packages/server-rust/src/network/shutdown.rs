@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::registry::ConnectionRegistry;
+use crate::network::connections::registry::ConnectionRegistry;
 
 /// Lifecycle state reported by the health endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -24,7 +24,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::Shared;
 use crate::network::config::ConnectionConfig;
-use crate::network::registry::ConnectionRegistry;
+use crate::network::connections::registry::ConnectionRegistry;
 
 /// The shortest and the longest tick.
 const TICK_BOUNDS: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));

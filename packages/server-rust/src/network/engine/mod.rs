@@ -17,7 +17,7 @@
 //! per-connection cancellation token, no timer while it is idle. Everything that should make
 //! the connection act (a queued message, a close request, a shutdown, the registry's clock
 //! when a ping is due) wakes it through the one waker of its
-//! [`OutboundQueue`](crate::network::queue::OutboundQueue); the task then looks at atomics.
+//! [`OutboundQueue`](crate::network::connections::queue::OutboundQueue); the task then looks at atomics.
 //!
 //! [`run`] is the connection's lifecycle, in the order a handler relies on:
 //! register (invisible to broadcasts) → `on_connect` (while its call runs, what it queues is
@@ -25,7 +25,10 @@
 //! write until the client leaves or the server closes it → removed from the registry →
 //! `on_disconnect`, exactly once.
 
+pub(crate) mod batch;
 mod clock;
+pub(crate) mod deflate;
+pub(crate) mod direct;
 mod reader;
 pub(crate) mod socket;
 mod writer;
@@ -42,18 +45,17 @@ use futures_util::SinkExt;
 use tokio::time::Sleep;
 use tracing::Instrument;
 
-use super::admission::{Admission, Admitted};
-use super::close;
-use super::config::NetworkConfig;
-use super::connection::{ConnectionKind, DisconnectReason};
-use super::handle::ConnectionHandle;
-use super::handlers::AppState;
-use super::inbound::{InboundHandler, call_guarded};
-use super::metrics::PanicSource;
-use super::metrics::TransportMetrics;
-use super::queue::DirectWrite;
-use super::registry::ConnectionRegistry;
-use super::shutdown::ShutdownController;
+use crate::network::close;
+use crate::network::config::NetworkConfig;
+use crate::network::connection::{ConnectionKind, DisconnectReason};
+use crate::network::connections::handle::ConnectionHandle;
+use crate::network::connections::queue::DirectWrite;
+use crate::network::connections::registry::ConnectionRegistry;
+use crate::network::edge::admission::{Admission, Admitted};
+use crate::network::inbound::{InboundHandler, call_guarded};
+use crate::network::metrics::PanicSource;
+use crate::network::metrics::TransportMetrics;
+use crate::network::shutdown::ShutdownController;
 use reader::Reader;
 use socket::Socket;
 use writer::Writer;
@@ -92,33 +94,6 @@ impl Shared {
             socket_limits: Arc::new(socket::Limits::new(&config.connection)),
             clock_tick: clock::tick(&config.connection),
         }
-    }
-
-    /// Whether these are `state`'s parts (a router's state whose public fields were not
-    /// replaced since the server built it).
-    pub(crate) fn is_of(&self, state: &AppState) -> bool {
-        Arc::ptr_eq(&self.registry, &state.registry)
-            && Arc::ptr_eq(&self.shutdown, &state.shutdown)
-            && Arc::ptr_eq(&self.config, &state.config)
-            && Arc::ptr_eq(&self.handler, &state.handler)
-            && Arc::ptr_eq(&self.metrics, &state.metrics)
-            && Arc::ptr_eq(&self.admission, &state.admission)
-    }
-
-    /// The engine's view of `state`: the one built with it, shared, unless a public field of
-    /// `state` was replaced since.
-    pub(crate) fn of(state: &AppState) -> Arc<Self> {
-        if state.engine.is_of(state) {
-            return Arc::clone(&state.engine);
-        }
-        Arc::new(Self::new(
-            &state.registry,
-            &state.shutdown,
-            &state.config,
-            &state.handler,
-            &state.metrics,
-            &state.admission,
-        ))
     }
 }
 
@@ -340,7 +315,7 @@ mod tests {
     async fn a_panic_in_the_connections_own_code_closes_only_that_connection_with_1011() {
         let module = NetworkModule::new(NetworkConfig::default());
         let state = module.app_state();
-        let shared = Shared::of(&state);
+        let shared = Arc::clone(&state.engine);
         let (server_io, mut client) = tokio::io::duplex(4096);
         let socket = socket::FrameSocket::new(
             PanicsOnRead(server_io),
@@ -375,17 +350,5 @@ mod tests {
         );
         assert!(bystander.try_send(OutboundMessage::Binary(vec![1].into())));
         assert_eq!(bystander_queue.try_recv().unwrap(), OutboundMessage::Binary(vec![1].into()));
-    }
-
-    #[test]
-    fn the_engine_shares_the_servers_parts_unless_the_state_was_changed() {
-        let module = NetworkModule::new(NetworkConfig::default());
-        let state = module.app_state();
-        assert!(Arc::ptr_eq(&Shared::of(&state), &state.engine), "one view, shared");
-        let mut replaced = state.clone();
-        replaced.handler = Arc::new(StubHandler);
-        let shared = Shared::of(&replaced);
-        assert!(!Arc::ptr_eq(&shared, &state.engine));
-        assert!(Arc::ptr_eq(&shared.handler, &replaced.handler), "the handler put in the state");
     }
 }

@@ -27,11 +27,11 @@ use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::time::Instant;
 
-use crate::network::admission::Refusal;
 use crate::network::close;
 use crate::network::config::RateLimitConfig;
 use crate::network::connection::DisconnectReason;
-use crate::network::handle::ConnectionHandle;
+use crate::network::connections::handle::ConnectionHandle;
+use crate::network::edge::admission::Refusal;
 use crate::network::inbound::{READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, guarded, report_panic};
 use crate::network::metrics::PanicSource;
 use crate::network::shutdown::InFlightGuard;

@@ -37,7 +37,7 @@ use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use crate::network::config::ConnectionConfig;
-use crate::network::deflate::{self, Agreed, InflateError};
+use crate::network::engine::deflate::{self, Agreed, InflateError};
 
 /// The most read at once into [`SCRATCH`].
 const SCRATCH_LEN: usize = 64 * 1024;

@@ -23,11 +23,11 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::socket::Socket;
-use crate::network::batch::{Frame, FrameBuilder, Next};
 use crate::network::close::{self, CloseRequest};
 use crate::network::connection::{ConnectionKind, DisconnectReason};
-use crate::network::handle::ConnectionHandle;
-use crate::network::queue::{OutboundMessage, undelivered};
+use crate::network::connections::handle::ConnectionHandle;
+use crate::network::connections::queue::{OutboundMessage, undelivered};
+use crate::network::engine::batch::{Frame, FrameBuilder, Next};
 
 pub(super) struct Writer<'a> {
     conn: &'a Arc<ConnectionHandle>,

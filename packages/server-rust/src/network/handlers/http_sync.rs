@@ -9,7 +9,7 @@ use http::header::CONTENT_TYPE;
 use serde::Deserialize;
 
 use super::AppState;
-use crate::network::client_addr::ClientAddr;
+use crate::network::edge::client_addr::ClientAddr;
 use crate::network::inbound::{SyncError, SyncRequest, call_guarded};
 use crate::network::middleware::REQUEST_ID_HEADER;
 

@@ -30,11 +30,12 @@ use axum::response::Response;
 use axum::routing::{MethodRouter, get, post};
 use http::StatusCode;
 
-use super::config::NetworkConfig;
-use super::inbound::{InboundHandler, json_error};
-use super::registry::ConnectionRegistry;
-use super::routes::Route;
-use super::shutdown::ShutdownController;
+use crate::network::config::NetworkConfig;
+use crate::network::connections::registry::ConnectionRegistry;
+use crate::network::engine::Shared;
+use crate::network::inbound::{InboundHandler, json_error};
+use crate::network::routes::Route;
+use crate::network::shutdown::ShutdownController;
 
 /// State shared by every handler (cheap to clone: all fields are shared pointers).
 #[derive(Clone)]
@@ -52,11 +53,11 @@ pub struct AppState {
     /// One permit per allowed WebSocket connection (`max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// The transport's Prometheus metrics.
-    pub metrics: Arc<super::metrics::TransportMetrics>,
+    pub metrics: Arc<crate::network::metrics::TransportMetrics>,
     /// Upgrade checks: origin, per-address cap, refusal log.
-    pub(crate) admission: Arc<super::admission::Admission>,
+    pub(crate) admission: Arc<crate::network::edge::admission::Admission>,
     /// The parts above as the engine holds them, one pointer per connection.
-    pub(crate) engine: Arc<super::engine::Shared>,
+    pub(crate) engine: Arc<Shared>,
 }
 
 impl fmt::Debug for AppState {
@@ -67,6 +68,35 @@ impl fmt::Debug for AppState {
             .field("config", &self.config)
             .field("start_time", &self.start_time)
             .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// The engine's view of this state: the one built with it, shared, unless a public field
+    /// was replaced since (a router's state an embedder changed).
+    pub(crate) fn engine(&self) -> Arc<Shared> {
+        if self.engine_is_current() {
+            return Arc::clone(&self.engine);
+        }
+        Arc::new(Shared::new(
+            &self.registry,
+            &self.shutdown,
+            &self.config,
+            &self.handler,
+            &self.metrics,
+            &self.admission,
+        ))
+    }
+
+    /// Whether the engine view built with this state still holds its parts.
+    fn engine_is_current(&self) -> bool {
+        let engine = &self.engine;
+        Arc::ptr_eq(&engine.registry, &self.registry)
+            && Arc::ptr_eq(&engine.shutdown, &self.shutdown)
+            && Arc::ptr_eq(&engine.config, &self.config)
+            && Arc::ptr_eq(&engine.handler, &self.handler)
+            && Arc::ptr_eq(&engine.metrics, &self.metrics)
+            && Arc::ptr_eq(&engine.admission, &self.admission)
     }
 }
 
@@ -105,5 +135,23 @@ fn handler(route: Route, config: &NetworkConfig) -> MethodRouter<AppState> {
             post(http_sync_handler).layer(DefaultBodyLimit::max(config.max_sync_body_bytes))
         }
         Route::Metrics => get(metrics_handler),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::{NetworkModule, StubHandler};
+
+    #[test]
+    fn the_engine_shares_the_servers_parts_unless_the_state_was_changed() {
+        let module = NetworkModule::new(NetworkConfig::default());
+        let state = module.app_state();
+        assert!(Arc::ptr_eq(&state.engine(), &state.engine), "one view, shared");
+        let mut replaced = state.clone();
+        replaced.handler = Arc::new(StubHandler);
+        let shared = replaced.engine();
+        assert!(!Arc::ptr_eq(&shared, &state.engine));
+        assert!(Arc::ptr_eq(&shared.handler, &replaced.handler), "the handler put in the state");
     }
 }

@@ -20,15 +20,15 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::AppState;
-use crate::network::admission::{Admitted, AtCap, Refusal};
-use crate::network::client_addr::ClientAddr;
-use crate::network::deflate::{self, Agreed};
-use crate::network::direct::DirectSocket;
+use crate::network::connections::queue::DirectWrite;
+use crate::network::edge::admission::{Admitted, AtCap, Refusal};
+use crate::network::edge::client_addr::ClientAddr;
+use crate::network::edge::rate_limit::too_many_requests;
+use crate::network::engine::deflate::{self, Agreed};
+use crate::network::engine::direct::DirectSocket;
 use crate::network::engine::socket::{Deflating, FrameSocket};
 use crate::network::engine::{self, Shared};
 use crate::network::metrics::RefusedUpgrade;
-use crate::network::queue::DirectWrite;
-use crate::network::rate_limit::too_many_requests;
 
 /// `GET /ws`: upgrades to a WebSocket configured from
 /// [`ConnectionConfig`](crate::network::ConnectionConfig) and serves it with the engine
@@ -118,7 +118,7 @@ fn upgrade(
         // framing, which holds no buffer while the connection is idle and speaks
         // permessage-deflate; axum's (tungstenite) is left for HTTP/2.
         drop(ws);
-        return handover.upgrade(Shared::of(state), admitted, peer);
+        return handover.upgrade(state.engine(), admitted, peer);
     }
     let config = &state.config.connection;
     let ws = ws
@@ -128,7 +128,7 @@ fn upgrade(
         .max_message_size(config.max_message_size)
         .max_frame_size(config.max_frame_size)
         .on_failed_upgrade(|err| tracing::debug!(%err, "websocket upgrade failed"));
-    let shared = Shared::of(state);
+    let shared = state.engine();
     // The slots are released when the connection's future completes.
     ws.on_upgrade(move |socket| engine::run(shared, socket, admitted, peer, None))
 }
@@ -149,7 +149,7 @@ fn unavailable(reason: &'static str) -> Response {
 #[allow(clippy::needless_pass_by_value)] // the specification's signature
 pub fn handle_socket(socket: WebSocket, state: AppState) -> impl Future<Output = ()> + Send {
     let admitted = Admitted { server_wide: None, per_ip: None };
-    engine::run(Shared::of(&state), socket, admitted, None, None)
+    engine::run(state.engine(), socket, admitted, None, None)
 }
 
 /// What the transport needs to take an HTTP/1.1 WebSocket upgrade over with its own framing

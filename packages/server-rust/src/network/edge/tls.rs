@@ -16,7 +16,7 @@ use rustls::{RootCertStore, ServerConfig};
 
 use tokio_util::sync::CancellationToken;
 
-use super::config::TlsConfig;
+use crate::network::config::TlsConfig;
 
 /// Why the TLS configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

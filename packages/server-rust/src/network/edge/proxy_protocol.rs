@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tower::util::Either;
 use tower_http::add_extension::AddExtension;
 
-use super::admission::{Refusal, RefusalLog};
+use crate::network::edge::admission::{Refusal, RefusalLog};
 
 /// The v2 header's first twelve bytes.
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";

@@ -5,6 +5,8 @@
 //! operation pipeline, cluster and storage crates plug in by implementing this trait; until one
 //! is installed, [`StubHandler`] logs messages and answers `/sync` with an empty MsgPack array.
 
+pub(crate) mod heartbeat;
+
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use futures_util::future::CatchUnwind;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, StatusCode};
 
-use super::handle::ConnectionHandle;
+use crate::network::connections::handle::ConnectionHandle;
 
 /// Receives everything that arrives on the transport.
 ///

@@ -20,8 +20,8 @@ use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::config::ConnectionConfig;
-use super::queue::OutboundMessage;
+use crate::network::config::ConnectionConfig;
+use crate::network::connections::queue::OutboundMessage;
 
 /// The `type` value that marks a batch frame.
 pub const BATCH_TYPE: &str = "BATCH";

@@ -21,7 +21,7 @@ use http::header::ORIGIN;
 use http::{HeaderMap, HeaderValue};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::config::NetworkConfig;
+use crate::network::config::NetworkConfig;
 
 /// Why a client was turned away; logged once per address and interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

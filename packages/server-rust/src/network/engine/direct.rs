@@ -25,9 +25,9 @@ use http::header::UPGRADE;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::engine::socket::binary_header;
-use super::metrics::TransportMetrics;
-use super::queue::{DirectWrite, Written};
+use crate::network::connections::queue::{DirectWrite, Written};
+use crate::network::engine::socket::binary_header;
+use crate::network::metrics::TransportMetrics;
 
 /// One accepted TCP connection, shared by whoever reads and writes it.
 #[derive(Debug)]

@@ -45,10 +45,10 @@ use tokio::sync::mpsc::error::{
 };
 use tokio::time::Instant;
 
-use super::close::{self, CloseRequest};
-use super::config::ConnectionConfig;
-use super::connection::{ConnectionId, DisconnectReason, SendError};
-use super::queue::{OutboundMessage, OutboundQueue, Refused};
+use crate::network::close::{self, CloseRequest};
+use crate::network::config::ConnectionConfig;
+use crate::network::connection::{ConnectionId, DisconnectReason, SendError};
+use crate::network::connections::queue::{OutboundMessage, OutboundQueue, Refused};
 
 /// Most priority messages waiting at once for one connection.
 pub(crate) const PRIORITY_CAPACITY: usize = 16;
@@ -104,7 +104,7 @@ impl Outbound {
 
     /// Reads the fields a send reads first (see [`ConnectionHandle::preload`]).
     ///
-    /// [`ConnectionHandle::preload`]: super::handle::ConnectionHandle::preload
+    /// [`ConnectionHandle::preload`]: crate::network::connections::handle::ConnectionHandle::preload
     pub(crate) fn preload(&self) {
         std::hint::black_box(self.max_message_size);
         std::hint::black_box(self.consecutive_drops.load(Ordering::Relaxed));

@@ -40,6 +40,8 @@
 //! | `topgun_health_state` | gauge | `state` | 1 for the current state, 0 for the others |
 //! | `topgun_uptime_seconds` | gauge | | seconds since the server was built |
 
+pub(crate) mod http;
+
 use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -51,10 +53,10 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use super::connection::{ConnectionKind, DisconnectReason};
-use super::registry::ConnectionRegistry;
-use super::routes::Route;
-use super::shutdown::{HealthState, ShutdownController};
+use crate::network::connection::{ConnectionKind, DisconnectReason};
+use crate::network::connections::registry::ConnectionRegistry;
+use crate::network::routes::Route;
+use crate::network::shutdown::{HealthState, ShutdownController};
 
 /// Where a caught panic came from; the `source` label of `topgun_panics_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

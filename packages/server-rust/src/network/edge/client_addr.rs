@@ -44,8 +44,8 @@ use http::{HeaderMap, HeaderName, Request};
 use ipnet::IpNet;
 use tower::{Layer, Service};
 
-use super::config::ForwardedHeader;
-use super::proxy_protocol::ProxiedPeer;
+use crate::network::config::ForwardedHeader;
+use crate::network::edge::proxy_protocol::ProxiedPeer;
 
 /// The header nginx and `HAProxy` write by default.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

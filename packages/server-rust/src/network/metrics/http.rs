@@ -15,8 +15,8 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::metrics::TransportMetrics;
-use super::routes::Route;
+use crate::network::metrics::TransportMetrics;
+use crate::network::routes::Route;
 
 /// Records `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
 #[derive(Clone)]

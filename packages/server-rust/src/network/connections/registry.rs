@@ -10,11 +10,11 @@ use dashmap::DashMap;
 use dashmap::mapref::multiple::RefMulti;
 use tokio::sync::Notify;
 
-use super::channel::{Outbound, OutboundReceiver};
-use super::config::ConnectionConfig;
-use super::connection::{ConnectionId, ConnectionKind};
-use super::handle::ConnectionHandle;
-use super::queue::OutboundMessage;
+use crate::network::config::ConnectionConfig;
+use crate::network::connection::{ConnectionId, ConnectionKind};
+use crate::network::connections::channel::{Outbound, OutboundReceiver};
+use crate::network::connections::handle::ConnectionHandle;
+use crate::network::connections::queue::OutboundMessage;
 
 /// One registered connection, as the registry's map lends it.
 type Entry<'a> = RefMulti<'a, ConnectionId, Arc<ConnectionHandle>>;
@@ -396,7 +396,7 @@ impl ConnectionRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::channel::tests::{binary, config_with_capacity};
+    use crate::network::connections::channel::tests::{binary, config_with_capacity};
 
     #[test]
     fn a_broadcast_follows_a_pause_unless_it_comes_within_a_millisecond_of_the_last() {

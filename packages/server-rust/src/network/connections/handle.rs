@@ -14,12 +14,12 @@ use bytes::Bytes;
 use tokio::sync::RwLock;
 use topgun_core::Principal;
 
-use super::channel::{Outbound, OutboundSender, PRIORITY_CAPACITY};
-use super::close::CloseRequest;
-use super::connection::{
+use crate::network::close::CloseRequest;
+use crate::network::connection::{
     ConnectionId, ConnectionKind, ConnectionMetadata, DisconnectReason, SendError,
 };
-use super::queue::{OutboundMessage, OutboundQueue};
+use crate::network::connections::channel::{Outbound, OutboundSender, PRIORITY_CAPACITY};
+use crate::network::connections::queue::{OutboundMessage, OutboundQueue};
 
 /// A live connection as the rest of the server sees it: an id, an outbound queue and metadata.
 ///

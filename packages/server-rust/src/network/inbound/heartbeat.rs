@@ -29,8 +29,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use topgun_core::{SystemClock, WallClock};
 
-use super::handle::ConnectionHandle;
-use super::inbound::{InboundHandler, SyncError, SyncRequest};
+use crate::network::connections::handle::ConnectionHandle;
+use crate::network::inbound::{InboundHandler, SyncError, SyncRequest};
 
 /// Answers TopGun's `PING` with a top-level `PONG` and passes everything else to `H`.
 #[derive(Debug, Clone, Default)]

@@ -31,10 +31,10 @@ use http::header::RETRY_AFTER;
 use http::{Request, StatusCode};
 use tower::{Layer, Service};
 
-use super::admission::{Refusal, RefusalLog};
-use super::client_addr::ClientAddr;
-use super::config::RateLimitConfig;
-use super::metrics::TransportMetrics;
+use crate::network::config::RateLimitConfig;
+use crate::network::edge::admission::{Refusal, RefusalLog};
+use crate::network::edge::client_addr::ClientAddr;
+use crate::network::metrics::TransportMetrics;
 
 /// Refuses requests over each client address's token bucket.
 #[derive(Debug, Clone)]

@@ -127,7 +127,7 @@ impl OutboundQueue {
 
     /// Reads the fields a send reads first (see [`ConnectionHandle::preload`]).
     ///
-    /// [`ConnectionHandle::preload`]: super::handle::ConnectionHandle::preload
+    /// [`ConnectionHandle::preload`]: crate::network::connections::handle::ConnectionHandle::preload
     pub(crate) fn preload(&self) {
         // The lock's poison flag sits beside the lock word and the start of the lanes.
         std::hint::black_box(self.lanes.is_poisoned());

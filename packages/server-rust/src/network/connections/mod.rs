@@ -1,0 +1,13 @@
+//! Who is connected, and how to reach them: registry → queue → writer.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `handle` | [`ConnectionHandle`](crate::network::ConnectionHandle): one live connection as the rest of the server sees it |
+//! | `channel` | the queue's two ends, tokio-shaped, with drop accounting |
+//! | `queue` | one connection's bounded outbound queue; who may write to the socket |
+//! | `registry` | [`ConnectionRegistry`](crate::network::ConnectionRegistry): every live connection, broadcasts |
+
+pub(crate) mod channel;
+pub(crate) mod handle;
+pub(crate) mod queue;
+pub(crate) mod registry;
