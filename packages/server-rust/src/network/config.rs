@@ -211,6 +211,19 @@ impl NetworkConfig {
                 "connection.auth_timeout must be greater than zero (or None to turn it off)".into(),
             ));
         }
+        if c.max_concurrent_messages == 0 {
+            return Err(ConfigError(
+                "connection.max_concurrent_messages must be at least 1 (1: one after another)"
+                    .into(),
+            ));
+        }
+        if u32::try_from(c.max_topics_per_connection).is_err() {
+            return Err(ConfigError(format!(
+                "connection.max_topics_per_connection ({}) must be at most {}",
+                c.max_topics_per_connection,
+                u32::MAX
+            )));
+        }
         if self.max_connections == 0 || u32::try_from(self.max_connections).is_err() {
             return Err(ConfigError(format!(
                 "max_connections ({}) must be between 1 and {}",
@@ -324,6 +337,16 @@ pub struct ConnectionConfig {
     /// idle connection holds no compressor; see [`DeflateConfig`](crate::network::DeflateConfig).
     /// `None` answers no extension, and frames are plain. Default: `None` (off).
     pub permessage_deflate: Option<crate::network::DeflateConfig>,
+    /// Most topics one connection may be subscribed to at once
+    /// ([`Topics::subscribe`](crate::network::Topics::subscribe) refuses more with
+    /// [`TopicError::LimitReached`](crate::network::TopicError::LimitReached)). Default: 1024.
+    pub max_topics_per_connection: usize,
+    /// Most `on_message` calls of one connection running at once. At 1 (the default) they run
+    /// one after another, in the order the messages arrived. Above 1 the reader starts the
+    /// next message while earlier ones are still running (a slow query does not hold up the
+    /// same client's next messages): calls may then finish in any order, and the bytes of the
+    /// messages in flight are bounded by [`READ_AHEAD_BYTES`](crate::network::READ_AHEAD_BYTES).
+    pub max_concurrent_messages: usize,
 }
 
 impl Default for ConnectionConfig {
@@ -346,6 +369,8 @@ impl Default for ConnectionConfig {
             auth_timeout: None,
             inbound_rate: None,
             permessage_deflate: None,
+            max_topics_per_connection: 1024,
+            max_concurrent_messages: 1,
         }
     }
 }

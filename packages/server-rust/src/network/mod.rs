@@ -51,9 +51,12 @@ pub use connection::{
     ConnectionId, ConnectionKind, ConnectionMetadata, DisconnectReason, SendError,
 };
 pub use connections::channel::{OutboundPermit, OutboundReceiver, OutboundSender};
+pub use connections::events::DisconnectListener;
+pub use connections::fanout::BroadcastOutcome;
 pub use connections::handle::ConnectionHandle;
 pub use connections::queue::OutboundMessage;
-pub use connections::registry::{BroadcastOutcome, ConnectionRegistry};
+pub use connections::registry::ConnectionRegistry;
+pub use connections::topics::{TopicError, Topics};
 pub use edge::client_addr::{ClientAddr, ClientAddrLayer, ClientAddrService, resolve_client_ip};
 pub use edge::proxy_protocol::read_proxy_header;
 pub use edge::tls::{TlsError, TlsReloader};

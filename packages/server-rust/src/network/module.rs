@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::IntoResponse;
 use axum::response::Response;
+use axum::routing::{MethodFilter, any, on};
 use axum::{Router, ServiceExt as _};
 use axum_server::accept::DefaultAcceptor;
 use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
@@ -27,10 +29,10 @@ use crate::network::edge::rate_limit::RateLimitLayer;
 use crate::network::edge::tls::{TlsAcceptor, TlsReloader};
 use crate::network::engine::Shared;
 use crate::network::engine::direct::LinkAcceptor;
-use crate::network::handlers::{AppState, main_routes, metrics_routes};
+use crate::network::handlers::{AppState, main_paths, main_routes, metrics_routes};
 use crate::network::inbound::{InboundHandler, StubHandler};
 use crate::network::metrics::TransportMetrics;
-use crate::network::metrics::http::HttpMetricsLayer;
+use crate::network::metrics::http::{EmbedderRoute, HttpMetricsLayer};
 use crate::network::middleware::build_http_layers;
 use crate::network::shutdown::ShutdownController;
 
@@ -67,6 +69,8 @@ pub struct NetworkModule {
     metrics_listener: Option<TcpListener>,
     connection_slots: Arc<Semaphore>,
     admission: Arc<Admission>,
+    /// Routes of the embedder's own, served beside the built-in ones.
+    own_routes: Vec<Router>,
 }
 
 impl std::fmt::Debug for NetworkModule {
@@ -97,8 +101,37 @@ impl NetworkModule {
                 config.max_connections.min(Semaphore::MAX_PERMITS),
             )),
             admission: Arc::new(Admission::new(&config)),
+            own_routes: Vec::new(),
             config,
         }
+    }
+
+    /// Serves `routes` beside the transport's own, behind the same middleware (request id,
+    /// trace, CORS, timeout, client address, rate limit, HTTP metrics under the `route` label
+    /// `embedder`) and with the same lifecycle (TLS, PROXY protocol, drain). Give the router
+    /// its state first (`with_state`); call this again to add more.
+    ///
+    /// A path the transport serves itself (`/`, `/ws`, `/sync`, `/health`, `/health/live`,
+    /// `/health/ready`, `/metrics` unless it has its own listener) cannot be taken:
+    /// [`start`](Self::start) fails naming it, whatever the method. Unmatched paths keep the
+    /// transport's JSON `404`, so the routes must not set a fallback of their own (also an
+    /// error from `start`).
+    ///
+    /// ```
+    /// use axum::{Router, routing::post};
+    /// use topgun_server::network::{NetworkConfig, NetworkModule};
+    ///
+    /// async fn login() -> &'static str {
+    ///     "token"
+    /// }
+    ///
+    /// let module = NetworkModule::new(NetworkConfig::default())
+    ///     .with_routes(Router::new().route("/api/auth/login", post(login)));
+    /// ```
+    #[must_use]
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        self.own_routes.push(routes);
+        self
     }
 
     /// Installs the handler that receives inbound messages, connection events and `/sync`
@@ -167,15 +200,55 @@ impl NetworkModule {
         self.tls.clone()
     }
 
-    /// Assembles every route behind the HTTP middleware stack.
+    /// Assembles every route, the embedder's own included, behind the HTTP middleware stack.
     ///
     /// Serve it yourself to embed the transport in a larger router; [`serve`](Self::serve)
     /// additionally runs the shutdown sequence.
     ///
     /// The stack wraps the routes once, as a whole: `Router::layer` would wrap every route
     /// separately, and each request would then clone the stack once per layer.
+    ///
+    /// # Panics
+    ///
+    /// When routes given to [`with_routes`](Self::with_routes) take a path the transport
+    /// serves or set a fallback, as `Router::merge` would; [`start`](Self::start) reports the
+    /// same as an error.
     pub fn build_router(&self) -> Router {
-        Router::new().fallback_service(self.behind_middleware(main_routes(&self.config)))
+        let routes = self.main_router().unwrap_or_else(|err| panic!("{err}"));
+        Router::new().fallback_service(self.behind_middleware(routes))
+    }
+
+    /// The routes of the main port, the embedder's own merged with the built-in ones; an
+    /// error naming the conflict when they clash.
+    fn main_router(&self) -> anyhow::Result<Router> {
+        let builtin = main_routes(&self.config).with_state(self.app_state());
+        if self.own_routes.is_empty() {
+            return Ok(builtin);
+        }
+        let own = without_panic("the routes given to with_routes", || {
+            let mut own = Router::new();
+            for routes in &self.own_routes {
+                own = own.merge(routes.clone());
+            }
+            own
+        })?;
+        for path in main_paths(&self.config) {
+            // Whatever takes `path` (a method, `any`, a service) refuses one more route there
+            // for every method, or one more `any`.
+            let every_method = || on(EVERY_METHOD, || async {});
+            let clash = without_panic(path, || own.clone().route(path, every_method())).is_err()
+                || without_panic(path, || own.clone().route(path, any(|| async {}))).is_err();
+            if clash {
+                anyhow::bail!("with_routes: {path} is served by the transport");
+            }
+        }
+        let own = if own.has_routes() {
+            own.route_layer(axum::middleware::map_response(mark_embedder_route))
+        } else {
+            own
+        };
+        without_panic("with_routes", || builtin.merge(own))
+            .context("with_routes: routes of your own may not set a fallback")
     }
 
     /// `routes` behind the middleware stack and the HTTP metrics layer, as a service that
@@ -184,7 +257,7 @@ impl NetworkModule {
     /// `404`s, metrics).
     fn behind_middleware(
         &self,
-        routes: Router<AppState>,
+        routes: Router,
     ) -> impl Service<
         Request<Body>,
         Response = Response,
@@ -194,7 +267,6 @@ impl NetworkModule {
     + Send
     + Sync
     + 'static {
-        let routes = routes.with_state(self.app_state());
         let rate_limit = self.config.rate_limit.map(|limit| {
             RateLimitLayer::new(limit, Arc::clone(&self.metrics), Arc::clone(&self.admission.log))
         });
@@ -245,7 +317,8 @@ impl NetworkModule {
     /// The router of the separate metrics listener: `/metrics` only, behind the same
     /// middleware as the main port.
     fn metrics_router(&self) -> Router {
-        Router::new().fallback_service(self.behind_middleware(metrics_routes(&self.config)))
+        let routes = metrics_routes(&self.config).with_state(self.app_state());
+        Router::new().fallback_service(self.behind_middleware(routes))
     }
 
     /// Validates the configuration, loads TLS certificates if configured, and binds the port.
@@ -253,10 +326,13 @@ impl NetworkModule {
     ///
     /// # Errors
     ///
-    /// An invalid configuration, unreadable or mismatched TLS files, or a port that cannot be
-    /// bound; each message names what failed.
+    /// An invalid configuration, routes of your own that clash with the transport's
+    /// ([`with_routes`](Self::with_routes)), unreadable or mismatched TLS files, or a port
+    /// that cannot be bound; each message names what failed.
     pub async fn start(&mut self) -> anyhow::Result<u16> {
         self.config.validate()?;
+        // Built here only to report clashing routes before anything is bound.
+        let _routes = self.main_router()?;
         if let Some(tls) = &self.config.tls {
             self.tls = Some(TlsReloader::load(tls)?);
         }
@@ -295,7 +371,7 @@ impl NetworkModule {
         let listener = listener.into_std()?;
         let app = ServiceBuilder::new()
             .map_request(|request: Request<hyper::body::Incoming>| request.map(Body::new))
-            .service(self.behind_middleware(main_routes(&self.config)))
+            .service(self.behind_middleware(self.main_router()?))
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         // Read before anything else, TLS included: the balancer writes the header ahead of the
@@ -445,6 +521,36 @@ impl NetworkModule {
         controller.set_stopped();
         tracing::info!("stopped");
     }
+}
+
+/// Every method a route can be given.
+const EVERY_METHOD: MethodFilter = MethodFilter::GET
+    .or(MethodFilter::POST)
+    .or(MethodFilter::PUT)
+    .or(MethodFilter::PATCH)
+    .or(MethodFilter::DELETE)
+    .or(MethodFilter::HEAD)
+    .or(MethodFilter::OPTIONS)
+    .or(MethodFilter::TRACE)
+    .or(MethodFilter::CONNECT);
+
+/// Runs `build`, which may panic the way `Router::merge` and `Router::route` do on clashing
+/// routes, and turns such a panic into an error naming `what`.
+fn without_panic<T>(what: &str, build: impl FnOnce() -> T) -> anyhow::Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(build)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("conflicting routes");
+        anyhow::anyhow!("{what}: {message}")
+    })
+}
+
+/// Marks the response of a route of the embedder's own, for the HTTP metrics.
+async fn mark_embedder_route(mut response: Response) -> Response {
+    response.extensions_mut().insert(EmbedderRoute);
+    response
 }
 
 /// Binds the first address `addr` resolves to that can be bound, with the configured

@@ -1,7 +1,9 @@
 //! Every route the server answers, in one table: the router is built from it (each route's
 //! handler is chosen by an exhaustive `match` in `handlers`) and the HTTP metrics label
 //! requests from it, so a route cannot be served without being counted under its own name.
-//! Any other path is `unmatched`, which keeps scanners from creating labels.
+//! Requests that reach a route of the embedder's own
+//! ([`NetworkModule::with_routes`](crate::network::NetworkModule::with_routes)) are
+//! `embedder`; any other path is `unmatched`, which keeps scanners from creating labels.
 
 /// One route of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +31,12 @@ impl Route {
 
     /// The label of requests that matched no route.
     pub(crate) const UNMATCHED: &'static str = "unmatched";
+    /// The label of requests served by a route of the embedder's own.
+    pub(crate) const EMBEDDER: &'static str = "embedder";
+    /// The metric slot of requests served by a route of the embedder's own.
+    pub(crate) const EMBEDDER_SLOT: usize = Self::ALL.len() + 1;
+    /// Metric slots: every route, `unmatched`, `embedder`.
+    pub(crate) const SLOTS: usize = Self::ALL.len() + 2;
 
     pub(crate) fn path(self) -> &'static str {
         match self {
@@ -50,7 +58,11 @@ impl Route {
 
     /// The label of a metric slot.
     pub(crate) fn slot_name(slot: usize) -> &'static str {
-        Self::ALL.get(slot).map_or(Self::UNMATCHED, |route| route.path())
+        match Self::ALL.get(slot) {
+            Some(route) => route.path(),
+            None if slot == Self::EMBEDDER_SLOT => Self::EMBEDDER,
+            None => Self::UNMATCHED,
+        }
     }
 }
 
@@ -65,5 +77,7 @@ mod tests {
             assert_eq!(Route::slot_name(slot), route.path());
         }
         assert_eq!(Route::slot_name(Route::slot("/wp-admin")), "unmatched");
+        assert_eq!(Route::slot_name(Route::EMBEDDER_SLOT), "embedder");
+        assert_eq!(Route::SLOTS, Route::EMBEDDER_SLOT + 1);
     }
 }

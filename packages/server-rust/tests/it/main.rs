@@ -2,6 +2,7 @@
 //! one build). Shared helpers live in the `topgun-test-support` crate. The log test has a
 //! binary of its own because it installs a global subscriber.
 
+mod building_on;
 mod decoders;
 mod handshake;
 mod http;

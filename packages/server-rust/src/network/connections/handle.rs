@@ -6,11 +6,12 @@
 //! and waiting ([`ConnectionHandle::send_timeout`]), so one slow client never stalls the others.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::Extensions;
 use tokio::sync::RwLock;
 use topgun_core::Principal;
 
@@ -49,6 +50,10 @@ pub struct ConnectionHandle {
     /// The client's address, as `ClientAddr` resolved it.
     peer: Option<SocketAddr>,
     state: ConnectionState,
+    /// State of the server's own, by type; see [`insert_extension`](Self::insert_extension).
+    extensions: Mutex<Extensions>,
+    /// Most topics the connection may be subscribed to (`max_topics_per_connection`).
+    max_topics: u32,
 }
 
 /// Transport-internal per-connection state, kept out of the metadata lock because the read and
@@ -80,6 +85,7 @@ impl ConnectionHandle {
         kind: ConnectionKind,
         outbound: Arc<Outbound>,
         peer: Option<SocketAddr>,
+        max_topics: u32,
     ) -> Self {
         Self {
             id: outbound.id(),
@@ -89,7 +95,62 @@ impl ConnectionHandle {
             kind,
             peer,
             state: ConnectionState::default(),
+            extensions: Mutex::new(Extensions::new()),
+            max_topics,
         }
+    }
+
+    /// Most topics this connection may be subscribed to at once.
+    pub(crate) fn max_topics(&self) -> usize {
+        self.max_topics as usize
+    }
+
+    /// Stores `value` with the connection, by its type, replacing (and returning) one stored
+    /// before: per-connection state of the server's own (a device id, a session, whether its
+    /// handshake completed), as [`http::Extensions`] carries it for a request. Readable
+    /// wherever the handle is (a handler, a registry lookup, a topic's subscriber); dropped
+    /// once the connection has ended, after every disconnect listener has run.
+    ///
+    /// ```
+    /// use topgun_server::network::{ConnectionConfig, ConnectionKind, ConnectionRegistry};
+    ///
+    /// #[derive(Clone, Debug, PartialEq)]
+    /// struct DeviceId(String);
+    ///
+    /// let registry = ConnectionRegistry::new();
+    /// let (conn, _queue) = registry.register(ConnectionKind::Client, &ConnectionConfig::default());
+    /// conn.insert_extension(DeviceId("phone-7".into()));
+    /// let found = registry.get(conn.id).unwrap();
+    /// assert_eq!(found.extension::<DeviceId>(), Some(DeviceId("phone-7".into())));
+    /// ```
+    pub fn insert_extension<T: Clone + Send + Sync + 'static>(&self, value: T) -> Option<T> {
+        self.with_extensions(|extensions| extensions.insert(value))
+    }
+
+    /// A copy of the value of type `T` stored with [`insert_extension`](Self::insert_extension)
+    /// (store an `Arc` to share a large one).
+    pub fn extension<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.with_extensions(|extensions| extensions.get::<T>().cloned())
+    }
+
+    /// Removes and returns the value of type `T`.
+    pub fn remove_extension<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.with_extensions(Extensions::remove::<T>)
+    }
+
+    /// Runs `f` on the connection's extensions, to read or change values in place. Keep it
+    /// short: the extensions are locked (not across an await) while it runs.
+    pub fn with_extensions<R>(&self, f: impl FnOnce(&mut Extensions) -> R) -> R {
+        let mut extensions = self.extensions.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut extensions)
+    }
+
+    /// Drops every extension: the connection has ended.
+    pub(crate) fn clear_extensions(&self) {
+        let cleared =
+            std::mem::take(&mut *self.extensions.lock().unwrap_or_else(PoisonError::into_inner));
+        // Dropped outside the lock: a value's `Drop` may look at the handle again.
+        drop(cleared);
     }
 
     fn outbound(&self) -> &Outbound {

@@ -1,38 +1,36 @@
-//! **registry** → queue → writer: every live connection, and broadcasts to them.
+//! **registry** → fanout → queue → writer: every live connection, broadcasts to them, and
+//! sends to the ones named.
+//!
+//! Topics (`topics.rs`) and disconnect listeners (`events.rs`) are rooms of their own; the
+//! registry holds them so that whoever holds the registry reaches them, and the engine can
+//! clear a connection out of them when it ends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use dashmap::mapref::multiple::RefMulti;
 use tokio::sync::Notify;
 
 use crate::network::config::ConnectionConfig;
 use crate::network::connection::{ConnectionId, ConnectionKind};
 use crate::network::connections::channel::{Outbound, OutboundReceiver};
+use crate::network::connections::events::{DisconnectListener, DisconnectListeners};
+use crate::network::connections::fanout::{self, BroadcastOutcome, Fanout};
 use crate::network::connections::handle::ConnectionHandle;
-use crate::network::connections::queue::OutboundMessage;
-
-/// One registered connection, as the registry's map lends it.
-type Entry<'a> = RefMulti<'a, ConnectionId, Arc<ConnectionHandle>>;
-
-/// What [`ConnectionRegistry::broadcast`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BroadcastOutcome {
-    /// Connections the message was queued on (or written to at once, their socket being free).
-    pub queued: usize,
-    /// Connections whose queue was full or closed; they did not get the message.
-    pub dropped: usize,
-}
+use crate::network::connections::topics::Topics;
 
 /// All live connections, shared by every part of the server.
 ///
 /// Lock-sharded ([`DashMap`]) so registering, removing and looking up connections scale across
 /// cores; per-kind counts are kept alongside so [`count_by_kind`](Self::count_by_kind) is O(1).
-#[derive(Debug, Default)]
+///
+/// Besides every connection, it reaches connections by id ([`send_to`](Self::send_to)), by
+/// topic ([`topics`](Self::topics)), and tells listeners when one ends
+/// ([`listen_disconnects`](Self::listen_disconnects)).
+#[derive(Debug)]
 pub struct ConnectionRegistry {
     connections: DashMap<ConnectionId, Arc<ConnectionHandle>>,
     /// Whether the engine's clock (which wakes connections due a ping) runs for these
@@ -42,53 +40,25 @@ pub struct ConnectionRegistry {
     counts_by_kind: [AtomicUsize; ConnectionKind::ALL.len()],
     emptied: Notify,
     dropped_total: Arc<AtomicU64>,
-    pace: Pace,
+    fanout: Arc<Fanout>,
+    topics: Topics,
+    listeners: DisconnectListeners,
 }
 
-/// Whether broadcasts come back to back. After a pause, a broadcast writes its message to each
-/// idle connection's socket itself: one write per connection, no task woken. Back to back, the
-/// messages are queued instead: each connection's task then writes what piled up since it last
-/// ran as one frame (`BATCH`), which carries far more messages per write than one each.
-#[derive(Debug)]
-struct Pace {
-    epoch: Instant,
-    /// Nanoseconds after `epoch` from which a broadcast follows a pause.
-    quiet_from: AtomicU64,
-}
-
-impl Default for Pace {
+impl Default for ConnectionRegistry {
     fn default() -> Self {
-        Self { epoch: Instant::now(), quiet_from: AtomicU64::new(0) }
-    }
-}
-
-impl Pace {
-    /// How soon after the end of one broadcast the next counts as back to back.
-    const BACK_TO_BACK: Duration = Duration::from_millis(1);
-
-    /// Nanoseconds since `epoch`.
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// At the start of a broadcast: whether it follows a pause.
-    fn after_pause(&self) -> bool {
-        self.after_pause_at(self.now())
-    }
-
-    fn after_pause_at(&self, now: u64) -> bool {
-        now >= self.quiet_from.load(Ordering::Relaxed)
-    }
-
-    /// At the end of a broadcast.
-    fn ended(&self) {
-        self.ended_at(self.now());
-    }
-
-    fn ended_at(&self, now: u64) {
-        #[allow(clippy::cast_possible_truncation)] // a millisecond
-        let back_to_back = Self::BACK_TO_BACK.as_nanos() as u64;
-        self.quiet_from.store(now.saturating_add(back_to_back), Ordering::Relaxed);
+        let fanout = Arc::new(Fanout::default());
+        Self {
+            connections: DashMap::new(),
+            clock_running: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            counts_by_kind: Default::default(),
+            emptied: Notify::new(),
+            dropped_total: Arc::default(),
+            topics: Topics::new(Arc::clone(&fanout)),
+            fanout,
+            listeners: DisconnectListeners::default(),
+        }
     }
 }
 
@@ -123,7 +93,8 @@ impl ConnectionRegistry {
     ) -> Arc<ConnectionHandle> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let outbound = Outbound::new(id, config, Arc::clone(&self.dropped_total));
-        let handle = Arc::new(ConnectionHandle::new(kind, Arc::new(outbound), peer));
+        let max_topics = u32::try_from(config.max_topics_per_connection).unwrap_or(u32::MAX);
+        let handle = Arc::new(ConnectionHandle::new(kind, Arc::new(outbound), peer, max_topics));
         self.counts_by_kind[kind.index()].fetch_add(1, Ordering::Relaxed);
         self.connections.insert(id, Arc::clone(&handle));
         handle
@@ -204,64 +175,88 @@ impl ConnectionRegistry {
     pub fn broadcast_to(
         &self,
         msg_bytes: impl Into<Bytes>,
-        recipients: impl FnMut(&ConnectionHandle) -> bool,
-    ) -> BroadcastOutcome {
-        let direct = self.pace.after_pause();
-        let outcome = self.broadcast_inspecting(direct, &msg_bytes.into(), recipients, |_| {});
-        self.pace.ended();
-        outcome
-    }
-
-    /// Queues `payload` on every connection `recipients` picks among those that accept
-    /// broadcasts, calling `queued` with each connection that took it.
-    fn broadcast_inspecting(
-        &self,
-        direct: bool,
-        payload: &Bytes,
         mut recipients: impl FnMut(&ConnectionHandle) -> bool,
-        mut queued: impl FnMut(&Arc<ConnectionHandle>),
     ) -> BroadcastOutcome {
-        let mut outcome = BroadcastOutcome::default();
-        self.for_each_preloaded(|handle| {
-            if !handle.accepts_broadcasts() || !recipients(handle) {
-                return;
-            }
-            if handle.try_send_as(OutboundMessage::Binary(payload.clone()), direct) {
-                outcome.queued += 1;
-                queued(handle);
-            } else {
-                outcome.dropped += 1;
-            }
-        });
-        if outcome.dropped > 0 {
-            tracing::debug!(
-                dropped = outcome.dropped,
-                queued = outcome.queued,
-                "broadcast skipped full queues"
-            );
-        }
-        outcome
+        let payload = msg_bytes.into();
+        self.fanout.once(|direct| {
+            fanout::send_each(
+                direct,
+                &payload,
+                &self.connections,
+                |conn| conn.accepts_broadcasts() && recipients(conn),
+                |_| {},
+            )
+        })
     }
 
-    /// Calls `visit` with every connection, having preloaded each one's handle two connections
-    /// earlier and its queue one earlier (see [`ConnectionHandle::preload`]).
-    fn for_each_preloaded(&self, mut visit: impl FnMut(&Arc<ConnectionHandle>)) {
-        // `next`'s handle has been preloaded; `now`'s handle and queue have.
-        let mut next: Option<Entry<'_>> = None;
-        let mut now: Option<Entry<'_>> = None;
-        for entry in &self.connections {
-            entry.value().preload();
-            if let Some(next) = &next {
-                next.value().preload_queue();
-            }
-            if let Some(now) = now.take() {
-                visit(now.value());
-            }
-            now = next.replace(entry);
-        }
-        for entry in now.into_iter().chain(next) {
-            visit(entry.value());
-        }
+    /// Queues `msg_bytes` as a binary message on each connection of `ids`, never waiting:
+    /// O(ids), whatever the number of connections. The payload is shared, as for a broadcast,
+    /// and each connection named is reached (its `on_connect` may still be running: it was
+    /// named). Ids no longer registered, and full or closed queues, count as dropped.
+    ///
+    /// ```
+    /// use topgun_server::network::{BroadcastOutcome, ConnectionConfig, ConnectionKind, ConnectionRegistry};
+    ///
+    /// let registry = ConnectionRegistry::new();
+    /// let config = ConnectionConfig::default();
+    /// let (a, mut a_queue) = registry.register(ConnectionKind::Client, &config);
+    /// let (_b, mut b_queue) = registry.register(ConnectionKind::Client, &config);
+    /// let outcome = registry.send_to([a.id], vec![0x90]);
+    /// assert_eq!(outcome, BroadcastOutcome { queued: 1, dropped: 0 });
+    /// assert!(a_queue.try_recv().is_ok());
+    /// assert!(b_queue.try_recv().is_err(), "not named");
+    /// ```
+    pub fn send_to(
+        &self,
+        ids: impl IntoIterator<Item = ConnectionId>,
+        msg_bytes: impl Into<Bytes>,
+    ) -> BroadcastOutcome {
+        let payload = msg_bytes.into();
+        self.fanout.once(|direct| {
+            let mut missing = 0;
+            // Each handle is taken out of the map at once: holding several entries would hold
+            // their shards' locks, and two ids in one shard would take it twice.
+            let found = ids.into_iter().filter_map(|id| {
+                let found = self.get(id);
+                missing += usize::from(found.is_none());
+                found
+            });
+            let mut outcome = fanout::send_each(direct, &payload, found, |_| true, |_| {});
+            outcome.dropped += missing;
+            outcome
+        })
+    }
+
+    /// The topics connections subscribe to, and publishing to their subscribers.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// Adds `listener`, told of every connection the transport ends, after the handler's own
+    /// [`on_disconnect`](crate::network::InboundHandler::on_disconnect); listeners are called
+    /// one after another, in the order they were added. Several parts of a server (sessions,
+    /// locks, subscriptions of their own) can each learn of disconnects this way without
+    /// wrapping the handler.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use topgun_server::network::{ConnectionHandle, ConnectionRegistry, DisconnectReason};
+    ///
+    /// let registry = ConnectionRegistry::new();
+    /// let ended = Arc::new(AtomicUsize::new(0));
+    /// let counter = Arc::clone(&ended);
+    /// registry.listen_disconnects(move |_conn: &Arc<ConnectionHandle>, _why: DisconnectReason| {
+    ///     counter.fetch_add(1, Ordering::Relaxed);
+    /// });
+    /// ```
+    pub fn listen_disconnects(&self, listener: impl DisconnectListener) {
+        self.listeners.add(&(Arc::new(listener) as Arc<dyn DisconnectListener>));
+    }
+
+    /// The disconnect listeners, for the engine.
+    pub(crate) fn disconnect_listeners(&self) -> &DisconnectListeners {
+        &self.listeners
     }
 
     /// Wakes every connection's task, to look at the shutdown state.
@@ -332,52 +327,28 @@ impl ConnectionRegistry {
     pub async fn broadcast_cooperative_to(
         &self,
         msg_bytes: impl Into<Bytes>,
-        recipients: impl FnMut(&ConnectionHandle) -> bool + Send,
+        mut recipients: impl FnMut(&ConnectionHandle) -> bool + Send,
     ) -> BroadcastOutcome {
-        let mut lagging = Vec::new();
-        let direct = self.pace.after_pause();
-        let outcome = self.broadcast_inspecting(direct, &msg_bytes.into(), recipients, |handle| {
-            let slow = &handle.state().slow_for_broadcasts;
-            if handle.queued() <= Self::COOPERATIVE_BACKLOG {
-                // Read first: the common case then never writes the shared line.
-                if slow.load(Ordering::Relaxed) {
-                    slow.store(false, Ordering::Relaxed);
-                }
-            } else if !slow.load(Ordering::Relaxed) {
-                lagging.push(Arc::clone(handle));
-            }
-        });
-        tokio::task::yield_now().await;
-        let tolerated = outcome.queued / 100 + 1;
-        let deadline = tokio::time::Instant::now() + Self::COOPERATIVE_MAX_WAIT;
-        // Soon at first, then less often: every look walks the lagging queues.
-        let mut recheck = Duration::from_millis(1);
-        while lagging.len() > tolerated {
-            if tokio::time::Instant::now() >= deadline {
-                for handle in &lagging {
-                    handle.state().slow_for_broadcasts.store(true, Ordering::Relaxed);
-                }
-                break;
-            }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + recheck)).await;
-            recheck = (recheck * 2).min(Self::COOPERATIVE_RECHECK_MAX);
-            lagging.retain(|handle| handle.queued() > Self::COOPERATIVE_BACKLOG);
-        }
-        // After the wait: a broadcast that had to wait for its recipients is the one a next
-        // broadcast follows back to back.
-        self.pace.ended();
-        outcome
+        let payload = msg_bytes.into();
+        self.fanout
+            .cooperative(|direct, lagging| {
+                fanout::send_each(
+                    direct,
+                    &payload,
+                    &self.connections,
+                    |conn| conn.accepts_broadcasts() && recipients(conn),
+                    |conn| lagging.note(conn),
+                )
+            })
+            .await
     }
 
     /// Queued messages beyond which [`broadcast_cooperative`](Self::broadcast_cooperative)
     /// counts a recipient as lagging.
-    pub const COOPERATIVE_BACKLOG: usize = 12;
+    pub const COOPERATIVE_BACKLOG: usize = Fanout::COOPERATIVE_BACKLOG;
     /// Longest [`broadcast_cooperative`](Self::broadcast_cooperative) waits for lagging
     /// recipients before it returns anyway.
-    pub const COOPERATIVE_MAX_WAIT: Duration = Duration::from_millis(250);
-    /// The longest a waiting [`broadcast_cooperative`](Self::broadcast_cooperative) goes
-    /// without looking at the lagging queues again (it starts at 1 ms and doubles).
-    const COOPERATIVE_RECHECK_MAX: Duration = Duration::from_millis(8);
+    pub const COOPERATIVE_MAX_WAIT: Duration = Fanout::COOPERATIVE_MAX_WAIT;
 
     /// Removes and returns every connection, for shutdown.
     ///
@@ -397,16 +368,7 @@ impl ConnectionRegistry {
 mod tests {
     use super::*;
     use crate::network::connections::channel::tests::{binary, config_with_capacity};
-
-    #[test]
-    fn a_broadcast_follows_a_pause_unless_it_comes_within_a_millisecond_of_the_last() {
-        let pace = Pace::default();
-        assert!(pace.after_pause_at(0), "the first broadcast");
-        pace.ended_at(5_000_000);
-        assert!(!pace.after_pause_at(5_000_000), "back to back");
-        assert!(!pace.after_pause_at(5_999_999));
-        assert!(pace.after_pause_at(6_000_000), "a millisecond later");
-    }
+    use crate::network::connections::queue::OutboundMessage;
 
     #[test]
     fn count_tracks_register_and_remove() {

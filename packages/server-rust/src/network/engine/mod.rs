@@ -22,8 +22,9 @@
 //! [`run`] is the connection's lifecycle, in the order a handler relies on:
 //! register (invisible to broadcasts) → `on_connect` (while its call runs, what it queues is
 //! already written and the client's messages wait for it) → broadcasts reach it → read and
-//! write until the client leaves or the server closes it → removed from the registry →
-//! `on_disconnect`, exactly once.
+//! write until the client leaves or the server closes it → removed from the registry and its
+//! topics → `on_disconnect`, exactly once → each disconnect listener, in the order added →
+//! extensions dropped.
 
 pub(crate) mod batch;
 mod clock;
@@ -171,13 +172,23 @@ fn serve<S: Socket>(
             conn.note_disconnect(DisconnectReason::Shutdown);
         }
         let reason = conn.disconnect_reason();
-        if state.registry.remove(conn.id).is_some() {
+        let removed = state.registry.remove(conn.id).is_some();
+        // Out of its topics before anyone is told: a publish no longer counts it.
+        state.registry.topics().unsubscribe_all(&conn).await;
+        if removed {
             state.metrics.connection_closed(conn.kind, reason);
             let _in_flight = state.shutdown.in_flight_guard();
             if call_guarded("on_disconnect", state.handler.on_disconnect(&conn)).await.is_none() {
                 state.metrics.panicked(PanicSource::Handler);
             }
+            for listener in state.registry.disconnect_listeners().all().iter() {
+                let told = listener.on_disconnect(&conn, reason);
+                if call_guarded("disconnect listener", told).await.is_none() {
+                    state.metrics.panicked(PanicSource::Handler);
+                }
+            }
         }
+        conn.clear_extensions();
         tracing::debug!(
             reason = reason.as_str(),
             dropped = conn.dropped_messages(),
@@ -269,9 +280,7 @@ mod tests {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 
     use super::*;
-    use crate::network::{
-        ConnectionConfig, NetworkConfig, NetworkModule, OutboundMessage, StubHandler,
-    };
+    use crate::network::{ConnectionConfig, NetworkConfig, NetworkModule, OutboundMessage};
 
     /// An upgraded stream whose reads panic once the client has sent anything: a bug in the
     /// transport's own code, below the handler.

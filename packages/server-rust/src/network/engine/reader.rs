@@ -1,6 +1,8 @@
 //! socket → reader → handler: reads frames, offers each binary message to
 //! [`InboundHandler::answer_inline`](crate::network::InboundHandler::answer_inline) at once and
-//! hands the rest to `on_message` in order, one call at a time.
+//! hands the rest to `on_message` in order, one call at a time (or, with
+//! [`ConnectionConfig::max_concurrent_messages`] above 1, up to that many at once, bounded by
+//! [`READ_AHEAD_BYTES`] of messages in flight).
 //!
 //! While an `on_message` call runs, the reader keeps reading, up to
 //! [`READ_AHEAD_MESSAGES`] messages or [`READ_AHEAD_BYTES`] held for the handler: a heartbeat
@@ -13,16 +15,19 @@
 //! budget.
 //!
 //! [`ConnectionConfig::inbound_rate`]: crate::network::ConnectionConfig::inbound_rate
+//! [`ConnectionConfig::max_concurrent_messages`]: crate::network::ConnectionConfig::max_concurrent_messages
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, CatchUnwind};
+use futures_util::stream::FuturesUnordered;
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::time::Instant;
@@ -45,6 +50,9 @@ pub(super) struct Reader<'a> {
     state: &'a Shared,
     /// The handler call in progress: `on_connect` first, then one `on_message` at a time.
     call: Option<Call<'a>>,
+    /// `on_message` calls in progress when several may run at once (boxed, and only while
+    /// some run: most connections never have one).
+    running: Option<Box<Running<'a>>>,
     ahead: ReadAhead,
     reading: bool,
     /// The message budget, when one is configured (boxed: most connections have none).
@@ -86,7 +94,26 @@ impl Budget {
 struct Call<'a> {
     future: CatchUnwind<AssertUnwindSafe<BoxFuture<'a, ()>>>,
     connect: bool,
+    /// The message's size, for the bound on bytes in flight.
+    bytes: usize,
     _in_flight: InFlightGuard,
+}
+
+impl Future for Call<'_> {
+    /// Whether it was `on_connect`, the message's size, and how the call ended.
+    type Output = (bool, usize, std::thread::Result<()>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = ready!(Pin::new(&mut self.future).poll(cx));
+        Poll::Ready((self.connect, self.bytes, result))
+    }
+}
+
+/// `on_message` calls running side by side, and the bytes of their messages.
+#[derive(Default)]
+struct Running<'a> {
+    calls: FuturesUnordered<Call<'a>>,
+    bytes: usize,
 }
 
 /// Messages read but not yet handed to `on_message`.
@@ -104,6 +131,11 @@ impl ReadAhead {
     fn push(&mut self, payload: Bytes) {
         self.bytes += payload.len();
         self.messages.push_back(payload);
+    }
+
+    /// The size of the next message, if any.
+    fn peek_len(&self) -> Option<usize> {
+        self.messages.front().map(Bytes::len)
     }
 
     fn pop(&mut self) -> Option<Bytes> {
@@ -125,10 +157,19 @@ impl<'a> Reader<'a> {
         let call = Call {
             future: guarded(state.handler.on_connect(conn)),
             connect: true,
+            bytes: 0,
             _in_flight: state.shutdown.in_flight_guard(),
         };
         let budget = state.config.connection.inbound_rate.map(|rate| Box::new(Budget::new(rate)));
-        Self { conn, state, call: Some(call), ahead: ReadAhead::default(), reading: true, budget }
+        Self {
+            conn,
+            state,
+            call: Some(call),
+            running: None,
+            ahead: ReadAhead::default(),
+            reading: true,
+            budget,
+        }
     }
 
     /// When a paused read resumes.
@@ -174,16 +215,25 @@ impl<'a> Reader<'a> {
     ) -> Poll<()> {
         loop {
             if let Some(call) = &mut self.call
-                && let Poll::Ready(result) = Pin::new(&mut call.future).poll(cx)
+                && let Poll::Ready((connect, _, result)) = Pin::new(call).poll(cx)
             {
-                let connect = call.connect;
                 self.call = None;
                 self.finished(connect, result);
             }
-            if self.call.is_none()
-                && let Some(next) = self.ahead.pop()
+            while let Some(running) = &mut self.running
+                && let Poll::Ready(Some((_, bytes, result))) = running.calls.poll_next_unpin(cx)
             {
-                self.call = Some(self.dispatch(next));
+                running.bytes -= bytes;
+                if running.calls.is_empty() {
+                    self.running = None;
+                }
+                self.finished(false, result);
+            }
+            if let Some(next) = self.ahead.peek_len()
+                && self.may_start(next)
+                && let Some(payload) = self.ahead.pop()
+            {
+                self.dispatch(payload);
                 continue;
             }
             if self.reading && self.ahead.has_room() && self.within_budget() {
@@ -211,7 +261,7 @@ impl<'a> Reader<'a> {
             }
             break;
         }
-        if !self.reading && self.call.is_none() && self.ahead.messages.is_empty() {
+        if !self.reading && !self.busy() && self.ahead.messages.is_empty() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -231,10 +281,27 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Whether a handler call is running.
+    fn busy(&self) -> bool {
+        self.call.is_some() || self.running.is_some()
+    }
+
+    /// Whether an `on_message` call for a message of `bytes` may start now: none runs (one at
+    /// a time), or fewer than `max_concurrent_messages` run and the bytes in flight leave room
+    /// for it (the first always starts).
+    fn may_start(&self, bytes: usize) -> bool {
+        if self.call.is_some() {
+            return false;
+        }
+        let Some(running) = &self.running else { return true };
+        running.calls.len() < self.state.config.connection.max_concurrent_messages
+            && running.bytes.saturating_add(bytes) <= READ_AHEAD_BYTES
+    }
+
     fn finished(&self, connect: bool, result: std::thread::Result<()>) {
         // The client's silence while the handler worked was not the client's doing.
         self.conn.touch();
-        self.conn.set_handler_busy(false);
+        self.conn.set_handler_busy(self.busy());
         let returned = report_panic(if connect { "on_connect" } else { "on_message" }, result);
         if returned.is_none() {
             self.handler_failed();
@@ -303,14 +370,24 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Starts one `on_message` call, counted as in-flight work.
-    fn dispatch(&self, payload: Bytes) -> Call<'a> {
+    /// Starts one `on_message` call, counted as in-flight work: the only one, or beside
+    /// others when several may run.
+    fn dispatch(&mut self, payload: Bytes) {
         self.conn.set_handler_busy(true);
-        Call {
+        let bytes = payload.len();
+        let call = Call {
             future: guarded(self.state.handler.on_message(self.conn, payload)),
             connect: false,
+            bytes,
             _in_flight: self.state.shutdown.in_flight_guard(),
+        };
+        if self.state.config.connection.max_concurrent_messages == 1 {
+            self.call = Some(call);
+            return;
         }
+        let running = self.running.get_or_insert_with(Box::default);
+        running.bytes += bytes;
+        running.calls.push(call);
     }
 
     /// A read error ends the connection. A client that broke the protocol or a limit is told

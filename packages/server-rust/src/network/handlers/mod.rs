@@ -103,8 +103,17 @@ impl AppState {
 /// The routes served on the main port (`/metrics` only when it is served there), with a JSON
 /// `404` for anything else.
 pub(crate) fn main_routes(config: &NetworkConfig) -> Router<AppState> {
+    routes(config, main_port_routes(config))
+}
+
+/// The paths served on the main port.
+pub(crate) fn main_paths(config: &NetworkConfig) -> impl Iterator<Item = &'static str> {
+    main_port_routes(config).map(Route::path)
+}
+
+fn main_port_routes(config: &NetworkConfig) -> impl Iterator<Item = Route> {
     let metrics_here = config.metrics.enabled && config.metrics.listen.is_none();
-    routes(config, Route::ALL.into_iter().filter(|r| *r != Route::Metrics || metrics_here))
+    Route::ALL.into_iter().filter(move |r| *r != Route::Metrics || metrics_here)
 }
 
 /// The routes of the separate metrics listener.

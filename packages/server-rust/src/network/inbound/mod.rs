@@ -26,7 +26,13 @@ use crate::network::connections::handle::ConnectionHandle;
 ///
 /// Calls for one connection are made in order, one at a time: `on_message` is not called again
 /// for a connection until its previous call has returned, which gives per-connection ordering.
-/// Every call counts as in-flight work, so a graceful shutdown waits for it.
+/// A server whose messages may be handled out of order (a slow query should not hold up the
+/// same client's next messages) can let up to
+/// [`ConnectionConfig::max_concurrent_messages`](crate::network::ConnectionConfig::max_concurrent_messages)
+/// calls of one connection run at once; they start in the order the messages arrived.
+/// `on_connect` always returns before the first `on_message` starts, and `on_disconnect` is
+/// called once every call has returned. Every call counts as in-flight work, so a graceful
+/// shutdown waits for it.
 ///
 /// **A busy handler does not make its client look dead.** While `on_message` runs, the
 /// connection's reader goes on reading up to [`READ_AHEAD_MESSAGES`] further messages (or

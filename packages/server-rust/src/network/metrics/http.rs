@@ -18,6 +18,10 @@ use tower::{Layer, Service};
 use crate::network::metrics::TransportMetrics;
 use crate::network::routes::Route;
 
+/// Marks a response as served by a route of the embedder's own, for its `route` label.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EmbedderRoute;
+
 /// Records `topgun_http_requests_total` and `topgun_http_request_duration_seconds`.
 #[derive(Clone)]
 pub(crate) struct HttpMetricsLayer {
@@ -88,11 +92,12 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
-            this.metrics.http_request(
-                *this.route,
-                response.status().as_u16(),
-                this.started.elapsed(),
-            );
+            let route = if response.extensions().get::<EmbedderRoute>().is_some() {
+                Route::EMBEDDER_SLOT
+            } else {
+                *this.route
+            };
+            this.metrics.http_request(route, response.status().as_u16(), this.started.elapsed());
         }
         Poll::Ready(result)
     }

@@ -33,6 +33,9 @@
 //! | `topgun_websocket_outbound_queue_depth` | histogram | | queued messages when the writer wakes |
 //! | `topgun_outbound_dropped_messages_total` | counter | | messages that never reached their connection: full queue, queued at close, sent after close |
 //! | `topgun_tls_handshake_failures_total` | counter | | TLS handshakes that failed |
+//! | `topgun_topics` | gauge | | topics with at least one subscriber ([`Topics`](crate::network::Topics)) |
+//! | `topgun_topic_subscriptions` | gauge | | subscriptions over every topic |
+//! | `topgun_topic_messages_published_total` | counter | | publishes to a topic |
 //! | `topgun_panics_total` | counter | `source` | panics caught in a connection's task: `handler` (a call into the [`InboundHandler`](crate::network::InboundHandler)) or `transport` (the connection's own code); each closed its connection with 1011 |
 //! | `topgun_http_requests_total` | counter | `route`, `status` | HTTP requests answered |
 //! | `topgun_http_request_duration_seconds` | histogram | `route` | HTTP request latency |
@@ -125,13 +128,16 @@ pub struct TransportMetrics {
     /// Every thread's tally of the figures above, folded in when rendering.
     tallies: Tallies,
     pub(crate) tls_handshake_failures: Counter,
+    topics: Gauge,
+    topic_subscriptions: Gauge,
+    topic_published: Counter,
     /// `topgun_panics_total`, in [`PanicSource::ALL`] order.
     panics: [Counter; PanicSource::ALL.len()],
     dropped: Counter,
     /// `topgun_http_requests_total` handles by route and status, created on first use, so a
     /// request costs no allocation or map lookup once its (route, status) has been seen.
-    http_requests: [[OnceLock<Counter>; STATUS_SLOTS]; Route::ALL.len() + 1],
-    http_latency: [Histogram; Route::ALL.len() + 1],
+    http_requests: [[OnceLock<Counter>; STATUS_SLOTS]; Route::SLOTS],
+    http_latency: [Histogram; Route::SLOTS],
     in_flight: Gauge,
     health: [Gauge; 4],
     uptime: Gauge,
@@ -150,7 +156,7 @@ const DURATION_BUCKETS: [f64; 12] =
 const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// `# HELP` text and unit of every metric.
-const DESCRIPTIONS: [(&str, &str, Option<Unit>); 24] = [
+const DESCRIPTIONS: [(&str, &str, Option<Unit>); 27] = [
     ("topgun_connections_open", "Open connections.", None),
     ("topgun_connections_opened_total", "Connections opened.", None),
     ("topgun_connections_closed_total", "Connections closed, by reason.", None),
@@ -190,6 +196,9 @@ const DESCRIPTIONS: [(&str, &str, Option<Unit>); 24] = [
     ),
     ("topgun_tls_handshake_failures_total", "Failed TLS handshakes.", None),
     ("topgun_panics_total", "Panics caught in connection tasks, by source.", None),
+    ("topgun_topics", "Topics with at least one subscriber.", None),
+    ("topgun_topic_subscriptions", "Subscriptions over every topic.", None),
+    ("topgun_topic_messages_published_total", "Messages published to a topic.", None),
     ("topgun_http_requests_total", "HTTP requests answered.", None),
     ("topgun_http_request_duration_seconds", "HTTP request latency.", Some(Unit::Seconds)),
     ("topgun_in_flight_operations", "Handler calls and requests in progress.", None),
@@ -269,6 +278,9 @@ impl TransportMetrics {
             batch_messages: histogram("topgun_websocket_batch_messages"),
             queue_depth: histogram("topgun_websocket_outbound_queue_depth"),
             tls_handshake_failures: counter("topgun_tls_handshake_failures_total", vec![]),
+            topics: gauge("topgun_topics", vec![]),
+            topic_subscriptions: gauge("topgun_topic_subscriptions", vec![]),
+            topic_published: counter("topgun_topic_messages_published_total", vec![]),
             panics: PanicSource::ALL.map(|source| {
                 counter("topgun_panics_total", vec![Label::new("source", source.as_str())])
             }),
@@ -400,6 +412,13 @@ impl TransportMetrics {
             self.open[kind.index()].set(registry.count_by_kind(kind) as f64);
         }
         self.dropped.absolute(registry.dropped_messages_total());
+        let topics = registry.topics();
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        {
+            self.topics.set(topics.topic_count() as f64);
+            self.topic_subscriptions.set(topics.subscription_count() as f64);
+        }
+        self.topic_published.absolute(topics.published_total());
         #[allow(clippy::cast_precision_loss)]
         self.in_flight.set(shutdown.in_flight_count() as f64);
         let current = shutdown.health_state();
