@@ -18,6 +18,8 @@ import { unpackBatchData } from "../clients/batch.mjs";
 export const HEARTBEAT_INTERVAL_MS = 5000;
 export const HEARTBEAT_TIMEOUT_MS = 15000;
 export const AUTH_REQUIRED_GRACE_MS = 500;
+/// TopicManager's bound on publishes queued before the client is connected (drop-oldest).
+export const TOPIC_QUEUE_LIMIT = 100;
 const RECONNECT_DELAY_MS = 1000;
 const BACKOFF_MULTIPLIER = 2;
 const MAX_RECONNECT_DELAY_MS = 30000;
@@ -76,6 +78,10 @@ export class TopGunClientModel {
     this.lastPongReceived = 0;
     this.lastRoundTripTime = null;
     this.closing = false;
+    // TopicManager: the topics this client listens to (re-subscribed after every reconnect)
+    // and the publishes made before it was connected.
+    this.topics = new Set();
+    this.pendingPublishes = [];
     this.stats = {
       opens: 0,
       failedAttempts: 0,
@@ -114,6 +120,32 @@ export class TopGunClientModel {
       return true;
     }
     return false;
+  }
+
+  /// TopicHandle.subscribe's first listener: TOPIC_SUB now if connected, else on reaching
+  /// CONNECTED (TopicManager.subscribe / resubscribeAll).
+  subscribeTopic(topic) {
+    if (this.topics.has(topic)) return;
+    this.topics.add(topic);
+    if (this.state === "CONNECTED") this.send({ type: "TOPIC_SUB", payload: { topic } });
+  }
+
+  /// The last listener gone: TOPIC_UNSUB (TopicManager.unsubscribe).
+  unsubscribeTopic(topic) {
+    if (!this.topics.delete(topic)) return;
+    if (this.state === "CONNECTED") this.send({ type: "TOPIC_UNSUB", payload: { topic } });
+  }
+
+  /// TopicHandle.publish: TOPIC_PUB now if connected, else queued (bounded, drop-oldest) and
+  /// flushed on reaching CONNECTED.
+  publish(topic, data) {
+    const message = { type: "TOPIC_PUB", payload: { topic, data } };
+    if (this.state === "CONNECTED") {
+      this.send(message);
+      return;
+    }
+    this.pendingPublishes.push(message);
+    if (this.pendingPublishes.length > TOPIC_QUEUE_LIMIT) this.pendingPublishes.shift();
   }
 
   openSocket() {
@@ -230,6 +262,9 @@ export class TopGunClientModel {
     this.state = "CONNECTED";
     this.stats.connectedAt.push({ at: Date.now(), how });
     this.startHeartbeat();
+    // handleAuthAck: topics re-subscribed, then queued publishes flushed.
+    for (const topic of this.topics) this.send({ type: "TOPIC_SUB", payload: { topic } });
+    for (const message of this.pendingPublishes.splice(0)) this.send(message);
   }
 
   startHeartbeat() {

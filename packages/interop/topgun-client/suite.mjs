@@ -214,6 +214,120 @@ describe(`stays connected for ${HOLD_MS / 1000} s`, () => {
   });
 });
 
+describe("topics: TOPIC_SUB, TOPIC_UNSUB, TOPIC_PUB relayed as TOPIC_MESSAGE", () => {
+  let example;
+
+  before(async () => {
+    example = await startServer(HANDSHAKE_BIN, ["--port", "0"]);
+  });
+
+  after(async () => {
+    if (example) await stopServer(example);
+  });
+
+  /// A gauge or counter of the example's /metrics.
+  async function metric(name) {
+    const text = await (await fetch(`http://127.0.0.1:${example.port}/metrics`)).text();
+    return Number(new RegExp(`^${name} (\\d+)`, "m").exec(text)?.[1] ?? NaN);
+  }
+
+  async function untilMetric(name, value, ms = 10000) {
+    const deadline = Date.now() + ms;
+    let seen;
+    while ((seen = await metric(name)) !== value) {
+      if (Date.now() > deadline) throw new Error(`${name} is ${seen}, expected ${value}`);
+      await sleep(20);
+    }
+  }
+
+  /// A client model that collects the payloads of the TOPIC_MESSAGEs it receives.
+  function topicClient(received) {
+    const client = new TopGunClientModel(`ws://127.0.0.1:${example.port}`, {
+      onMessage: (message) => {
+        if (message.type === "TOPIC_MESSAGE") received.push(message.payload);
+      },
+    });
+    client.connect();
+    return client;
+  }
+
+  it("a subscriber receives the data and the publisher does not; unsubscribing stops delivery; a disconnect leaves no subscription", async () => {
+    const toAlice = [];
+    const toBob = [];
+    const alice = topicClient(toAlice);
+    const bob = topicClient(toBob);
+    try {
+      // Made before the clients are connected: sent on reaching CONNECTED, as TopicManager does.
+      alice.subscribeTopic("chat");
+      alice.subscribeTopic("control");
+      bob.subscribeTopic("chat");
+      await untilMetric("topgun_topic_subscriptions", 3);
+
+      const data = { text: "hi", at: 1796023824376, tags: ["a", "b"] };
+      bob.publish("chat", data);
+      await until(() => toAlice.length === 1, 10000, "alice receives bob's message");
+      const [message] = toAlice;
+      assert.equal(message.topic, "chat");
+      assert.deepEqual(message.data, data, "the data as published, float64 millis included");
+      assert.match(message.publisherId, /^device-\d+$/);
+      assert.ok(Math.abs(message.timestamp - Date.now()) < 60000, `timestamp ${message.timestamp}`);
+
+      // Alice publishes to the topic both hold: bob hears it, alice does not. Bob's marker on a
+      // topic only alice holds is relayed after alice's publish was, so her own message would
+      // have reached her before it.
+      alice.publish("chat", "from alice");
+      await until(() => toBob.length === 1, 10000, "bob receives alice's message");
+      assert.equal(toBob[0].data, "from alice");
+      bob.publish("control", "marker 1");
+      await until(() => toAlice.length === 2, 10000, "alice receives the marker");
+      assert.deepEqual(toAlice.map((p) => p.data), [data, "marker 1"]);
+
+      alice.unsubscribeTopic("chat");
+      await untilMetric("topgun_topic_subscriptions", 2);
+      bob.publish("chat", "after alice left");
+      bob.publish("control", "marker 2");
+      await until(() => toAlice.length === 3, 10000, "alice receives the second marker");
+      assert.equal(toAlice[2].data, "marker 2", "nothing from a topic alice left");
+      assert.deepEqual(toBob.map((p) => p.data), ["from alice"], "bob never hears himself");
+    } finally {
+      alice.close();
+      bob.close();
+    }
+    await untilMetric("topgun_topic_subscriptions", 0);
+    await untilMetric("topgun_topics", 0);
+  });
+
+  it("1 000 subscribers of one topic each receive every one of 100 messages, in order", async () => {
+    const SUBSCRIBERS = 1000;
+    const MESSAGES = 100;
+    const received = Array.from({ length: SUBSCRIBERS }, () => []);
+    const subscribers = received.map((log) => topicClient(log));
+    const publisher = topicClient([]);
+    try {
+      for (const client of subscribers) client.subscribeTopic("fan-out");
+      await untilMetric("topgun_topic_subscriptions", SUBSCRIBERS, 60000);
+      await until(() => publisher.state === "CONNECTED", 10000, "the publisher connected");
+      for (let seq = 0; seq < MESSAGES; seq++) publisher.publish("fan-out", { seq });
+      const expected = Array.from({ length: MESSAGES }, (_, seq) => seq);
+      await until(
+        () => received.every((log) => log.length >= MESSAGES),
+        60000,
+        "every subscriber receives every message",
+      );
+      for (const [i, log] of received.entries()) {
+        assert.deepEqual(log.map((p) => p.data.seq), expected, `subscriber ${i}`);
+      }
+      const frames = subscribers.reduce((sum, client) => sum + client.stats.frames, 0);
+      console.log(
+        `# topics: ${SUBSCRIBERS} subscribers x ${MESSAGES} messages delivered in ${frames} frames`,
+      );
+    } finally {
+      for (const client of [...subscribers, publisher]) client.close();
+    }
+    await untilMetric("topgun_topic_subscriptions", 0, 30000);
+  });
+});
+
 describe("large server messages", () => {
   let example;
   let client;

@@ -10,9 +10,18 @@
 //!   frames), through `broadcast_cooperative_to`.
 //! - `{type: "BIG", bytes: n}` is answered with a message of exactly `n` bytes
 //!   (`{type: "BIG", data: <bin>}`), to show large outbound messages arrive.
+//! - Topics, as TopGun's client speaks them: `TOPIC_SUB` / `TOPIC_UNSUB` subscribe and
+//!   unsubscribe the connection through the registry's [`Topics`], and `TOPIC_PUB` is relayed
+//!   as `TOPIC_MESSAGE {topic, data, publisherId, timestamp}` to every other subscriber
+//!   (`publish_cooperative_except`: the publisher does not hear itself, and a burst of
+//!   publishes waits for the subscribers' writers). A subscription past the connection's
+//!   topic limit is answered `{type: "ERROR", payload: {code: 429, message}}`.
 //! - `POST /sync` decodes the client's request (`clientId`, `clientHlc` with `millis` as the
 //!   client's float64) and answers `{serverHlc, seen: {...}}`, where `seen` repeats what the
 //!   handler was given: the bearer token, content type, request id, peer, client id and HLC.
+//!
+//!
+//! [`Topics`]: topgun_server::network::Topics
 //!
 //! ```sh
 //! cargo run -p topgun-server --example handshake_server -- --port 8080 --ticks-per-second 1000
@@ -55,6 +64,49 @@ struct Request {
     #[serde(rename = "type")]
     kind: String,
     bytes: Option<usize>,
+    payload: Option<TopicRequest>,
+}
+
+/// The payload of `TOPIC_SUB`, `TOPIC_UNSUB` and `TOPIC_PUB`.
+#[derive(Deserialize)]
+struct TopicRequest {
+    topic: String,
+    /// Any MsgPack value; relayed as it came (nil when absent).
+    #[serde(default = "nil")]
+    data: rmpv::Value,
+}
+
+fn nil() -> rmpv::Value {
+    rmpv::Value::Nil
+}
+
+#[derive(Serialize)]
+struct TopicMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    payload: TopicDelivery<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TopicDelivery<'a> {
+    topic: &'a str,
+    data: &'a rmpv::Value,
+    publisher_id: String,
+    timestamp: u64,
+}
+
+#[derive(Serialize)]
+struct ErrorMessage {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    payload: ErrorPayload,
+}
+
+#[derive(Serialize)]
+struct ErrorPayload {
+    code: u16,
+    message: String,
 }
 
 #[derive(Serialize)]
@@ -106,11 +158,55 @@ const BIG_OVERHEAD: usize = 1 + 5 + 4 + 5 + 5;
 
 struct Handshake {
     clock: HybridClock,
+    registry: Arc<ConnectionRegistry>,
+}
+
+/// The name the handshake gives a connection, and its `publisherId`.
+fn device_name(conn: &ConnectionHandle) -> String {
+    format!("device-{}", conn.id)
 }
 
 impl Handshake {
+    /// `TOPIC_SUB`, `TOPIC_UNSUB` and `TOPIC_PUB`, through the registry's topics.
+    async fn topic(&self, conn: &Arc<ConnectionHandle>, kind: &str, request: TopicRequest) {
+        let topics = self.registry.topics();
+        match kind {
+            "TOPIC_SUB" => {
+                if let Err(err) = topics.subscribe(conn, &request.topic).await {
+                    tracing::warn!(conn_id = %conn.id, %err, "subscription refused");
+                    let refusal = ErrorMessage {
+                        kind: "ERROR",
+                        payload: ErrorPayload { code: 429, message: err.to_string() },
+                    };
+                    let refusal = rmp_serde::to_vec_named(&refusal).expect("encodes");
+                    conn.try_send(OutboundMessage::Binary(refusal.into()));
+                }
+            }
+            "TOPIC_UNSUB" => {
+                topics.unsubscribe(conn, &request.topic).await;
+            }
+            _ => {
+                let timestamp = u64::try_from(
+                    std::time::SystemTime::UNIX_EPOCH.elapsed().unwrap_or_default().as_millis(),
+                )
+                .unwrap_or(u64::MAX);
+                let message = TopicMessage {
+                    kind: "TOPIC_MESSAGE",
+                    payload: TopicDelivery {
+                        topic: &request.topic,
+                        data: &request.data,
+                        publisher_id: device_name(conn),
+                        timestamp,
+                    },
+                };
+                let message = rmp_serde::to_vec_named(&message).expect("encodes");
+                topics.publish_cooperative_except(&request.topic, message, conn.id).await;
+            }
+        }
+    }
+
     async fn acknowledge(conn: &ConnectionHandle, kind: &'static str) {
-        let name = format!("device-{}", conn.id);
+        let name = device_name(conn);
         conn.authenticate(Principal::new(name.clone(), Vec::<String>::new())).await;
         let ack = match kind {
             "AUTH_ACK" => Ack { kind, device_id: None, user_id: Some(name) },
@@ -126,6 +222,11 @@ impl InboundHandler for Handshake {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         let Ok(request) = rmp_serde::from_slice::<Request>(&payload) else { return };
         match (request.kind.as_str(), request.bytes) {
+            (kind @ ("TOPIC_SUB" | "TOPIC_UNSUB" | "TOPIC_PUB"), _) if conn.is_authenticated() => {
+                if let Some(topic) = request.payload {
+                    self.topic(conn, kind, topic).await;
+                }
+            }
             ("DEVICE_HELLO", _) => Self::acknowledge(conn, "DEVICE_ACK").await,
             ("AUTH", _) => Self::acknowledge(conn, "AUTH_ACK").await,
             ("BIG", Some(bytes)) if bytes >= BIG_OVERHEAD => {
@@ -205,7 +306,8 @@ async fn main() -> anyhow::Result<()> {
         args.permessage_deflate.then(|| DeflateConfig { threshold, ..DeflateConfig::default() });
     let module = NetworkModule::new(config);
     let registry = module.registry();
-    let handler = Handshake { clock: HybridClock::new("handshake-server") };
+    let handler =
+        Handshake { clock: HybridClock::new("handshake-server"), registry: Arc::clone(&registry) };
     let mut module = module.with_handler(Heartbeat::new(handler));
     let port = module.start().await?;
     tracing::info!(addr = %format!("{}:{port}", module.config().host), "handshake server listening");
