@@ -25,6 +25,7 @@ use topgun_server::network::decode_frame_shared;
 mod abuse;
 mod deflate;
 mod soak;
+mod topics;
 
 /// Longest any one scenario may run before it gives up.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
@@ -119,6 +120,20 @@ enum Scenario {
     Drain {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+    },
+    /// A topic's subscribers reached through `Topics::publish` and through `broadcast_to`
+    /// with a predicate, the server timing each call: alone, then with `--others` idle
+    /// connections open beside them (see `topics.rs`).
+    Topics {
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 15_000)]
+        others: usize,
+        /// Calls of each path per measurement.
+        #[arg(long, default_value_t = 300)]
+        publishes: u32,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
     },
     /// Every scenario with its defaults, plus the paced fan-out from the transport and from
     /// the floor server.
@@ -260,6 +275,10 @@ async fn run(scenario: Scenario, peer: Peer) -> anyhow::Result<Vec<Row>> {
             return deflate::deflate(&settings).await;
         }
         Scenario::VersusBun { rounds } => return versus_bun(rounds).await,
+        Scenario::Topics { subscribers, others, publishes, size } => {
+            let plan = topics::Plan { subscribers, others, publishes, size };
+            return topics::topics(&plan).await;
+        }
         Scenario::All => unreachable!("expanded in main"),
     };
     Ok(vec![row?])

@@ -130,6 +130,85 @@ fn topgun_events(size: usize, seq: u32) -> Vec<u8> {
     encoded
 }
 
+/// `{"type": "SUBSCRIBE", "topic"}` subscribes the connection (answered with the request, as
+/// an acknowledgement); `{"type": "COMPARE_TOPIC", "topic", "count", "size", "interval_ms"}`
+/// reaches the topic's subscribers `count` times through the topic and `count` times through
+/// `broadcast_to` with a predicate, alternated, and answers the time each call took.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+enum TopicControl {
+    Subscribe { topic: String },
+    CompareTopic(CompareTopic),
+}
+
+#[derive(Deserialize)]
+struct CompareTopic {
+    topic: String,
+    count: u32,
+    size: usize,
+    interval_ms: u64,
+}
+
+/// What `COMPARE_TOPIC` answers: nanoseconds per call of each path, and the recipients each
+/// call queued the message for.
+#[derive(serde::Serialize)]
+struct TopicTimings {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    publish_ns: Vec<u64>,
+    scan_ns: Vec<u64>,
+    publish_queued: usize,
+    scan_queued: usize,
+    connections: usize,
+}
+
+/// Both ways of reaching a topic's subscribers, alternated: `Topics::publish`, which holds the
+/// subscribers, and `broadcast_to` with the cheapest predicate there is (a set of their ids),
+/// which still looks at every connection. Each message: send time (u64 LE), sequence (u32 LE),
+/// then 0 for the topic's path and 1 for the scan.
+async fn compare_topic(
+    registry: Arc<ConnectionRegistry>,
+    conn: Arc<ConnectionHandle>,
+    plan: CompareTopic,
+) {
+    let subscribers: std::collections::HashSet<_> =
+        registry.topics().subscribers(&plan.topic).into_iter().collect();
+    let mut timings = TopicTimings {
+        kind: "TIMINGS",
+        publish_ns: Vec::new(),
+        scan_ns: Vec::new(),
+        publish_queued: 0,
+        scan_queued: 0,
+        connections: registry.count(),
+    };
+    for seq in 0..plan.count {
+        for scan in [false, true] {
+            let mut payload = vec![0_u8; plan.size.max(13)];
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            payload[..8].copy_from_slice(&u64::try_from(now.as_nanos()).unwrap_or(0).to_le_bytes());
+            payload[8..12].copy_from_slice(&seq.to_le_bytes());
+            payload[12] = u8::from(scan);
+            let started = std::time::Instant::now();
+            let outcome = if scan {
+                registry.broadcast_to(payload, |c| subscribers.contains(&c.id))
+            } else {
+                registry.topics().publish(&plan.topic, payload)
+            };
+            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if scan {
+                timings.scan_ns.push(took);
+                timings.scan_queued += outcome.queued;
+            } else {
+                timings.publish_ns.push(took);
+                timings.publish_queued += outcome.queued;
+            }
+            tokio::time::sleep(Duration::from_millis(plan.interval_ms)).await;
+        }
+    }
+    let answer = rmp_serde::to_vec_named(&timings).expect("encodes");
+    let _ = conn.send_timeout(OutboundMessage::Binary(answer.into()), Duration::from_secs(5)).await;
+}
+
 struct BenchHandler {
     registry: Arc<ConnectionRegistry>,
     work: Duration,
@@ -150,19 +229,32 @@ impl InboundHandler for BenchHandler {
             Ok(request) if request.kind == "BROADCAST" => {
                 tokio::spawn(broadcast(Arc::clone(&self.registry), request));
             }
-            _ => {
-                // Queued, or refused and counted as dropped (a full queue after the wait, a
-                // closed connection): offered either way.
-                let _ = conn
-                    .send_timeout(OutboundMessage::Binary(payload), Duration::from_secs(5))
-                    .await;
-                OFFERED.fetch_add(1, Ordering::Relaxed);
-            }
+            _ => match rmp_serde::from_slice::<TopicControl>(&payload) {
+                Ok(TopicControl::Subscribe { topic }) => {
+                    if let Err(err) = self.registry.topics().subscribe(conn, &topic).await {
+                        eprintln!("subscription refused: {err}");
+                    }
+                    conn.try_send(OutboundMessage::Binary(payload));
+                }
+                Ok(TopicControl::CompareTopic(plan)) => {
+                    tokio::spawn(compare_topic(Arc::clone(&self.registry), Arc::clone(conn), plan));
+                }
+                Err(_) => self.echo(conn, payload).await,
+            },
         }
     }
 
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
         Ok(body)
+    }
+}
+
+impl BenchHandler {
+    async fn echo(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        // Queued, or refused and counted as dropped (a full queue after the wait, a closed
+        // connection): offered either way.
+        let _ = conn.send_timeout(OutboundMessage::Binary(payload), Duration::from_secs(5)).await;
+        OFFERED.fetch_add(1, Ordering::Relaxed);
     }
 }
 
