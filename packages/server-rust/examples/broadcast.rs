@@ -5,13 +5,16 @@
 //! cargo run -p topgun-server --example broadcast -- 127.0.0.1:8080
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use topgun_server::network::{
-    ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler, NetworkConfig,
-    NetworkModule, shutdown_signal,
+    ConnectionHandle, ConnectionKind, ConnectionRegistry, InboundHandler, NetworkModule,
+    shutdown_signal,
 };
 
 /// Relays each message to every client through the shared registry.
@@ -33,10 +36,8 @@ impl InboundHandler for Relay {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_owned());
-    let (host, port) =
-        addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
-    let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
+    let config = support::config_from_args()?;
+    let host = config.host.clone();
     let stop = shutdown_signal()?;
     let module = NetworkModule::new(config);
     let registry = module.registry();

@@ -1,15 +1,21 @@
-//! An echo server: every binary WebSocket message comes straight back to its sender, and
-//! `POST /sync` answers with the request body.
+//! An echo server: every WebSocket message, binary or text, comes straight back to its sender
+//! as it came, and `POST /sync` answers with the request body. Reads the binary's
+//! permessage-deflate and message-size variables (see `support/mod.rs`); the Autobahn
+//! conformance run in `.ci/run` drives it.
 //!
 //! ```sh
 //! cargo run -p topgun-server --example echo -- 127.0.0.1:8080
+//! TOPGUN_PERMESSAGE_DEFLATE=true cargo run -p topgun-server --example echo -- 127.0.0.1:8080
 //! ```
+
+#[path = "support/mod.rs"]
+mod support;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use topgun_server::network::{
-    ConnectionHandle, InboundHandler, NetworkConfig, NetworkModule, OutboundMessage, SyncError,
+    ConnectionHandle, InboundHandler, NetworkModule, OutboundMessage, SyncError, Utf8Bytes,
     shutdown_signal,
 };
 
@@ -19,11 +25,11 @@ struct Echo;
 #[async_trait::async_trait]
 impl InboundHandler for Echo {
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
-        // Waiting for queue space applies backpressure to this client's reads only.
-        let timeout = std::time::Duration::from_secs(5);
-        if let Err(err) = conn.send_timeout(OutboundMessage::Binary(payload), timeout).await {
-            tracing::debug!(conn_id = %conn.id, %err, "echo dropped");
-        }
+        echo(conn, OutboundMessage::Binary(payload)).await;
+    }
+
+    async fn on_text(&self, conn: &Arc<ConnectionHandle>, text: Utf8Bytes) {
+        echo(conn, OutboundMessage::Text(text)).await;
     }
 
     async fn on_http_sync(&self, body: Bytes) -> Result<Bytes, SyncError> {
@@ -31,13 +37,19 @@ impl InboundHandler for Echo {
     }
 }
 
+async fn echo(conn: &ConnectionHandle, message: OutboundMessage) {
+    // Waiting for queue space applies backpressure to this client's reads only.
+    let timeout = std::time::Duration::from_secs(5);
+    if let Err(err) = conn.send_timeout(message, timeout).await {
+        tracing::debug!(conn_id = %conn.id, %err, "echo dropped");
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt::init();
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_owned());
-    let (host, port) =
-        addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("expected HOST:PORT"))?;
-    let config = NetworkConfig { host: host.to_owned(), port: port.parse()?, ..Default::default() };
+    let config = support::config_from_args()?;
+    let host = config.host.clone();
     let stop = shutdown_signal()?;
     let mut module = NetworkModule::new(config).with_handler(Echo);
     let port = module.start().await?;

@@ -43,6 +43,9 @@ mod module;
 mod routes;
 mod shutdown;
 
+/// A text message's payload, UTF-8 checked ([`InboundHandler::on_text`],
+/// [`OutboundMessage::Text`]): axum's own.
+pub use axum::extract::ws::Utf8Bytes;
 pub use config::{
     ConfigError, ConnectionConfig, ForwardedHeader, MetricsConfig, NetworkConfig, RateLimitConfig,
     ShutdownConfig, TlsConfig,

@@ -225,6 +225,24 @@ async fn text_that_is_not_utf8_gets_1007_and_valid_text_1003() {
 }
 
 #[tokio::test]
+async fn text_that_breaks_utf8_fails_on_the_fragment_that_breaks_it() {
+    for engine in ENGINES {
+        let server = start(engine, 1 << 20).await;
+        let mut client = connect(&server, engine).await;
+        // The rest of the message never comes: the close must not wait for it.
+        client.send_frame(TEXT, b"fine so far \xce\xba\xff", true).await;
+        let close = client.read_close().await;
+        assert_eq!(close.close_code(), Some(1007), "{engine:?}");
+        // A continuation that breaks it fails there too.
+        let mut client = connect(&server, engine).await;
+        client.send_frame(TEXT, b"caf", true).await;
+        client.send_frame(CONTINUATION, b"\xc3\x28", true).await;
+        let close = client.read_close().await;
+        assert_eq!(close.close_code(), Some(1007), "{engine:?}: continuation");
+    }
+}
+
+#[tokio::test]
 async fn a_message_over_the_limit_across_fragments_gets_1009() {
     for engine in ENGINES {
         let server = start(engine, 1024).await;

@@ -454,3 +454,46 @@ async fn messages_up_to_the_size_limit_arrive_in_both_directions() {
     drop(client);
     server.stop().await.unwrap();
 }
+
+/// Echoes binary and text, each as it came.
+struct TextEcho;
+
+#[async_trait::async_trait]
+impl InboundHandler for TextEcho {
+    async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
+        conn.try_send(OutboundMessage::Binary(payload));
+    }
+
+    async fn on_text(&self, conn: &Arc<ConnectionHandle>, text: topgun_server::network::Utf8Bytes) {
+        conn.try_send(OutboundMessage::Text(text));
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_takes_text_receives_it_in_order_and_answers_in_text() {
+    let server = TestServer::with_handler(test_config(), TextEcho).await;
+    let mut client = server.ws().await;
+    client.send(Message::Binary(Bytes::from_static(b"first"))).await.unwrap();
+    client.send(Message::Text("h\u{e9}llo, \u{4e16}\u{754c}".into())).await.unwrap();
+    client.send(Message::Binary(Bytes::from_static(b"last"))).await.unwrap();
+    let mut received = Vec::new();
+    while received.len() < 3 {
+        let message =
+            tokio::time::timeout(common::DEADLINE, futures_util::StreamExt::next(&mut client))
+                .await
+                .expect("in time")
+                .expect("open")
+                .expect("read");
+        match message {
+            Message::Binary(frame) => {
+                received
+                    .extend(decode_frame(&frame).unwrap().into_iter().map(|m| format!("{m:?}")));
+            }
+            Message::Text(text) => received.push(text.to_string()),
+            _ => {}
+        }
+    }
+    assert_eq!(received, ["b\"first\"", "h\u{e9}llo, \u{4e16}\u{754c}", "b\"last\""]);
+    drop(client);
+    server.stop().await.unwrap();
+}

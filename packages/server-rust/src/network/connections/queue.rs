@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
@@ -82,9 +83,9 @@ mod owner {
     pub(super) const STOPPED: u8 = 16;
 }
 
-/// What dropping `messages` loses: the binary messages among them (close requests do not count).
+/// What dropping `messages` loses: the data messages among them (close requests do not count).
 pub(crate) fn undelivered(messages: &VecDeque<OutboundMessage>) -> u64 {
-    messages.iter().filter(|m| matches!(m, OutboundMessage::Binary(_))).count() as u64
+    messages.iter().filter(|m| !matches!(m, OutboundMessage::Close(_))).count() as u64
 }
 
 /// The queue itself; owned by the connection's sender state.
@@ -545,6 +546,10 @@ pub enum OutboundMessage {
     /// Close the connection: the client receives Close code 1000 with this reason after every
     /// message queued before it.
     Close(Option<String>),
+    /// A text frame, sent alone (never inside a `BATCH`), in its place among the queued
+    /// messages. TopGun's clients speak binary MsgPack; this is for servers that also serve
+    /// text (the echo example, a JSON side channel).
+    Text(Utf8Bytes),
 }
 
 #[cfg(test)]

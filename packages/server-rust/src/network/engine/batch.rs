@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::network::config::ConnectionConfig;
@@ -153,6 +154,8 @@ pub(crate) enum Next {
     Frame(Frame),
     /// An [`OutboundMessage::Close`] was next; everything before it has been framed.
     Close(Option<String>),
+    /// An [`OutboundMessage::Text`] was next: a text frame of its own.
+    Text(Utf8Bytes),
     /// The burst is empty.
     Empty,
 }
@@ -192,8 +195,8 @@ impl FrameBuilder {
     }
 
     /// Takes the next frame's messages off the front of `burst`: as many `Binary` messages
-    /// as fit one frame, stopping at a `Close`. A message larger than `max_batch_bytes` goes
-    /// out alone.
+    /// as fit one frame, stopping at a `Close` or a `Text` (each goes on its own). A message
+    /// larger than `max_batch_bytes` goes out alone.
     pub(crate) fn next(self, burst: &mut VecDeque<OutboundMessage>) -> Next {
         let (mut count, mut bytes) = (0, 0);
         for message in &*burst {
@@ -213,6 +216,7 @@ impl FrameBuilder {
         match count {
             0 => match burst.pop_front() {
                 Some(OutboundMessage::Close(reason)) => Next::Close(reason),
+                Some(OutboundMessage::Text(text)) => Next::Text(text),
                 Some(OutboundMessage::Binary(_)) => unreachable!("a binary message is counted"),
                 None => Next::Empty,
             },
@@ -223,7 +227,9 @@ impl FrameBuilder {
             _ => {
                 let payloads = burst.range(..count).map(|message| match message {
                     OutboundMessage::Binary(payload) => payload,
-                    OutboundMessage::Close(_) => unreachable!("only binary messages are counted"),
+                    OutboundMessage::Close(_) | OutboundMessage::Text(_) => {
+                        unreachable!("only binary messages are counted")
+                    }
                 });
                 let frame = Frame { bytes: encode_batch_of(payloads), messages: count };
                 burst.drain(..count);

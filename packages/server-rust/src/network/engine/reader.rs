@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use axum::extract::ws::Message;
+use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, CatchUnwind};
@@ -116,10 +116,25 @@ struct Running<'a> {
     bytes: usize,
 }
 
-/// Messages read but not yet handed to `on_message`.
+/// A data message read and not handled yet.
+enum Inbound {
+    Binary(Bytes),
+    Text(Utf8Bytes),
+}
+
+impl Inbound {
+    fn len(&self) -> usize {
+        match self {
+            Self::Binary(payload) => payload.len(),
+            Self::Text(text) => text.len(),
+        }
+    }
+}
+
+/// Messages read but not yet handed to `on_message` (or `on_text`).
 #[derive(Default)]
 struct ReadAhead {
-    messages: VecDeque<Bytes>,
+    messages: VecDeque<Inbound>,
     bytes: usize,
 }
 
@@ -128,17 +143,17 @@ impl ReadAhead {
         self.messages.len() < READ_AHEAD_MESSAGES && self.bytes < READ_AHEAD_BYTES
     }
 
-    fn push(&mut self, payload: Bytes) {
-        self.bytes += payload.len();
-        self.messages.push_back(payload);
+    fn push(&mut self, message: Inbound) {
+        self.bytes += message.len();
+        self.messages.push_back(message);
     }
 
     /// The size of the next message, if any.
     fn peek_len(&self) -> Option<usize> {
-        self.messages.front().map(Bytes::len)
+        self.messages.front().map(Inbound::len)
     }
 
-    fn pop(&mut self) -> Option<Bytes> {
+    fn pop(&mut self) -> Option<Inbound> {
         let payload = self.messages.pop_front()?;
         self.bytes -= payload.len();
         if self.messages.is_empty() {
@@ -239,7 +254,7 @@ impl<'a> Reader<'a> {
             if self.reading && self.ahead.has_room() && self.within_budget() {
                 match Pin::new(&mut *socket).poll_next(cx) {
                     Poll::Ready(Some(Ok(message))) => {
-                        if matches!(message, Message::Binary(_)) {
+                        if matches!(message, Message::Binary(_) | Message::Text(_)) {
                             self.charge();
                         }
                         if let Some(payload) = self.accept(message) {
@@ -322,9 +337,9 @@ impl<'a> Reader<'a> {
         );
     }
 
-    /// Looks at one frame: returns a binary message that still needs `on_message`, handles
+    /// Looks at one frame: returns a data message that still needs the handler, handles
     /// everything else here.
-    fn accept(&self, message: Message) -> Option<Bytes> {
+    fn accept(&self, message: Message) -> Option<Inbound> {
         self.conn.touch();
         // Once a close is under way, data is discarded; reading goes on only so the
         // client's close acknowledgement is seen.
@@ -333,17 +348,11 @@ impl<'a> Reader<'a> {
         match message {
             Message::Binary(payload) if !closing => {
                 self.state.metrics.message_received(payload.len() as u64);
-                self.answer_inline(&payload).is_none().then_some(payload)
+                self.answer_inline(&payload).is_none().then_some(Inbound::Binary(payload))
             }
-            Message::Text(_) if !closing => {
-                tracing::debug!("text frame on a binary-only protocol");
-                self.conn.close_because(
-                    DisconnectReason::Limit,
-                    close::UNSUPPORTED_DATA,
-                    close::TEXT_FRAME_REASON,
-                );
-                None
-            }
+            // In order with the binary messages: the handler accepts it, or (by default)
+            // closes with 1003.
+            Message::Text(text) if !closing => Some(Inbound::Text(text)),
             Message::Close(frame) => {
                 tracing::debug!(code = frame.as_ref().map(|f| f.code), "client sent close");
                 None
@@ -372,11 +381,16 @@ impl<'a> Reader<'a> {
 
     /// Starts one `on_message` call, counted as in-flight work: the only one, or beside
     /// others when several may run.
-    fn dispatch(&mut self, payload: Bytes) {
+    fn dispatch(&mut self, message: Inbound) {
         self.conn.set_handler_busy(true);
-        let bytes = payload.len();
+        let bytes = message.len();
+        let handler = &self.state.handler;
+        let future = match message {
+            Inbound::Binary(payload) => handler.on_message(self.conn, payload),
+            Inbound::Text(text) => handler.on_text(self.conn, text),
+        };
         let call = Call {
-            future: guarded(self.state.handler.on_message(self.conn, payload)),
+            future: guarded(future),
             connect: false,
             bytes,
             _in_flight: self.state.shutdown.in_flight_guard(),

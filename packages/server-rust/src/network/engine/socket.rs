@@ -189,6 +189,25 @@ struct Partial {
     text: bool,
     compressed: bool,
     data: BytesMut,
+    /// For uncompressed text: how much of `data` is known to be whole UTF-8.
+    valid_utf8: usize,
+}
+
+impl Partial {
+    /// Checks the text received so far as it arrives, so a message that breaks UTF-8 fails
+    /// on the fragment that breaks it rather than at its end. A character split between
+    /// fragments waits for the rest; compressed text is checked once inflated.
+    fn check_text(&mut self) -> Result<(), axum::Error> {
+        if !self.text || self.compressed {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.data[self.valid_utf8..]) {
+            Ok(_) => self.valid_utf8 = self.data.len(),
+            Err(err) if err.error_len().is_none() => self.valid_utf8 += err.valid_up_to(),
+            Err(_) => return Err(axum::Error::new(InvalidPayload("text message is not UTF-8"))),
+        }
+        Ok(())
+    }
 }
 
 impl Limits {
@@ -345,6 +364,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
                 message.data.extend_from_slice(&payload);
                 check_size(message.data.len(), self.limits.max_message)?;
                 if !header.is_final {
+                    message.check_text()?;
                     return Ok(None);
                 }
                 let message = self.message.take().expect("a message");
@@ -355,11 +375,16 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
                     return Err(ws_error(ProtocolError::ExpectedFragment(Data::Continue)));
                 }
                 check_size(payload.len(), self.limits.max_message)?;
-                let message =
-                    Partial { text: kind == Data::Text, compressed: header.rsv1, data: payload };
+                let mut message = Partial {
+                    text: kind == Data::Text,
+                    compressed: header.rsv1,
+                    data: payload,
+                    valid_utf8: 0,
+                };
                 if header.is_final {
                     return self.finish_message(message).map(Some);
                 }
+                message.check_text()?;
                 // Only a fragmented message is kept between frames (boxed: rare).
                 self.message = Some(Box::new(message));
                 Ok(None)
@@ -397,7 +422,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> FrameSocket<Io> {
     }
 
     fn finish_message(&self, message: Partial) -> Result<Message, axum::Error> {
-        let Partial { text, compressed, data } = message;
+        let Partial { text, compressed, data, .. } = message;
         let data = if compressed {
             deflate::inflate_message(&data, self.limits.max_message).map_err(|err| match err {
                 InflateError::TooBig { limit } => {

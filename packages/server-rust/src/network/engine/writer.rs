@@ -311,6 +311,9 @@ impl<'a> Writer<'a> {
                 Next::Frame(Frame { bytes, messages }) => {
                     self.waiting = Some((Message::Binary(bytes), messages as u64));
                 }
+                Next::Text(text) => {
+                    self.waiting = Some((Message::Text(text), 1));
+                }
                 Next::Close(reason) => {
                     self.conn.note_disconnect(DisconnectReason::Application);
                     self.close_now(normal_close(reason.as_deref()));

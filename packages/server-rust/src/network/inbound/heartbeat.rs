@@ -25,6 +25,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use topgun_core::{SystemClock, WallClock};
@@ -123,6 +124,10 @@ impl<H: InboundHandler> InboundHandler for Heartbeat<H> {
         if !answer_ping(conn, &payload) {
             self.inner.on_message(conn, payload).await;
         }
+    }
+
+    async fn on_text(&self, conn: &Arc<ConnectionHandle>, text: Utf8Bytes) {
+        self.inner.on_text(conn, text).await;
     }
 
     fn answer_inline(&self, conn: &Arc<ConnectionHandle>, payload: &Bytes) -> bool {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::Json;
+use axum::extract::ws::Utf8Bytes;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -20,6 +21,8 @@ use futures_util::future::CatchUnwind;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, StatusCode};
 
+use crate::network::close;
+use crate::network::connection::DisconnectReason;
 use crate::network::connections::handle::ConnectionHandle;
 
 /// Receives everything that arrives on the transport.
@@ -75,6 +78,26 @@ pub trait InboundHandler: Send + Sync + 'static {
 
     /// A binary WebSocket message arrived on `conn`.
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes);
+
+    /// A text WebSocket message arrived on `conn`, in its order among the binary messages
+    /// (handled like them: one call at a time, or side by side with
+    /// `max_concurrent_messages`).
+    ///
+    /// TopGun's clients send binary MsgPack only, so by default a text message is refused:
+    /// the connection closes with `1003` and
+    /// [`TEXT_FRAME_REASON`](crate::network::close::TEXT_FRAME_REASON). Implement it to accept
+    /// text; answer with [`OutboundMessage::Text`](crate::network::OutboundMessage::Text).
+    /// Text is UTF-8 by the time it arrives here: a message that is not closes the connection
+    /// with `1007` as soon as the fragment that breaks it is read.
+    async fn on_text(&self, conn: &Arc<ConnectionHandle>, text: Utf8Bytes) {
+        let _ = text;
+        tracing::debug!("text frame on a binary-only protocol");
+        conn.close_because(
+            DisconnectReason::Limit,
+            close::UNSUPPORTED_DATA,
+            close::TEXT_FRAME_REASON,
+        );
+    }
 
     /// Offered every binary message as soon as it is read, before it is queued for
     /// [`on_message`](Self::on_message), even while an earlier `on_message` call for the
@@ -203,6 +226,10 @@ impl<H: InboundHandler> InboundHandler for Arc<H> {
 
     async fn on_message(&self, conn: &Arc<ConnectionHandle>, payload: Bytes) {
         (**self).on_message(conn, payload).await;
+    }
+
+    async fn on_text(&self, conn: &Arc<ConnectionHandle>, text: Utf8Bytes) {
+        (**self).on_text(conn, text).await;
     }
 
     fn answer_inline(&self, conn: &Arc<ConnectionHandle>, payload: &Bytes) -> bool {
