@@ -633,29 +633,19 @@ impl RawClient {
     /// Sends one frame: `first` is the first byte (FIN, RSV bits, opcode), masked unless
     /// `masked` is false.
     pub async fn send_frame(&mut self, first: u8, payload: &[u8], masked: bool) {
+        self.send_frames(&[(first, payload, masked)]).await;
+    }
+
+    /// Sends `frames` (each as [`send_frame`](Self::send_frame) takes it) in one write, so
+    /// the server reads them together.
+    pub async fn send_frames(&mut self, frames: &[(u8, &[u8], bool)]) {
         use tokio::io::AsyncWriteExt;
-        let mut frame = vec![first];
-        let mask_bit = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            len @ 0..=125 => frame.push(mask_bit | u8::try_from(len).expect("short")),
-            len @ 126..=0xffff => {
-                frame.push(mask_bit | 0x7e);
-                frame.extend_from_slice(&u16::try_from(len).expect("medium").to_be_bytes());
-            }
-            len => {
-                frame.push(mask_bit | 0x7f);
-                frame.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            let mask = [0x37, 0xfa, 0x21, 0x3d];
-            frame.extend_from_slice(&mask);
-            frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
-        } else {
-            frame.extend_from_slice(payload);
+        let mut bytes = Vec::new();
+        for &(first, payload, masked) in frames {
+            encode_client_frame(&mut bytes, first, payload, masked);
         }
         // The server may already have closed on an earlier frame; the test reads why.
-        let _ = self.stream.write_all(&frame).await;
+        let _ = self.stream.write_all(&bytes).await;
     }
 
     /// The server's next frame; `None` once it has closed the connection.
@@ -700,4 +690,28 @@ fn parse_server_frame(bytes: &[u8]) -> Option<(RawFrame, usize)> {
     let frame =
         RawFrame { fin: first & 0x80 != 0, rsv1: first & 0x40 != 0, opcode: first & 0x0f, payload };
     Some((frame, header + len))
+}
+
+/// Appends a client frame to `out`: `first` is the first byte (FIN, RSV bits, opcode).
+fn encode_client_frame(out: &mut Vec<u8>, first: u8, payload: &[u8], masked: bool) {
+    out.push(first);
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        len @ 0..=125 => out.push(mask_bit | u8::try_from(len).expect("short")),
+        len @ 126..=0xffff => {
+            out.push(mask_bit | 0x7e);
+            out.extend_from_slice(&u16::try_from(len).expect("medium").to_be_bytes());
+        }
+        len => {
+            out.push(mask_bit | 0x7f);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
+    } else {
+        out.extend_from_slice(payload);
+    }
 }

@@ -53,4 +53,7 @@ pub(crate) struct CloseRequest {
     pub(crate) code: u16,
     /// The reason text, cut to the protocol's 123-byte limit when sent.
     pub(crate) reason: String,
+    /// Sent after what is queued (a client that broke the protocol still receives the answers
+    /// to the messages it sent before), not ahead of it.
+    pub(crate) after_queue: bool,
 }

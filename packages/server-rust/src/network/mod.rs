@@ -2,31 +2,21 @@
 //! `docs/ARCHITECTURE.md` in the repository follows a message, a broadcast and a shutdown
 //! through these files.
 //!
-//! | file | concern |
+//! The rooms, in the order data flows through them:
+//!
+//! | room | concern |
 //! |---|---|
 //! | `config` | [`NetworkConfig`] and its parts, with defaults and validation |
 //! | `connection` | [`ConnectionId`], [`ConnectionKind`], [`ConnectionMetadata`], [`SendError`], [`DisconnectReason`] |
-//! | `handle` | [`ConnectionHandle`]: one live connection as the rest of the server sees it |
-//! | `channel` | [`OutboundSender`] (`handle.tx`) and [`OutboundReceiver`]: the queue's ends, tokio-shaped, with drop accounting |
-//! | `queue` | one connection's bounded outbound queue, [`OutboundMessage`]; who may write to the socket |
-//! | `direct` | the accepted TCP stream shared with the queue's senders, which write to an idle connection themselves |
-//! | `registry` | [`ConnectionRegistry`]: every live connection, broadcasts |
-//! | `shutdown` | [`HealthState`] and [`ShutdownController`] |
-//! | `inbound` | [`InboundHandler`]: where decoded traffic leaves the transport |
-//! | `heartbeat` | [`Heartbeat`]: answers TopGun's application-level `PING` in front of a handler |
-//! | `engine` | one WebSocket connection's lifecycle: `reader` (socket → handler), `writer` (queue → socket) |
-//! | `deflate` | permessage-deflate: negotiation, pooled compression, bounded inflation ([`DeflateConfig`]) |
-//! | `batch` | the `BATCH` frame envelope and the writer's frame builder |
-//! | [`close`] | the WebSocket close codes the server sends |
-//! | `client_addr` | [`ClientAddr`]: the client behind trusted proxies (`X-Forwarded-For`, `Forwarded`) |
-//! | `admission` | who may open a WebSocket: origin, per-address cap; the throttled refusal log |
-//! | `proxy_protocol` | PROXY protocol v1/v2: the client a TCP balancer names before the first byte |
-//! | `rate_limit` | the per-address token bucket over HTTP requests and upgrades |
-//! | `handlers` | one axum handler per route, and [`AppState`] |
+//! | `edge/` | the front door, before a handler: `tls`, `proxy_protocol`, `client_addr` ([`ClientAddr`]), `rate_limit`, `admission` (origin, per-address cap) |
 //! | `middleware` | the HTTP middleware stack |
-//! | `metrics` | Prometheus metrics and `GET /metrics` |
-//! | `http_metrics` | the layer counting and timing HTTP requests |
-//! | `tls` | loading and reloading certificates |
+//! | `routes`, `handlers/` | the route table; one axum handler per route, and [`AppState`] |
+//! | `engine/` | one WebSocket connection's lifecycle: `socket` (framing) → `reader` → handler; queue → `writer` → socket; `batch` (`BATCH` frames), `deflate` (permessage-deflate, [`DeflateConfig`]), `direct` (senders writing to an idle socket), `clock` |
+//! | `inbound/` | [`InboundHandler`]: where decoded traffic leaves the transport; [`Heartbeat`] answers TopGun's `PING` in front of it |
+//! | `connections/` | who is connected and how to reach them: [`ConnectionHandle`] (`handle`), its queue (`channel`, `queue`), [`ConnectionRegistry`] (`registry`), [`Topics`] (`topics`), delivery to many (`fanout`), [`DisconnectListener`]s (`events`) |
+//! | `shutdown` | [`HealthState`] and [`ShutdownController`] |
+//! | `metrics/` | Prometheus metrics, `GET /metrics`, the layer timing HTTP requests |
+//! | [`close`] | the WebSocket close codes the server sends |
 //! | `module` | [`NetworkModule`]: router, bind, serve, shutdown |
 
 pub mod close;

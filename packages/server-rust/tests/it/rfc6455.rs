@@ -141,6 +141,27 @@ async fn close_after(engine: Engine, frames: &[Sent<'_>]) -> (u16, String) {
 }
 
 #[tokio::test]
+async fn a_bad_frame_is_answered_with_its_close_after_the_messages_before_it() {
+    // One write: a message, then a frame with a reserved bit set, then a ping. The message is
+    // still answered, then the connection fails; the ping behind the bad frame is never read.
+    for engine in [Engine::Frames, Engine::Deflate] {
+        let server = start(engine, 1 << 20).await;
+        let mut client = connect(&server, engine).await;
+        client
+            .send_frames(&[
+                (FIN | BINARY, b"before", true),
+                (FIN | RSV2 | BINARY, b"bad", true),
+                (FIN | PING, b"after", true),
+            ])
+            .await;
+        let echo = client.read_frame().await.expect("the echo");
+        assert_eq!((echo.opcode, echo.payload.as_slice()), (BINARY, &b"before"[..]), "{engine:?}");
+        let close = client.read_frame().await.expect("the close");
+        assert_eq!(close.close_code(), Some(1002), "{engine:?}: {close:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_fragmented_message_arrives_whole_with_control_frames_between_its_fragments() {
     for engine in ENGINES {
         let server = start(engine, 1 << 20).await;

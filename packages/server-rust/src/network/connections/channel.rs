@@ -219,7 +219,17 @@ impl Outbound {
     }
 
     pub(crate) fn close_because(&self, why: DisconnectReason, code: u16, reason: String) {
-        if self.close_request.set(Box::new(CloseRequest { code, reason })).is_ok() {
+        self.request_close(why, CloseRequest { code, reason, after_queue: false });
+    }
+
+    /// Like [`close_because`](Self::close_because), the close frame going after what is
+    /// queued.
+    pub(crate) fn close_after_queue(&self, why: DisconnectReason, code: u16, reason: String) {
+        self.request_close(why, CloseRequest { code, reason, after_queue: true });
+    }
+
+    fn request_close(&self, why: DisconnectReason, request: CloseRequest) {
+        if self.close_request.set(Box::new(request)).is_ok() {
             self.note_disconnect(why);
             // Nothing sent from now on may reach the client ahead of the close frame.
             self.queue.stop_direct();

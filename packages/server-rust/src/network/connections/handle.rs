@@ -323,6 +323,12 @@ impl ConnectionHandle {
         self.outbound().close_because(why, code, reason.into());
     }
 
+    /// Like [`close_because`](Self::close_because), but the close frame goes out after what
+    /// is queued, as [`OutboundMessage::Close`] does.
+    pub(crate) fn close_after_queue(&self, why: DisconnectReason, code: u16, reason: String) {
+        self.outbound().close_after_queue(why, code, reason);
+    }
+
     /// Records why the connection is ending; the first reason recorded wins.
     pub(crate) fn note_disconnect(&self, reason: DisconnectReason) {
         self.outbound().note_disconnect(reason);

@@ -57,6 +57,9 @@ pub(super) struct Reader<'a> {
     reading: bool,
     /// The message budget, when one is configured (boxed: most connections have none).
     budget: Option<Box<Budget>>,
+    /// The close a frame that broke the protocol or a limit earned, sent once the messages
+    /// read before it have been handled (boxed: rare).
+    failed: Option<Box<(DisconnectReason, u16, String)>>,
 }
 
 /// One connection's inbound message budget.
@@ -184,6 +187,7 @@ impl<'a> Reader<'a> {
             ahead: ReadAhead::default(),
             reading: true,
             budget,
+            failed: None,
         }
     }
 
@@ -277,6 +281,12 @@ impl<'a> Reader<'a> {
             break;
         }
         if !self.reading && !self.busy() && self.ahead.messages.is_empty() {
+            if let Some(failed) = self.failed.take() {
+                // Everything the client sent before the bad frame has been answered: the
+                // close goes after those answers.
+                let (why, code, reason) = *failed;
+                self.conn.close_after_queue(why, code, reason);
+            }
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -405,8 +415,9 @@ impl<'a> Reader<'a> {
     }
 
     /// A read error ends the connection. A client that broke the protocol or a limit is told
-    /// why first: 1002, 1007 or 1009.
-    fn read_failed(&self, err: &axum::Error) {
+    /// why (1002, 1007 or 1009) once the messages it sent before the bad frame have been
+    /// handled and their answers sent.
+    fn read_failed(&mut self, err: &axum::Error) {
         let source = std::error::Error::source(err);
         let config = &self.state.config.connection;
         let (code, reason) = match source.and_then(|e| e.downcast_ref::<tungstenite::Error>()) {
@@ -449,6 +460,6 @@ impl<'a> Reader<'a> {
         } else {
             DisconnectReason::Error
         };
-        self.conn.close_because(why, code, reason);
+        self.failed = Some(Box::new((why, code, reason)));
     }
 }

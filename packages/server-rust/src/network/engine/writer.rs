@@ -44,13 +44,17 @@ pub(super) struct Writer<'a> {
     next_ping: Instant,
     auth_deadline: Option<Instant>,
     phase: Phase,
+    /// The close frame that ends [`Phase::Draining`] when it is not the shutdown's 1001
+    /// (boxed: rare).
+    drained_close: Option<Box<CloseFrame>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Writing whatever is queued.
     Open,
-    /// The server is shutting down: writing what was queued when it started, then 1001.
+    /// Writing what was queued when draining started, then the close frame: 1001 when the
+    /// server shuts down, or the one a close after the queue asked for.
     Draining,
     /// The close frame is out (or on its way); the client has until this instant to answer.
     CloseSent(Instant),
@@ -83,6 +87,7 @@ impl<'a> Writer<'a> {
             next_ping: now + config.ping_interval,
             auth_deadline,
             phase: Phase::Open,
+            drained_close: None,
         }
     }
 
@@ -211,8 +216,15 @@ impl<'a> Writer<'a> {
     /// Before writing: whether the connection should close now, and how.
     fn decide(&mut self, now: Instant, reader_done: bool) {
         if let Some(request) = self.conn.close_request() {
-            // Ahead of anything still queued.
-            self.close_now(close_frame_for(request));
+            if !request.after_queue {
+                // Ahead of anything still queued.
+                self.close_now(close_frame_for(request));
+            } else if self.phase == Phase::Open {
+                // What is queued now still goes out, then the close frame.
+                self.take_queue();
+                self.phase = Phase::Draining;
+                self.drained_close = Some(Box::new(close_frame_for(request)));
+            }
             return;
         }
         if reader_done {
@@ -319,7 +331,11 @@ impl<'a> Writer<'a> {
                     self.close_now(normal_close(reason.as_deref()));
                 }
                 Next::Empty if self.phase == Phase::Draining => {
-                    self.close_now(close_frame(close::GOING_AWAY, close::SHUTDOWN_REASON));
+                    let frame = self.drained_close.take().map_or_else(
+                        || close_frame(close::GOING_AWAY, close::SHUTDOWN_REASON),
+                        |frame| *frame,
+                    );
+                    self.close_now(frame);
                 }
                 Next::Empty => return Ok(accepted),
             }
