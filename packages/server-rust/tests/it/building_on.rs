@@ -4,6 +4,7 @@
 
 use topgun_test_support as common;
 
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +16,7 @@ use tokio::sync::Notify;
 use topgun_server::network::{
     BroadcastOutcome, ConnectionConfig, ConnectionHandle, ConnectionId, ConnectionKind,
     ConnectionRegistry, DisconnectReason, Heartbeat, InboundHandler, NetworkConfig, NetworkModule,
-    OutboundMessage, TopicError,
+    OutboundMessage, RateLimitConfig, TopicError,
 };
 
 fn binary(bytes: &[u8]) -> OutboundMessage {
@@ -175,6 +176,24 @@ async fn routes_of_ones_own_are_served_behind_the_transports_middleware() {
     let missing = http.get(server.url("/api/missing")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     assert_eq!(missing.text().await.unwrap(), r#"{"error":"not found"}"#);
+    // The per-address rate limit counts them too.
+    let limited = TestServer::from_module(
+        NetworkModule::new(NetworkConfig {
+            rate_limit: Some(RateLimitConfig {
+                per_second: NonZeroU32::new(1).unwrap(),
+                burst: NonZeroU32::new(2).unwrap(),
+            }),
+            ..test_config()
+        })
+        .with_routes(Router::new().route("/api/hello", get(hello))),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(http.get(limited.url("/api/hello")).send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    limited.stop().await.unwrap();
     let exposition = metrics(&server).await;
     let embedder_requests = common::sample(
         &exposition,

@@ -128,6 +128,23 @@ async fn a_broadcast_is_compressed_once_for_every_compressing_recipient() {
     assert_eq!(inflate(&compressed[0]), payload);
     let frame = next_data(&mut plain).await;
     assert_eq!((frame.rsv1, frame.payload.as_slice()), (false, &payload[..]));
+
+    // A topic's publish takes the same path: one shared payload, compressed once.
+    let topics = server.registry.topics();
+    for conn in server.registry.iter() {
+        topics.subscribe(&conn, "t").await.unwrap();
+    }
+    let published = Bytes::from(repetitive(3000));
+    assert_eq!(topics.publish("t", published.clone()).queued, 4);
+    let mut compressed = Vec::new();
+    for client in &mut compressing {
+        let frame = next_data(client).await;
+        assert!(frame.rsv1);
+        compressed.push(frame.payload);
+    }
+    assert!(compressed.windows(2).all(|pair| pair[0] == pair[1]));
+    assert_eq!(inflate(&compressed[0]), published);
+    assert_eq!(next_data(&mut plain).await.payload, published);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@
 //! still seen. Past that bound it stops reading, so TCP backpressure reaches the client.
 //!
 //! With a message budget ([`ConnectionConfig::inbound_rate`]) it also stops reading when the
-//! client has sent more binary messages than the budget allows, until it refills: a flooding
+//! client has sent more data messages than the budget allows, until it refills: a flooding
 //! client is slowed by TCP, not by dropped messages, and costs the handler no more than its
 //! budget.
 //!
@@ -209,7 +209,7 @@ impl<'a> Reader<'a> {
         true
     }
 
-    /// Charges a binary message to the budget, pausing reading when it is spent.
+    /// Charges a data message to the budget, pausing reading when it is spent.
     fn charge(&mut self) {
         let Some(budget) = &mut self.budget else { return };
         if budget.charge() {
