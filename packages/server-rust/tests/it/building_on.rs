@@ -7,10 +7,12 @@ use topgun_test_support as common;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
+use common::certs::{TestCa, TlsFiles};
 use common::{TestServer, eventually, next_frame, send_binary, test_config};
 use tokio::sync::Notify;
 use topgun_server::network::{
@@ -205,6 +207,35 @@ async fn routes_of_ones_own_are_served_behind_the_transports_middleware() {
 }
 
 #[tokio::test]
+async fn routes_of_ones_own_are_served_over_tls_and_time_out_like_the_rest() {
+    let ca = TestCa::new("test CA");
+    let files = TlsFiles::write(&ca.server_cert(1), None);
+    let routes = Router::new().route("/api/hello", get(hello)).route(
+        "/api/slow",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "late"
+        }),
+    );
+    let config = NetworkConfig {
+        tls: Some(files.config.clone()),
+        request_timeout: Duration::from_millis(200),
+        ..test_config()
+    };
+    let module = NetworkModule::new(config).with_routes(routes);
+    let server =
+        TestServer::from_module_with_client_tls(module, Some(ca.client_config(None))).await;
+    assert!(server.url("/").starts_with("https://"));
+    let http = server.http();
+    let hello = http.get(server.url("/api/hello")).send().await.unwrap();
+    assert_eq!(hello.status(), 200);
+    let slow = http.get(server.url("/api/slow")).send().await.unwrap();
+    assert_eq!(slow.status(), 408, "the transport's request timeout");
+    assert!(slow.headers().contains_key("x-request-id"));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_route_of_ones_own_on_a_transport_path_or_with_a_fallback_fails_start() {
     for (routes, expected) in [
         (Router::new().route("/health", get(hello)), "/health is served by the transport"),
@@ -348,6 +379,30 @@ async fn with_concurrent_dispatch_a_slow_message_does_not_hold_up_the_next() {
     let (slow, _frames) = common::next_messages(&mut client, 2).await;
     assert_eq!(slow, [&b"slow"[..], b"slow"]);
     assert_eq!(handler.most_running.load(Ordering::SeqCst), 3);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_more_calls_run_at_once_than_the_limit() {
+    let handler = Arc::new(SlowAndFast::default());
+    let server = TestServer::with_handler(concurrent(2), Arc::clone(&handler)).await;
+    let mut client = server.ws().await;
+    for _ in 0..3 {
+        send_binary(&mut client, b"slow".to_vec()).await;
+    }
+    send_binary(&mut client, b"fast".to_vec()).await;
+    eventually("two calls running", || handler.running.load(Ordering::SeqCst) == 2).await;
+    // Released two at a time until all four have run: the third and the fast one start
+    // only as earlier ones end.
+    eventually("every call ran", || {
+        handler.release.notify_waiters();
+        handler.events.lock().unwrap().len() == 4
+    })
+    .await;
+    let (replies, _frames) = common::next_messages(&mut client, 4).await;
+    assert_eq!(replies.len(), 4);
+    assert_eq!(handler.most_running.load(Ordering::SeqCst), 2, "never more than the limit");
+    drop(client);
     server.stop().await.unwrap();
 }
 
