@@ -46,6 +46,39 @@ struct Args {
     /// of `packages/bench/node` (run `npm ci` there first).
     #[arg(long, global = true, value_enum, default_value_t = Peer::Transport)]
     server: Peer,
+    /// Server under test on core 0, this load client on core 1 (`taskset`): no figure then
+    /// depends on which side got the cores, the server's CPU per delivered message is its own,
+    /// and a run whose client core was saturated is marked `valid=false` (its rate is the
+    /// client's, not the server's). The transport's runtime then has one worker thread (tokio
+    /// sizes it to the cores it may use).
+    #[arg(long, global = true)]
+    pin: bool,
+}
+
+/// Set in the environment of the re-executed, pinned client.
+const PINNED_ENV: &str = "TOPGUN_BENCH_PINNED";
+
+/// Whether this run pins the server under test to core 0 (and this client to core 1).
+static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn pinned() -> bool {
+    PINNED.get().copied().unwrap_or(false)
+}
+
+/// With `--pin`, runs this same command again on core 1 and exits with its status.
+fn pin_self_to_core_1() -> anyhow::Result<()> {
+    if std::env::var_os(PINNED_ENV).is_some() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("taskset")
+        .arg("-c")
+        .arg("1")
+        .arg(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env(PINNED_ENV, "1")
+        .status()
+        .context("--pin needs taskset (util-linux)")?;
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 /// A server the WebSocket scenarios can drive.
@@ -199,6 +232,10 @@ impl Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.pin {
+        pin_self_to_core_1()?;
+    }
+    PINNED.set(args.pin).ok();
     SERVER_ARGS.set(args.passed_to_server.clone()).ok();
     let peer = args.server;
     let scenarios = match args.scenario {
@@ -546,8 +583,17 @@ impl Server {
         Self::start(command).await
     }
 
-    /// Starts a server that prints `LISTENING <port>` first.
-    async fn start(mut command: Command) -> anyhow::Result<Self> {
+    /// Starts a server that prints `LISTENING <port>` first (on core 0 with `--pin`).
+    async fn start(command: Command) -> anyhow::Result<Self> {
+        let mut command = if pinned() {
+            // taskset execs the server: the child's pid, and its CPU time, are the server's.
+            let std = command.as_std();
+            let mut on_core_0 = Command::new("taskset");
+            on_core_0.arg("-c").arg("0").arg(std.get_program()).args(std.get_args());
+            on_core_0
+        } else {
+            command
+        };
         let mut child = command
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -716,6 +762,21 @@ async fn wait_for_connections(port: u16, expected: usize) -> anyhow::Result<()> 
 #[allow(clippy::cast_precision_loss)] // figures for display
 fn micros_each(cpu: Duration, count: usize) -> f64 {
     (cpu.as_secs_f64() * 1e7 / count as f64).round() / 10.0
+}
+
+/// A pinned client's core busier than this (CPU time over wall time) was the limit: the run's
+/// rate and latency are the client's, not the server's.
+const CLIENT_SATURATED: f64 = 0.9;
+
+/// Microseconds of `cpu` per one of `count`, to a hundredth.
+#[allow(clippy::cast_precision_loss)] // figures for display
+fn us_per(cpu: Duration, count: usize) -> f64 {
+    (cpu.as_secs_f64() * 1e8 / count.max(1) as f64).round() / 100.0
+}
+
+/// `cpu` over `elapsed`: the share of one core that was busy, to a hundredth.
+fn core_busy(cpu: Duration, elapsed: Duration) -> f64 {
+    (cpu.as_secs_f64() / elapsed.as_secs_f64().max(1e-9) * 100.0).round() / 100.0
 }
 
 #[allow(clippy::cast_precision_loss)] // figures for display
@@ -953,7 +1014,11 @@ async fn fanout(label: &str, connections: usize, firing: Firing) -> anyhow::Resu
         .with("max_ms", percentile(&total.latencies_us, 1.0))
         .with("frames_per_message", (frames_per_message * 1000.0).round() / 1000.0)
         .with("server_cpu_ms", server_cpu.map(|cpu| u64::try_from(cpu.as_millis()).unwrap_or(0)))
+        .with("server_us_per_msg", server_cpu.map(|cpu| us_per(cpu, total.messages)))
         .with("client_cpu_ms", u64::try_from(client_cpu.as_millis()).unwrap_or(0))
+        .with("pinned", pinned())
+        .with("client_core_busy", core_busy(client_cpu, elapsed))
+        .with("valid", !pinned() || core_busy(client_cpu, elapsed) < CLIENT_SATURATED)
         .with("server_peak_rss_mib", peak))
 }
 

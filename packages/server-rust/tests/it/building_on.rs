@@ -442,6 +442,27 @@ async fn calls_in_flight_finish_before_the_disconnect_is_told() {
     server.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_shutdown_lets_the_calls_in_flight_finish_and_their_answers_go_out() {
+    let handler = Arc::new(SlowAndFast::default());
+    let server = TestServer::with_handler(concurrent(8), Arc::clone(&handler)).await;
+    let mut client = server.ws().await;
+    for _ in 0..3 {
+        send_binary(&mut client, b"slow".to_vec()).await;
+    }
+    eventually("three calls in flight", || handler.running.load(Ordering::SeqCst) == 3).await;
+    server.controller.trigger_shutdown();
+    // The shutdown waits for them as in-flight work; once released, each answer reaches the
+    // client ahead of the 1001.
+    assert_eq!(server.controller.in_flight_count(), 3);
+    handler.release.notify_waiters();
+    let (answers, _frames) = common::next_messages(&mut client, 3).await;
+    assert_eq!(answers, [&b"slow"[..], b"slow", b"slow"]);
+    let close = common::expect_close(&mut client).await;
+    assert_eq!(u16::from(close.code), 1001);
+    server.join().await.unwrap();
+}
+
 /// Records what it is told, under a name.
 struct Told {
     name: &'static str,
