@@ -422,8 +422,9 @@ async fn one_at_a_time_stays_the_default() {
     server.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn calls_in_flight_finish_before_the_disconnect_is_told() {
+/// A server that runs up to 8 calls of a connection at once, and a client whose three slow
+/// messages are all in flight.
+async fn three_calls_in_flight() -> (Arc<SlowAndFast>, TestServer, common::WsClient) {
     let handler = Arc::new(SlowAndFast::default());
     let server = TestServer::with_handler(concurrent(8), Arc::clone(&handler)).await;
     let mut client = server.ws().await;
@@ -431,6 +432,12 @@ async fn calls_in_flight_finish_before_the_disconnect_is_told() {
         send_binary(&mut client, b"slow".to_vec()).await;
     }
     eventually("three calls in flight", || handler.running.load(Ordering::SeqCst) == 3).await;
+    (handler, server, client)
+}
+
+#[tokio::test]
+async fn calls_in_flight_finish_before_the_disconnect_is_told() {
+    let (handler, server, client) = three_calls_in_flight().await;
     drop(client);
     // The client is gone, but its calls are still in flight: the connection waits for them.
     assert_eq!(server.controller.in_flight_count(), 3);
@@ -444,13 +451,7 @@ async fn calls_in_flight_finish_before_the_disconnect_is_told() {
 
 #[tokio::test]
 async fn a_shutdown_lets_the_calls_in_flight_finish_and_their_answers_go_out() {
-    let handler = Arc::new(SlowAndFast::default());
-    let server = TestServer::with_handler(concurrent(8), Arc::clone(&handler)).await;
-    let mut client = server.ws().await;
-    for _ in 0..3 {
-        send_binary(&mut client, b"slow".to_vec()).await;
-    }
-    eventually("three calls in flight", || handler.running.load(Ordering::SeqCst) == 3).await;
+    let (handler, server, mut client) = three_calls_in_flight().await;
     server.controller.trigger_shutdown();
     // The shutdown waits for them as in-flight work; once released, each answer reaches the
     // client ahead of the 1001.

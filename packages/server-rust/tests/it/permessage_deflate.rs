@@ -117,15 +117,7 @@ async fn a_broadcast_is_compressed_once_for_every_compressing_recipient() {
     server.until_connections(4, "all connected").await;
     let payload = Bytes::from(repetitive(2048));
     server.registry.broadcast(payload.clone(), ConnectionKind::Client);
-    let mut compressed = Vec::new();
-    for client in &mut compressing {
-        let frame = next_data(client).await;
-        assert!(frame.rsv1);
-        compressed.push(frame.payload);
-    }
-    // Without context takeover, every recipient's frame is the same bytes.
-    assert!(compressed.windows(2).all(|pair| pair[0] == pair[1]));
-    assert_eq!(inflate(&compressed[0]), payload);
+    assert_eq!(inflate(&same_compressed_frame(&mut compressing).await), payload);
     let frame = next_data(&mut plain).await;
     assert_eq!((frame.rsv1, frame.payload.as_slice()), (false, &payload[..]));
 
@@ -136,14 +128,7 @@ async fn a_broadcast_is_compressed_once_for_every_compressing_recipient() {
     }
     let published = Bytes::from(repetitive(3000));
     assert_eq!(topics.publish("t", published.clone()).queued, 4);
-    let mut compressed = Vec::new();
-    for client in &mut compressing {
-        let frame = next_data(client).await;
-        assert!(frame.rsv1);
-        compressed.push(frame.payload);
-    }
-    assert!(compressed.windows(2).all(|pair| pair[0] == pair[1]));
-    assert_eq!(inflate(&compressed[0]), published);
+    assert_eq!(inflate(&same_compressed_frame(&mut compressing).await), published);
     assert_eq!(next_data(&mut plain).await.payload, published);
 }
 
@@ -173,6 +158,19 @@ async fn a_batch_frame_is_compressed_as_one_message() {
         received.extend(topgun_server::network::decode_frame(&payload).unwrap());
     }
     assert_eq!(received, messages);
+}
+
+/// The next data frame of each client, compressed, and (without context takeover) the same
+/// bytes for every one of them.
+async fn same_compressed_frame(clients: &mut [RawClient]) -> Vec<u8> {
+    let mut compressed = Vec::new();
+    for client in clients {
+        let frame = next_data(client).await;
+        assert!(frame.rsv1);
+        compressed.push(frame.payload);
+    }
+    assert!(compressed.windows(2).all(|pair| pair[0] == pair[1]));
+    compressed.swap_remove(0)
 }
 
 async fn next_data(client: &mut RawClient) -> common::RawFrame {

@@ -101,6 +101,11 @@ impl ConnectionRegistry {
     }
 
     /// Removes a connection. Returns its handle the first time, `None` afterwards.
+    ///
+    /// The transport removes the connections it serves itself, and clears their topics. A
+    /// connection registered with [`register`](Self::register) leaves its topics with
+    /// [`topics().unsubscribe_all(&handle)`](Topics::unsubscribe_all) (async: it takes the
+    /// metadata lock).
     pub fn remove(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
         let (_, handle) = self.connections.remove(&id)?;
         self.counts_by_kind[handle.kind.index()].fetch_sub(1, Ordering::Relaxed);
