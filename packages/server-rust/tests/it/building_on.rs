@@ -15,6 +15,8 @@ use bytes::Bytes;
 use common::certs::{TestCa, TlsFiles};
 use common::{TestServer, eventually, next_frame, send_binary, test_config};
 use tokio::sync::Notify;
+
+use crate::handshake::CLIENT_PING;
 use topgun_server::network::{
     BroadcastOutcome, ConnectionConfig, ConnectionHandle, ConnectionId, ConnectionKind,
     ConnectionRegistry, DisconnectReason, Heartbeat, InboundHandler, NetworkConfig, NetworkModule,
@@ -354,11 +356,6 @@ fn concurrent(limit: usize) -> NetworkConfig {
     config.connection.max_concurrent_messages = limit;
     config
 }
-
-const CLIENT_PING: &[u8] = &[
-    0x82, 0xa4, b't', b'y', b'p', b'e', 0xa4, b'P', b'I', b'N', b'G', 0xa9, b't', b'i', b'm', b'e',
-    b's', b't', b'a', b'm', b'p', 0x01,
-];
 
 #[tokio::test]
 async fn with_concurrent_dispatch_a_slow_message_does_not_hold_up_the_next() {

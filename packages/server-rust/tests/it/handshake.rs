@@ -23,7 +23,7 @@ use topgun_server::network::{
 };
 
 /// `{type:'PING', timestamp: 1796023824376}` exactly as TopGun's client serializer writes it.
-const CLIENT_PING: &[u8] =
+pub(crate) const CLIENT_PING: &[u8] =
     b"\xde\x00\x02\xa4type\xa4PING\xa9timestamp\xcb\x42\x7a\x22\xb5\xca\xff\x80\x00";
 
 #[derive(Debug, Deserialize)]
